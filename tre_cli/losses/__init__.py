@@ -1,0 +1,1 @@
+"""Pure torch losses: per-token statistics, regularizers, token selectors and PPO pieces."""
