@@ -1,0 +1,257 @@
+"""PPO building blocks as pure torch functions: GAE, the dual-clip surrogate, the clipped value
+loss and the loss-aggregation modes.
+
+Conventions: every tensor is [B, T] over the response tokens only, right-padded, with a response
+mask that is 1 on response tokens (bool, int or float 0/1 are all accepted). Reductions divide by
+the number of tokens in the mask, never by B*T, and an empty mask gives 0 (still attached to the
+graph, so `backward()` works and yields zero gradients) instead of NaN.
+
+Semantics follow verl's `core_algos.py` (the base of the paper's released code), with two
+deliberate differences, both documented where they apply:
+- `gae` does not whiten the advantages; verl's `compute_gae_advantage_return` always does. Call
+  `whiten(advantages, mask)` to reproduce the released code.
+- `aggregate` ignores sequences whose mask row is empty in the seq-mean modes (verl gives NaN
+  for "seq-mean-token-mean" there); on batches without empty rows the results are identical.
+"""
+
+from __future__ import annotations
+
+from typing import Dict, NamedTuple, Optional
+
+import torch
+
+AGG_MODES = ("token-mean", "seq-mean-token-sum", "seq-mean-token-mean", "seq-mean-token-sum-norm")
+
+# exp() of a log-ratio beyond this overflows or underflows float32 to a useless value; verl clamps
+# at the same bound, so ratios (and ppo_kl) agree with it.
+_LOG_RATIO_BOUND = 20.0
+
+
+def _as_weights(mask: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    if mask.shape != like.shape:
+        raise ValueError(f"mask shape {tuple(mask.shape)} does not match tensor shape {tuple(like.shape)}")
+    return mask.to(like.dtype)
+
+
+def _safe_div(num: torch.Tensor, den: torch.Tensor) -> torch.Tensor:
+    # den == 0 only when num is a sum over nothing (== 0); dividing by 1 keeps the 0 and its graph.
+    return num / torch.where(den > 0, den, torch.ones_like(den))
+
+
+def masked_mean(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Mean of x over the positions where mask is 1; 0 for an empty mask."""
+    w = _as_weights(mask, x)
+    return _safe_div((x * w).sum(), w.sum())
+
+
+def whiten(x: torch.Tensor, mask: torch.Tensor, shift_mean: bool = True, eps: float = 1e-8) -> torch.Tensor:
+    """Normalise x to zero mean and unit variance over the masked positions (as verl's
+    `masked_whiten`: unbiased variance, rsqrt(var + eps)). Positions outside the mask are set to 0.
+    With shift_mean=False the mean is added back (only the scale changes)."""
+    w = _as_weights(mask, x)
+    n = w.sum()
+    mean = _safe_div((x * w).sum(), n)
+    centered = (x - mean) * w
+    # Unbiased (n - 1) as in verl; with fewer than 2 tokens the sum is 0, so the variance is 0.
+    var = _safe_div((centered**2).sum(), (n - 1).clamp(min=0))
+    out = centered * torch.rsqrt(var + eps)
+    if not shift_mean:
+        out = out + mean
+    return out * w
+
+
+def place_terminal_reward(scores: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """[B] sequence scores -> [B, T] token rewards: each score on its row's last response token
+    (the last position where mask is 1), zeros elsewhere."""
+    if scores.dim() != 1 or mask.dim() != 2 or scores.shape[0] != mask.shape[0]:
+        raise ValueError(f"scores must be [B] and mask [B, T]; got {tuple(scores.shape)} and {tuple(mask.shape)}")
+    valid = mask.bool()
+    empty = (~valid.any(dim=1)).nonzero().flatten().tolist()
+    if empty:
+        raise ValueError(f"place_terminal_reward: rows {empty} have no response token to carry the reward")
+    positions = torch.arange(mask.shape[1], device=mask.device).expand_as(mask)
+    last = torch.where(valid, positions, torch.full_like(positions, -1)).max(dim=1).values
+    rewards = torch.zeros(mask.shape, dtype=scores.dtype, device=scores.device)
+    rewards[torch.arange(mask.shape[0], device=mask.device), last] = scores
+    return rewards
+
+
+@torch.no_grad()
+def gae(
+    token_rewards: torch.Tensor,
+    values: torch.Tensor,
+    mask: torch.Tensor,
+    gamma: float = 1.0,
+    lam: float = 1.0,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Generalised advantage estimation over the response tokens.
+
+    delta_t = r_t + gamma * V_{t+1} - V_t and A_t = delta_t + gamma * lam * A_{t+1}, where t+1 is
+    the next position inside the mask (so masked positions are skipped, as in verl) and the value
+    after the last response token is 0 (the episode ends there). Returns (advantages, returns)
+    with returns = advantages + values; both are 0 outside the mask.
+
+    Not whitened: the released code (verl's GAE) whitens the advantages over the whole batch
+    afterwards; call `whiten(advantages, mask)` for that.
+    """
+    if token_rewards.shape != values.shape:
+        raise ValueError(f"token_rewards {tuple(token_rewards.shape)} and values {tuple(values.shape)} differ in shape")
+    w = _as_weights(mask, values)
+    rewards = token_rewards.to(values.dtype)
+    next_value = torch.zeros_like(values[:, 0])
+    next_adv = torch.zeros_like(values[:, 0])
+    advantages = torch.zeros_like(values)
+    for t in reversed(range(values.shape[1])):
+        delta = rewards[:, t] + gamma * next_value - values[:, t]
+        adv_t = delta + gamma * lam * next_adv
+        m = w[:, t]
+        # Outside the mask the running quantities pass through unchanged to earlier tokens.
+        next_value = m * values[:, t] + (1 - m) * next_value
+        next_adv = m * adv_t + (1 - m) * next_adv
+        advantages[:, t] = adv_t * m
+    returns = (advantages + values) * w
+    return advantages, returns
+
+
+def aggregate(
+    per_token: torch.Tensor, mask: torch.Tensor, mode: str = "token-mean", horizon: Optional[int] = None
+) -> torch.Tensor:
+    """Reduce a [B, T] per-token loss to a scalar (verl's `agg_loss` modes).
+
+    - "token-mean": sum over masked tokens / number of masked tokens.
+    - "seq-mean-token-sum": per sequence the sum over its tokens, then the mean over sequences.
+    - "seq-mean-token-mean": per sequence the mean over its tokens, then the mean over sequences.
+    - "seq-mean-token-sum-norm": sum over all masked tokens / `horizon` (Dr. GRPO; verl divides
+      the total, not a per-sequence mean, by the max response length). `horizon` must be a
+      constant of the run (e.g. the max response length), never the padded width of this batch.
+
+    In the seq-mean modes a sequence whose mask row is empty (e.g. a token selector kept none of
+    its tokens) is left out of the mean. An empty mask gives 0 with a graph (zero gradients).
+    """
+    w = _as_weights(mask, per_token)
+    if mode == "token-mean":
+        return _safe_div((per_token * w).sum(), w.sum())
+    if mode == "seq-mean-token-sum-norm":
+        if horizon is None or horizon <= 0:
+            raise ValueError(f"aggregation 'seq-mean-token-sum-norm' needs a positive horizon, got {horizon!r}")
+        return (per_token * w).sum() / horizon
+    if mode in ("seq-mean-token-sum", "seq-mean-token-mean"):
+        seq_sum = (per_token * w).sum(dim=-1)
+        seq_len = w.sum(dim=-1)
+        seq_loss = seq_sum if mode == "seq-mean-token-sum" else _safe_div(seq_sum, seq_len)
+        has_tokens = (seq_len > 0).to(per_token.dtype)
+        return _safe_div((seq_loss * has_tokens).sum(), has_tokens.sum())
+    raise ValueError(f"unknown loss aggregation mode {mode!r}; choose one of: {', '.join(AGG_MODES)}")
+
+
+class PolicyLoss(NamedTuple):
+    """`loss`: the aggregated scalar over `mask`; `per_token`: the [B, T] surrogate loss (to be
+    re-aggregated over another mask by a token selector); `metrics`: detached 0-dim tensors."""
+
+    loss: torch.Tensor
+    per_token: torch.Tensor
+    metrics: Dict[str, torch.Tensor]
+
+
+def policy_loss(
+    logprob: torch.Tensor,
+    old_logprob: torch.Tensor,
+    advantages: torch.Tensor,
+    mask: torch.Tensor,
+    clip: Optional[float] = 0.2,
+    clip_ratio_c: Optional[float] = 3.0,
+    agg: str = "token-mean",
+    horizon: Optional[int] = None,
+) -> PolicyLoss:
+    """PPO clipped surrogate with dual-clip (Ye et al. 2020; verl's definition).
+
+    With r = exp(logprob - old_logprob) (log-ratio clamped to +-20 as in verl):
+      clipped  = max(-A * r, -A * clip(r, 1 - clip, 1 + clip))
+      per-token loss = clipped                     where A >= 0
+                       min(clipped, -A * c)        where A < 0   (c = clip_ratio_c)
+    so for A < 0 the loss never exceeds c * |A|, however large r grows. Where a bound is active
+    the loss is a constant of logprob (zero gradient).
+
+    clip=None gives the unclipped surrogate -A * r everywhere (dual-clip off too): the surrogate
+    verl's KL-Cov policy loss uses. clip_ratio_c=None turns only the dual clip off.
+
+    Metrics (over `mask`): actor/pg_clipfrac (fraction where the clip(r) term is the larger
+    loss), actor/pg_clipfrac_lower (fraction where the dual clip is active: A < 0 and
+    clipped > c * |A|), actor/ppo_kl (mean of old_logprob - logprob, the k1 estimate of
+    KL(old || new)).
+    """
+    if not (logprob.shape == old_logprob.shape == advantages.shape):
+        raise ValueError(
+            f"logprob {tuple(logprob.shape)}, old_logprob {tuple(old_logprob.shape)} and advantages "
+            f"{tuple(advantages.shape)} must have the same shape"
+        )
+    if clip is not None and not 0 < clip < 1:
+        raise ValueError(f"clip must be in (0, 1), got {clip}")
+    if clip_ratio_c is not None and clip_ratio_c <= 1.0:
+        raise ValueError(f"clip_ratio_c must be > 1 (dual clip lower bound), got {clip_ratio_c}")
+    advantages = advantages.detach()
+    log_ratio = torch.clamp(logprob - old_logprob.detach(), -_LOG_RATIO_BOUND, _LOG_RATIO_BOUND)
+    ratio = torch.exp(log_ratio)
+    unclipped = -advantages * ratio
+    zero = torch.zeros((), dtype=logprob.dtype, device=logprob.device)
+    if clip is None:
+        per_token = unclipped
+        clipfrac = lower_clipfrac = zero
+    else:
+        clipped_ratio = -advantages * torch.clamp(ratio, 1.0 - clip, 1.0 + clip)
+        per_token = torch.maximum(unclipped, clipped_ratio)
+        clipfrac = masked_mean((clipped_ratio > unclipped).to(logprob.dtype), mask)
+        lower_clipfrac = zero
+        if clip_ratio_c is not None:
+            negative = advantages < 0
+            dual_bound = -advantages * clip_ratio_c
+            lower_clipfrac = masked_mean((negative & (per_token > dual_bound)).to(logprob.dtype), mask)
+            per_token = torch.where(negative, torch.minimum(per_token, dual_bound), per_token)
+    metrics = {
+        "actor/pg_clipfrac": clipfrac.detach(),
+        "actor/pg_clipfrac_lower": lower_clipfrac.detach(),
+        "actor/ppo_kl": masked_mean(-log_ratio, mask).detach(),
+    }
+    return PolicyLoss(aggregate(per_token, mask, agg, horizon), per_token, metrics)
+
+
+class ValueLoss(NamedTuple):
+    """`loss`: aggregated scalar; `per_token`: [B, T] (already times 0.5); `metrics`: detached."""
+
+    loss: torch.Tensor
+    per_token: torch.Tensor
+    metrics: Dict[str, torch.Tensor]
+
+
+def value_loss(
+    values: torch.Tensor,
+    old_values: torch.Tensor,
+    returns: torch.Tensor,
+    mask: torch.Tensor,
+    clip: Optional[float] = 0.5,
+    agg: str = "token-mean",
+    horizon: Optional[int] = None,
+) -> ValueLoss:
+    """Clipped value loss (verl / TRL): per token
+    0.5 * max((v - R)^2, (clip(v, v_old - clip, v_old + clip) - R)^2).
+    clip=None gives the plain 0.5 * (v - R)^2. Metric critic/vf_clipfrac: fraction of masked
+    tokens where the clipped error is the larger one."""
+    if not (values.shape == old_values.shape == returns.shape):
+        raise ValueError(
+            f"values {tuple(values.shape)}, old_values {tuple(old_values.shape)} and returns "
+            f"{tuple(returns.shape)} must have the same shape"
+        )
+    returns = returns.detach()
+    err_unclipped = (values - returns) ** 2
+    if clip is None:
+        per_token = 0.5 * err_unclipped
+        clipfrac = torch.zeros((), dtype=values.dtype, device=values.device)
+    else:
+        if clip <= 0:
+            raise ValueError(f"value clip must be > 0 (or None for no clipping), got {clip}")
+        old = old_values.detach()
+        clipped_values = torch.clamp(values, old - clip, old + clip)
+        err_clipped = (clipped_values - returns) ** 2
+        per_token = 0.5 * torch.maximum(err_unclipped, err_clipped)
+        clipfrac = masked_mean((err_clipped > err_unclipped).to(values.dtype), mask)
+    return ValueLoss(aggregate(per_token, mask, agg, horizon), per_token, {"critic/vf_clipfrac": clipfrac.detach()})
