@@ -1,0 +1,169 @@
+"""Token selectors of the baselines: Forking-Tokens (Wang et al., 2025) and KL-Cov (Cui et al.,
+2025). Pure torch; every score they rank by is detached, so a selection is never differentiated.
+
+Shared rules (all selectors):
+- Only tokens inside `mask` are candidates; padding is never selected.
+- Count: `top_count(n_valid, ratio) = max(1, int(ratio * n_valid))` tokens when any token is valid
+  (so at least one), 0 otherwise. This is the released KL-Cov rule (`int` truncates, including
+  float artefacts such as int(0.29 * 100) == 28); Forking-Tokens uses the same rule.
+- Ties: exactly `top_count` tokens are kept; among tokens whose scores tie at the boundary the
+  earliest in row-major order (lower row, then lower position) wins. The selection therefore
+  depends on batch order only through ties. (Threshold selection, below, keeps all ties instead.)
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+FORKING_SCOPES = ("micro-batch", "global")
+
+
+def top_count(n_valid: int, ratio: float) -> int:
+    """Number of tokens a top-`ratio` selection keeps out of `n_valid` (see module docstring)."""
+    if not 0 < ratio <= 1:
+        raise ValueError(f"selection ratio must be in (0, 1], got {ratio}")
+    return max(1, int(ratio * n_valid)) if n_valid > 0 else 0
+
+
+def _valid_scores(scores: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    if scores.shape != mask.shape:
+        raise ValueError(f"scores shape {tuple(scores.shape)} does not match mask shape {tuple(mask.shape)}")
+    flat_idx = mask.reshape(-1).bool().nonzero().squeeze(1)
+    values = scores.detach().reshape(-1)[flat_idx]
+    if torch.isnan(values).any():
+        raise ValueError("selection scores contain NaN on valid tokens")
+    return flat_idx, values
+
+
+def top_tokens_mask(scores: torch.Tensor, mask: torch.Tensor, ratio: float) -> torch.Tensor:
+    """Bool mask of the top `top_count(n_valid, ratio)` valid tokens by score (ties: row-major)."""
+    flat_idx, values = _valid_scores(scores, mask)
+    count = top_count(values.numel(), ratio)
+    # A stable descending sort keeps equal scores in their original (row-major) order.
+    order = torch.sort(values, descending=True, stable=True).indices[:count]
+    selected = torch.zeros(scores.numel(), dtype=torch.bool, device=scores.device)
+    selected[flat_idx[order]] = True
+    return selected.reshape(scores.shape)
+
+
+# ---------------------------------------------------------------------------------------------
+# Forking-Tokens
+# ---------------------------------------------------------------------------------------------
+
+
+def entropy_threshold(entropy: torch.Tensor, mask: torch.Tensor, top_ratio: float = 0.2) -> torch.Tensor:
+    """The `top_count(n_valid, top_ratio)`-th largest entropy among the valid tokens, as a 0-dim
+    tensor (+inf when no token is valid, so that nothing passes it).
+
+    For scope "global": compute it once over every token of the PPO mini-batch (all micro-batches
+    and, with data parallelism, all ranks: concatenate the valid entropies, e.g. as a 1-D tensor
+    with an all-ones mask, after an all-gather), then select in each micro-batch with
+    `forking_tokens_mask(..., scope="global", threshold=t)`."""
+    _, values = _valid_scores(entropy, mask)
+    if values.numel() == 0:
+        return torch.tensor(float("inf"), dtype=entropy.dtype, device=entropy.device)
+    count = top_count(values.numel(), top_ratio)
+    return torch.topk(values, count).values[-1]
+
+
+def mask_from_threshold(entropy: torch.Tensor, mask: torch.Tensor, threshold: torch.Tensor | float) -> torch.Tensor:
+    """Bool mask of the valid tokens whose entropy is >= threshold. Tokens tied with the
+    threshold are all kept, so the count can exceed `top_count` when ties straddle the boundary."""
+    if entropy.shape != mask.shape:
+        raise ValueError(f"entropy shape {tuple(entropy.shape)} does not match mask shape {tuple(mask.shape)}")
+    return mask.bool() & (entropy.detach() >= threshold)
+
+
+def forking_tokens_mask(
+    entropy: torch.Tensor,
+    mask: torch.Tensor,
+    top_ratio: float = 0.2,
+    scope: str = "micro-batch",
+    threshold: Optional[torch.Tensor | float] = None,
+) -> torch.Tensor:
+    """Forking-Tokens selection: the bool [B, T] mask of the highest-entropy response tokens.
+
+    The policy-gradient loss is then aggregated over this mask instead of the response mask
+    (`aggregate(pg.per_token, selected, "token-mean")`), so it is averaged over the kept tokens
+    only; no entropy term is added. `entropy` is the full-vocabulary entropy under the current
+    policy; it is detached here.
+
+    scope="micro-batch" (the released code): the trainer calls this in each micro-batch's
+    forward/backward with that micro-batch's entropies; exactly `top_count(n_valid, top_ratio)`
+    tokens of the micro-batch are kept (ties: row-major, see module docstring). `threshold` must
+    be None.
+
+    scope="global": the top fraction of the whole PPO mini-batch (one optimizer update). The
+    policy does not change within a mini-batch, so the trainer first runs a no-grad forward over
+    all its micro-batches to get their entropies, computes `entropy_threshold` over all of them
+    (across ranks too), and passes it here for each micro-batch; the kept tokens are those with
+    entropy >= threshold (ties at the threshold all kept). For an exact mean over the kept tokens
+    of the mini-batch, weight each micro-batch's token-mean by its kept count / the total kept.
+    """
+    if scope not in FORKING_SCOPES:
+        raise ValueError(f"unknown forking-tokens scope {scope!r}; choose one of: {', '.join(FORKING_SCOPES)}")
+    if scope == "micro-batch":
+        if threshold is not None:
+            raise ValueError("forking-tokens scope 'micro-batch' selects within the micro-batch; do not pass a threshold")
+        return top_tokens_mask(entropy, mask, top_ratio)
+    if threshold is None:
+        raise ValueError("forking-tokens scope 'global' needs the mini-batch threshold from entropy_threshold()")
+    return mask_from_threshold(entropy, mask, threshold)
+
+
+# ---------------------------------------------------------------------------------------------
+# KL-Cov
+# ---------------------------------------------------------------------------------------------
+
+
+def kl_cov_scores(advantages: torch.Tensor, logprob: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Per-token cov = (A - mean A) * (logp - mean logp), the means over the valid tokens;
+    detached, computed in at least float32, 0 outside the mask."""
+    if not (advantages.shape == logprob.shape == mask.shape):
+        raise ValueError(
+            f"advantages {tuple(advantages.shape)}, logprob {tuple(logprob.shape)} and mask "
+            f"{tuple(mask.shape)} must have the same shape"
+        )
+    dtype = torch.promote_types(torch.promote_types(advantages.dtype, logprob.dtype), torch.float32)
+    a = advantages.detach().to(dtype)
+    lp = logprob.detach().to(dtype)
+    w = mask.to(dtype)
+    n = w.sum().clamp(min=1)
+    a_mean = (a * w).sum() / n
+    lp_mean = (lp * w).sum() / n
+    return (a - a_mean) * (lp - lp_mean) * w
+
+
+def kl_cov_penalty_mask(
+    advantages: torch.Tensor, logprob: torch.Tensor, mask: torch.Tensor, ratio: float = 0.002
+) -> torch.Tensor:
+    """KL-Cov selection: the bool [B, T] mask of the `max(1, int(ratio * n_valid))` valid tokens
+    with the largest cov(A, logp) (`kl_cov_scores`); ties: row-major.
+
+    ratio: the paper's text says the top 20% (0.2); the released code that produced its numbers
+    uses 0.2% (0.002), which is the default here. The released code selects over the tokens of
+    each micro-batch on each GPU: call this per micro-batch for the same behaviour.
+    """
+    return top_tokens_mask(kl_cov_scores(advantages, logprob, mask), mask, ratio)
+
+
+def kl_cov_loss(
+    pg_per_token: torch.Tensor,
+    logprob: torch.Tensor,
+    old_logprob: torch.Tensor,
+    select_mask: torch.Tensor,
+    beta: float = 1.0,
+) -> torch.Tensor:
+    """Per-token KL-Cov loss: pg_per_token + beta * |logp - logp_old| on the selected tokens,
+    pg_per_token unchanged elsewhere. Aggregate it over the response mask as usual.
+
+    Which surrogate goes in is the caller's choice: the project reference says the clipped PPO
+    loss (`policy_loss(...).per_token`); verl's released `kl_cov` policy loss uses the unclipped
+    -A * ratio (`policy_loss(..., clip=None)`) on every token.
+    """
+    if not (pg_per_token.shape == logprob.shape == old_logprob.shape == select_mask.shape):
+        raise ValueError("pg_per_token, logprob, old_logprob and select_mask must have the same shape")
+    penalty = beta * (logprob - old_logprob.detach()).abs()
+    return torch.where(select_mask.bool(), pg_per_token + penalty, pg_per_token)
