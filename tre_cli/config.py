@@ -32,7 +32,7 @@ import os
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Dict, Iterable, List, Literal, Mapping, Optional, Sequence, Tuple, Union, get_args, get_origin, get_type_hints
+from typing import Any, Callable, Dict, Iterable, List, Literal, Mapping, Optional, Sequence, Tuple, Union, get_args, get_origin, get_type_hints
 
 import yaml
 
@@ -348,6 +348,11 @@ class _Raw:
     def __init__(self, text: str) -> None:
         self.text = text
 
+    def as_text(self) -> str:
+        # YAML quoting still works ('  ' keeps its spaces); 'off' or '123' stay the text typed.
+        parsed = self.parsed()
+        return parsed if isinstance(parsed, str) else self.text
+
     def parsed(self) -> Any:
         try:
             return yaml.safe_load(self.text)
@@ -364,7 +369,9 @@ def _describe(tp: Any) -> str:
         parts = [a for a in get_args(tp) if a is not type(None)]
         text = " or ".join(_describe(a) for a in parts)
         return text + (" or null" if len(parts) < len(get_args(tp)) else "")
-    return {bool: "true or false", int: "an integer", float: "a float", str: "a string", dict: "a mapping"}.get(
+    if tp is dict or origin is dict:
+        return "a mapping"
+    return {bool: "true or false", int: "an integer", float: "a float", str: "a string"}.get(
         tp, getattr(tp, "__name__", str(tp))
     )
 
@@ -389,12 +396,12 @@ def _coerce_one(tp: Any, value: Any) -> Any:
                 pass
         raise _Mismatch
     if origin is Literal:
-        value = value.text if isinstance(value, _Raw) else value
+        value = value.as_text() if isinstance(value, _Raw) else value
         if isinstance(value, str) and value in get_args(tp):
             return value
         raise _Mismatch
     if tp is str:
-        value = value.text if isinstance(value, _Raw) else value
+        value = value.as_text() if isinstance(value, _Raw) else value
         if isinstance(value, str):
             return value
         raise _Mismatch
@@ -602,12 +609,13 @@ def resolve(
     config_file: Optional[Union[str, Path]] = None,
     overrides: Union[Sequence[str], Mapping[str, Any]] = (),
     *,
-    task_overlay: Optional[Mapping[str, Any]] = None,
+    task_overlay: Union[None, Mapping[str, Any], Callable[[str], Mapping[str, Any]]] = None,
     check_device: bool = True,
 ) -> RunConfig:
     """The run config from every layer (see the module docstring for the order).
 
-    task_overlay: the overlay to use instead of loading the task's own (tests, sweeps).
+    task_overlay: the overlay, or a function of the task name returning it, to use instead of the
+    task's own (tests; a sweep that carries its own overlays).
     check_device: False where the config is resolved on another machine than the one that runs it
     (a Ray head without a GPU).
     """
@@ -625,7 +633,12 @@ def resolve(
 
     # The overlay depends on the task name, which any layer above it may set.
     task_name = _merge([preset_layer, file_layer, flag_layer, set_layer]).get("task.name", TaskConfig.name)
-    overlay = dict(task_overlay) if task_overlay is not None else load_task_overlay(task_name)
+    if task_overlay is None:
+        overlay = load_task_overlay(task_name)
+    elif callable(task_overlay):
+        overlay = dict(task_overlay(task_name))
+    else:
+        overlay = dict(task_overlay)
     overlay_layer = _flatten(overlay, f"task overlay for {task_name!r}")
     if "task.name" in overlay_layer and overlay_layer["task.name"] != task_name:
         raise ValueError(f"the task overlay for {task_name!r} may not set task.name")
