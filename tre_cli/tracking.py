@@ -1,0 +1,543 @@
+"""Run directories, metric logs, checkpoints' places, the results store, and W&B.
+
+This is the only module that imports wandb (lazily: mode "disabled" never imports it). The local
+files are the source of truth; W&B is a mirror.
+
+A run directory (never overwritten; a fresh run refuses a non-empty one):
+
+    config.yaml         the resolved config, written first (run.out set to this directory)
+    metrics.jsonl       one object per logged step: {"step", "time", "<namespace>/<name>": float...}
+    eval.jsonl          one object per evaluation: {"step", "time", "eval/score", "eval/metric",
+                        "eval/n_prompts", "eval/n_samples", "eval/...": float...}
+    checkpoints/step_<N>/   written by the trainer through `atomic_dir(run_dir.checkpoint_dir(N))`
+    result.json         the final RunResult
+    wandb/              W&B's own files (offline runs sync with `wandb sync <run>/wandb/offline-run-*`)
+    wandb_run_id        the W&B run id, so a resumed job continues the same W&B run
+
+The results store is one append-only `results.jsonl` (default: in the run directory's parent), one
+RunResult per line. A resumed run appends a new line for the same run_dir: the last line wins.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import datetime as _dt
+import json
+import logging
+import math
+import numbers
+import os
+import re
+import secrets
+import shutil
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Dict, Iterator, List, Mapping, Optional, Tuple, Union
+
+from tre_cli import __version__
+from tre_cli.config import RunConfig, dump_yaml, read_yaml_file, to_dict, with_overrides
+
+try:  # fcntl is POSIX-only; O_APPEND alone keeps appends whole on local Linux filesystems.
+    import fcntl
+except ImportError:  # pragma: no cover
+    fcntl = None  # type: ignore[assignment]
+
+log = logging.getLogger("tre")
+
+CONFIG_FILE = "config.yaml"
+METRICS_FILE = "metrics.jsonl"
+EVAL_FILE = "eval.jsonl"
+RESULT_FILE = "result.json"
+RESULTS_STORE_FILE = "results.jsonl"
+WANDB_ID_FILE = "wandb_run_id"
+STATUSES = ("finished", "failed", "interrupted")
+_CHECKPOINT_NAME = re.compile(r"^step_(\d+)$")
+
+PathLike = Union[str, Path]
+
+
+# --------------------------------------------------------------------------- atomic file helpers
+
+
+def atomic_write_text(path: PathLike, text: str) -> Path:
+    """Write a file so that readers see the old content or the new, never a part."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as handle:
+            handle.write(text)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
+@contextlib.contextmanager
+def atomic_dir(final: PathLike) -> Iterator[Path]:
+    """Yield a temporary directory beside `final`; it becomes `final` only if the block succeeds.
+
+    A crash mid-checkpoint leaves a `.tmp-*` directory that list_checkpoints ignores, never a
+    half-written step_<N>. An existing `final` is replaced (a step saved again after a resume).
+    """
+    final = Path(final)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=final.parent, prefix=f".tmp-{final.name}-"))
+    try:
+        yield tmp
+        if final.exists():
+            old = final.parent / f".old-{final.name}-{secrets.token_hex(4)}"
+            os.rename(final, old)
+            os.rename(tmp, final)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.rename(tmp, final)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def append_line(path: PathLike, record: Mapping[str, Any]) -> None:
+    """Append one JSON line with a single O_APPEND write under an exclusive lock, then fsync.
+
+    Concurrent writers (sweep trials finishing together) never interleave or tear lines.
+    """
+    data = (json.dumps(record, sort_keys=False) + "\n").encode("utf-8")
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+    try:
+        if fcntl is not None:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+        written = os.write(fd, data)
+        if written != len(data):  # only on a full disk: say so rather than leave a torn line unnoticed
+            raise OSError(f"short write to {path}: {written} of {len(data)} bytes")
+        os.fsync(fd)
+    finally:
+        os.close(fd)  # closing releases the lock
+
+
+def read_jsonl(path: PathLike) -> List[Dict[str, Any]]:
+    """The records of a JSON-lines file ([] if it does not exist).
+
+    A last line without its newline is a write cut off by a crash and is skipped; a bad line
+    anywhere else is an error naming the file and line.
+    """
+    path = Path(path)
+    if not path.exists():
+        return []
+    text = path.read_text(encoding="utf-8")
+    lines = text.split("\n")
+    records = []
+    for number, line in enumerate(lines, start=1):
+        if not line.strip():
+            continue
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError as error:
+            if number == len(lines):  # the final fragment after the last newline
+                log.warning("%s:%d: skipping a line cut off mid-write", path, number)
+                continue
+            raise ValueError(f"{path}:{number}: not a JSON line ({error.msg})") from None
+    return records
+
+
+def truncate_jsonl_after(path: PathLike, step: int) -> int:
+    """Keep only the records with record['step'] <= step (atomically); returns how many were dropped."""
+    path = Path(path)
+    if not path.exists():
+        return 0
+    records = read_jsonl(path)
+    kept = [record for record in records if record["step"] <= step]
+    atomic_write_text(path, "".join(json.dumps(record) + "\n" for record in kept))
+    return len(records) - len(kept)
+
+
+# --------------------------------------------------------------------------- run directory
+
+
+@dataclass(frozen=True)
+class RunDir:
+    """Where a run's files live; checkpoints are `checkpoints/step_<N>/`."""
+
+    path: Path
+
+    @property
+    def config_file(self) -> Path:
+        return self.path / CONFIG_FILE
+
+    @property
+    def metrics_file(self) -> Path:
+        return self.path / METRICS_FILE
+
+    @property
+    def eval_file(self) -> Path:
+        return self.path / EVAL_FILE
+
+    @property
+    def result_file(self) -> Path:
+        return self.path / RESULT_FILE
+
+    @property
+    def checkpoints(self) -> Path:
+        return self.path / "checkpoints"
+
+    def checkpoint_dir(self, step: int) -> Path:
+        return self.checkpoints / f"step_{int(step)}"
+
+    def list_checkpoints(self) -> List[Tuple[int, Path]]:
+        """Complete checkpoints as (step, path), oldest first."""
+        if not self.checkpoints.is_dir():
+            return []
+        found = []
+        for entry in self.checkpoints.iterdir():
+            match = _CHECKPOINT_NAME.match(entry.name)
+            if match and entry.is_dir():
+                found.append((int(match.group(1)), entry))
+        return sorted(found)
+
+    def latest_checkpoint(self) -> Optional[Tuple[int, Path]]:
+        checkpoints = self.list_checkpoints()
+        return checkpoints[-1] if checkpoints else None
+
+    def prune_checkpoints(self, keep_last: int) -> List[Path]:
+        """Delete all but the newest keep_last checkpoints; returns the deleted paths."""
+        if keep_last < 1:
+            raise ValueError(f"keep_last must be >= 1, got {keep_last}")
+        doomed = [path for _, path in self.list_checkpoints()[:-keep_last]]
+        for path in doomed:
+            shutil.rmtree(path)
+        return doomed
+
+
+def default_run_dir(config: RunConfig, root: PathLike = "runs", now: Optional[_dt.datetime] = None) -> Path:
+    """runs/<task>-<method>-<YYYYmmdd-HHMMSS>, or run.out when the config names one."""
+    if config.run.out is not None:
+        return Path(config.run.out)
+    stamp = (now or _dt.datetime.now()).strftime("%Y%m%d-%H%M%S")
+    return Path(root) / f"{config.task.name}-{config.method.name}-{stamp}"
+
+
+def create_run_dir(path: PathLike, config: RunConfig) -> RunDir:
+    """Claim a fresh run directory and write its config.yaml first.
+
+    An existing non-empty directory is refused; two processes claiming the same directory cannot
+    both succeed (config.yaml is published with a hard link, which never replaces a file).
+    """
+    run_dir = RunDir(Path(path))
+    if run_dir.path.exists() and not run_dir.path.is_dir():
+        raise ValueError(f"run directory {run_dir.path} exists and is not a directory")
+    if run_dir.path.is_dir() and any(run_dir.path.iterdir()):
+        raise ValueError(f"run directory {run_dir.path} already exists and is not empty; pass another --out or resume it")
+    run_dir.path.mkdir(parents=True, exist_ok=True)
+    config = with_overrides(config, {"run.out": str(run_dir.path)})
+    tmp = dump_yaml(config, run_dir.path / f".{CONFIG_FILE}.{secrets.token_hex(4)}")
+    try:
+        os.link(tmp, run_dir.config_file)
+    except FileExistsError:
+        raise ValueError(f"run directory {run_dir.path} was claimed by another run") from None
+    finally:
+        tmp.unlink(missing_ok=True)
+    return run_dir
+
+
+def open_run_dir(path: PathLike) -> RunDir:
+    """An existing run directory (to resume or read): it must hold a config.yaml."""
+    run_dir = RunDir(Path(path))
+    if not run_dir.config_file.is_file():
+        raise FileNotFoundError(f"not a run directory (no {CONFIG_FILE}): {run_dir.path}")
+    return run_dir
+
+
+# --------------------------------------------------------------------------- results
+
+
+@dataclass(frozen=True)
+class RunResult:
+    """One finished (or failed, or interrupted) job: a line of the results store."""
+
+    run_dir: str  # relative to the results store when inside it, else absolute
+    method: str
+    task: str
+    model: str
+    seed: int
+    params: Dict[str, Any]
+    steps_done: int
+    final_eval: Optional[float]
+    best_eval: Optional[float]
+    eval_metric: Optional[str]
+    wall_s: float
+    status: str
+    finished_at: str
+    tre_version: str
+    # The whole resolved config, so a report can group by anything (max_new_tokens for Figure 1).
+    config: Dict[str, Any]
+
+    def to_dict(self) -> Dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def results_store_dir(config: RunConfig, run_dir: PathLike) -> Path:
+    return Path(config.run.results_store) if config.run.results_store else Path(run_dir).parent
+
+
+def _path_from_store(run_dir: Path, store_dir: Path) -> str:
+    # Relative when inside the store, so a copied or moved runs/ folder still reads back.
+    run_abs, store_abs = run_dir.resolve(), store_dir.resolve()
+    if run_abs.is_relative_to(store_abs):
+        return str(run_abs.relative_to(store_abs))
+    return str(run_abs)
+
+
+def append_result(store_dir: PathLike, result: Union[RunResult, Mapping[str, Any]]) -> Path:
+    path = Path(store_dir) / RESULTS_STORE_FILE
+    append_line(path, result.to_dict() if isinstance(result, RunResult) else dict(result))
+    return path
+
+
+def read_results(store_dir: PathLike, latest_per_run: bool = True) -> List[Dict[str, Any]]:
+    """The results store's records; by default only the last one per run directory."""
+    records = read_jsonl(Path(store_dir) / RESULTS_STORE_FILE)
+    if not latest_per_run:
+        return records
+    latest: Dict[str, Dict[str, Any]] = {}
+    for record in records:
+        latest.pop(record["run_dir"], None)  # re-insert so the order is that of the last line
+        latest[record["run_dir"]] = record
+    return list(latest.values())
+
+
+def read_run(run_dir: PathLike) -> Dict[str, Any]:
+    """A run directory's content: config (dict), metrics, eval, result (None while running), checkpoints."""
+    run = open_run_dir(run_dir)
+    result = json.loads(run.result_file.read_text(encoding="utf-8")) if run.result_file.exists() else None
+    return {
+        "path": str(run.path),
+        "config": read_yaml_file(run.config_file, "run config") or {},
+        "metrics": read_jsonl(run.metrics_file),
+        "eval": read_jsonl(run.eval_file),
+        "result": result,
+        "checkpoints": [step for step, _ in run.list_checkpoints()],
+    }
+
+
+# --------------------------------------------------------------------------- tracker
+
+
+def _as_number(key: str, value: Any) -> float:
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        if hasattr(value, "item") and getattr(value, "ndim", 0) == 0:  # a 0-d tensor or numpy scalar
+            value = value.item()
+        if isinstance(value, bool) or not isinstance(value, numbers.Real):
+            raise ValueError(f"metric {key!r} must be a number, got {type(value).__name__}")
+    return float(value)
+
+
+def _check_metrics(metrics: Mapping[str, Any]) -> Dict[str, float]:
+    checked = {}
+    for key, value in metrics.items():
+        if not isinstance(key, str) or "/" not in key.strip("/"):
+            raise ValueError(f"metric key {key!r} must be namespaced like 'actor/p_max'")
+        checked[key] = _as_number(key, value)
+    return checked
+
+
+class Tracker:
+    """Logs one job: local files always, W&B when enabled. Use as a context manager.
+
+        with Tracker(config) as tracker:                       # a fresh run directory
+            tracker.log({"reward/mean": 0.4}, step=1)
+            tracker.log_eval(step=1, score=0.31, metric="pass@1", n_prompts=5000, n_samples=8)
+        # leaving the block writes result.json and appends to the results store
+
+    Resuming: Tracker(config, run_dir, resume_step=N) reopens the directory and drops every
+    metrics/eval record after step N (the checkpoint's), so no step is repeated or lost.
+    """
+
+    def __init__(
+        self,
+        config: RunConfig,
+        run_dir: Optional[PathLike] = None,
+        *,
+        resume_step: Optional[int] = None,
+        store_dir: Optional[PathLike] = None,
+    ) -> None:
+        self.config = config
+        self._requested_dir = Path(run_dir) if run_dir is not None else default_run_dir(config)
+        self.resume_step = resume_step
+        self.run_dir: Optional[RunDir] = None
+        self._store_dir = Path(store_dir) if store_dir is not None else None
+        self._wandb_run = None
+        self._last_step: Optional[int] = None
+        self._last_eval_step: Optional[int] = None
+        self._started = 0.0
+        self.result: Optional[RunResult] = None
+
+    # ---- lifecycle
+
+    def __enter__(self) -> "Tracker":
+        self._started = time.monotonic()
+        if self.resume_step is None:
+            self.run_dir = create_run_dir(self._requested_dir, self.config)
+            self.config = with_overrides(self.config, {"run.out": str(self.run_dir.path)})
+        else:
+            self.run_dir = open_run_dir(self._requested_dir)
+            self.truncate_after(self.resume_step)
+            self._last_step = self._last_eval_step = self.resume_step
+        self._start_wandb()
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> bool:
+        if self.result is None:
+            if exc_type is None:
+                status = "finished"
+            elif issubclass(exc_type, KeyboardInterrupt):
+                status = "interrupted"
+            else:
+                status = "failed"
+            self.finish(status)
+        return False
+
+    @property
+    def path(self) -> Path:
+        if self.run_dir is None:
+            raise RuntimeError("the tracker is not started; use it as a context manager")
+        return self.run_dir.path
+
+    # ---- logging
+
+    def log(self, metrics: Mapping[str, Any], step: int) -> None:
+        """One line of metrics.jsonl for `step` (steps strictly increase); mirrored to W&B."""
+        checked = _check_metrics(metrics)
+        if self._last_step is not None and step <= self._last_step:
+            raise ValueError(f"step {step} was already logged (last step {self._last_step}); log each step once")
+        self._append(self.run_dir.metrics_file, {"step": int(step), "time": time.time(), **checked})
+        self._last_step = step
+        if self._wandb_run is not None:
+            self._wandb_run.log(checked, step=int(step))
+
+    def log_eval(
+        self,
+        step: int,
+        score: float,
+        metric: str,
+        n_prompts: int,
+        n_samples: int,
+        extra: Optional[Mapping[str, Any]] = None,
+    ) -> None:
+        """One line of eval.jsonl; extra metrics are namespaced under eval/."""
+        if self._last_eval_step is not None and step <= self._last_eval_step:
+            raise ValueError(f"step {step} was already evaluated (last eval step {self._last_eval_step})")
+        numbers_ = {"eval/score": _as_number("eval/score", score)}
+        for key, value in (extra or {}).items():
+            full = key if key.startswith("eval/") else f"eval/{key}"
+            numbers_[full] = _as_number(full, value)
+        record = {
+            "step": int(step),
+            "time": time.time(),
+            "eval/score": numbers_["eval/score"],
+            "eval/metric": str(metric),
+            "eval/n_prompts": int(n_prompts),
+            "eval/n_samples": int(n_samples),
+            **{k: v for k, v in numbers_.items() if k != "eval/score"},
+        }
+        self._append(self.run_dir.eval_file, record)
+        self._last_eval_step = step
+        if self._wandb_run is not None:
+            # W&B merges values logged at the current step, so this may follow log() for the same step.
+            self._wandb_run.log(numbers_, step=int(step))
+
+    def truncate_after(self, step: int) -> None:
+        """Drop metrics and eval records after `step` (resuming from the checkpoint of `step`)."""
+        dropped = truncate_jsonl_after(self.run_dir.metrics_file, step)
+        dropped += truncate_jsonl_after(self.run_dir.eval_file, step)
+        if dropped:
+            log.info("resume: dropped %d log records after step %d in %s", dropped, step, self.run_dir.path)
+
+    @staticmethod
+    def _append(path: Path, record: Mapping[str, Any]) -> None:
+        with path.open("a", encoding="utf-8") as handle:
+            handle.write(json.dumps(record) + "\n")
+            handle.flush()
+
+    # ---- the end
+
+    def finish(self, status: str = "finished", steps_done: Optional[int] = None) -> RunResult:
+        """Write result.json, append to the results store, close W&B. Idempotent."""
+        if self.result is not None:
+            return self.result
+        if status not in STATUSES:
+            raise ValueError(f"status must be one of {', '.join(STATUSES)}, got {status!r}")
+        try:
+            evals = read_jsonl(self.run_dir.eval_file)
+            scores = [record["eval/score"] for record in evals if not math.isnan(record["eval/score"])]
+            final = max(evals, key=lambda record: record["step"]) if evals else None
+            if steps_done is None:
+                steps_done = self._last_step if self._last_step is not None else 0
+            store = self._store_dir or results_store_dir(self.config, self.run_dir.path)
+            self.result = RunResult(
+                run_dir=_path_from_store(self.run_dir.path, store),
+                method=self.config.method.name,
+                task=self.config.task.name,
+                model=self.config.model.name,
+                seed=self.config.run.seed,
+                params=self.config.method.params,
+                steps_done=int(steps_done),
+                final_eval=final["eval/score"] if final else None,
+                best_eval=max(scores) if scores else None,
+                eval_metric=final["eval/metric"] if final else self.config.eval.metric,
+                wall_s=round(time.monotonic() - self._started, 3),
+                status=status,
+                finished_at=_dt.datetime.now().astimezone().isoformat(timespec="seconds"),
+                tre_version=__version__,
+                config=to_dict(self.config),
+            )
+            atomic_write_text(self.run_dir.result_file, json.dumps(self.result.to_dict(), indent=2) + "\n")
+            append_result(store, self.result)
+        finally:
+            self._finish_wandb(status)
+        return self.result
+
+    # ---- W&B (the only place it is imported)
+
+    def _start_wandb(self) -> None:
+        settings = self.config.run.wandb
+        if settings.mode == "disabled":
+            return
+        try:
+            import wandb
+        except ImportError:
+            log.warning("wandb is not installed: logging to %s only (pip install 'tre-cli[track]')", self.run_dir.path)
+            return
+        id_file = self.run_dir.path / WANDB_ID_FILE
+        if id_file.exists():
+            run_id = id_file.read_text().strip()
+        else:
+            run_id = secrets.token_hex(6)
+            atomic_write_text(id_file, run_id + "\n")
+        self._wandb_run = wandb.init(
+            project=settings.project,
+            entity=settings.entity,
+            mode=settings.mode,
+            dir=str(self.run_dir.path),
+            name=self.run_dir.path.name,
+            id=run_id,
+            resume="allow",
+            config=to_dict(self.config),
+            tags=[self.config.task.name, self.config.method.name],
+            settings=wandb.Settings(console="off", silent=True, disable_git=True),
+        )
+
+    def _finish_wandb(self, status: str) -> None:
+        if self._wandb_run is not None:
+            run, self._wandb_run = self._wandb_run, None
+            if self.result is not None:
+                for key in ("final_eval", "best_eval", "steps_done", "status"):
+                    run.summary[key] = getattr(self.result, key)
+            run.finish(exit_code=0 if status == "finished" else 1)
