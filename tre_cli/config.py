@@ -696,7 +696,7 @@ def resolve_device(requested: str) -> str:
     """'auto' | 'cpu' | 'cuda' -> 'cpu' | 'cuda'; asking for cuda without one is an error."""
     if requested == "cpu":
         return "cpu"
-    import torch  # only here: resolving a config must not cost a torch import when no device is asked for
+    import torch  # only here: the config itself needs no torch
 
     available = torch.cuda.is_available()
     if requested == "cuda" and not available:
