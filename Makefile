@@ -21,3 +21,8 @@ bench: $(VENV)/.installed
 
 clean:
 	rm -rf $(VENV) build *.egg-info
+
+# Until the trainer lands, the demo shows the methods and the loss library on random logits.
+demo: $(VENV)/.installed
+	$(VENV)/bin/tre methods
+	$(PY) bench/losses.py --quick

@@ -85,36 +85,70 @@ class TokenStats(NamedTuple):
 
 
 # ----------------------------------------------------------------------------------------------
-# Region search (no gradient): returns, per row, the region size m, the m-th largest logit
-# (the threshold) and how many tokens equal to the threshold are inside (lowest ids first).
+# Region search (no gradient). Each search finds, per row, the region size m and the m-th largest
+# logits in sorted order, from which `_local_stats` derives everything the forward and backward
+# need: the threshold (m-th largest logit), how many tokens equal to it are inside (lowest ids
+# first), and the log-normaliser and entropy of the local softmax. No full-row pass is needed:
+# the region's values are the top-m candidates, whichever tied token carries each value.
 
 
-def _nucleus(z: torch.Tensor, lse: torch.Tensor, p: float):
-    """Exact TRE-P nucleus per row: (size, size-th largest logit), by growing top-c candidates."""
+class _Region(NamedTuple):
+    size: torch.Tensor  # long
+    threshold: torch.Tensor
+    ties_in: torch.Tensor  # long
+    lse: torch.Tensor
+    entropy: torch.Tensor
+
+
+def _local_stats(vals: torch.Tensor, size: torch.Tensor):
+    """From sorted candidate values [rows, c] and region sizes <= c: threshold, ties inside,
+    local log-normaliser and local entropy."""
+    inside = torch.arange(vals.shape[-1], device=vals.device) < size[:, None]
+    threshold = vals.gather(-1, (size - 1)[:, None]).squeeze(-1)
+    ties_in = size - (vals > threshold[:, None]).sum(-1)  # every token above is a candidate
+    local = vals.masked_fill(~inside, -math.inf)
+    lse = torch.logsumexp(local, -1)
+    q = torch.exp(local - lse[:, None])
+    entropy = (q * (lse[:, None] - vals)).masked_fill(~inside, 0.0).sum(-1)
+    return threshold, ties_in, lse, entropy
+
+
+def _empty_region(n_rows: int, z: torch.Tensor) -> _Region:
+    long = torch.empty(n_rows, dtype=torch.long, device=z.device)
+    flt = torch.empty(n_rows, dtype=z.dtype, device=z.device)
+    return _Region(long, flt.clone(), long.clone(), flt.clone(), flt.clone())
+
+
+def _fill(region: _Region, rows: torch.Tensor, size: torch.Tensor, vals: torch.Tensor) -> None:
+    region.size[rows] = size
+    for buf, value in zip(region[1:], _local_stats(vals, size)):
+        buf[rows] = value
+
+
+def _nucleus(z: torch.Tensor, lse64: torch.Tensor, p: float) -> _Region:
+    """Exact TRE-P nucleus per row, from top-c candidate sets grown until they decide it."""
     n_rows, vocab = z.shape
-    size = torch.empty(n_rows, dtype=torch.long, device=z.device)
-    threshold = torch.empty(n_rows, dtype=z.dtype, device=z.device)
-    if p >= 1.0:
-        size.fill_(vocab)
-        threshold.copy_(z.min(-1).values)
-        return size, threshold
+    region = _empty_region(n_rows, z)
     todo = torch.arange(n_rows, device=z.device)
-    c = min(FIRST_CANDIDATES, vocab)
+    c = vocab if p >= 1.0 else min(FIRST_CANDIDATES, vocab)
     while todo.numel():
-        vals = torch.topk(z[todo], c, dim=-1, sorted=True).values
-        mass = torch.exp(vals.double() - lse[todo, None]).cumsum(-1)
+        rows = z if todo.numel() == n_rows else z[todo]  # no copy on the first pass
+        vals = torch.topk(rows, c, dim=-1, sorted=True).values
+        del rows
+        if p >= 1.0:  # the smallest prefix with all the mass is the whole vocabulary
+            _fill(region, todo, torch.full_like(todo, vocab), vals)
+            break
+        mass = torch.exp(vals.double() - lse64[todo, None]).cumsum(-1)
         # size = 1 + #{r < c : S_r < P}, valid when S_c >= P (or c covers the vocabulary).
         decided = (mass[:, -1] >= p) | (c == vocab)
         counted = 1 + (mass[:, :-1] < p).sum(-1)
-        rows = todo[decided]
-        size[rows] = counted[decided]
-        threshold[rows] = vals[decided].gather(-1, (counted[decided] - 1)[:, None]).squeeze(-1)
+        _fill(region, todo[decided], counted[decided], vals[decided])
         todo = todo[~decided]
         c = min(c * CANDIDATE_GROWTH, vocab)
-    return size, threshold
+    return region
 
 
-def _released_nucleus(z: torch.Tensor, lse: torch.Tensor, p: float):
+def _released_nucleus(z: torch.Tensor, lse: torch.Tensor, p: float) -> _Region:
     """The released code's nucleus: top-256 candidates, probabilities accumulated and compared
     with P in bf16. A bf16 running sum near 1 stops growing when the next probability is below
     half its spacing, and P = 0.999 itself rounds to 1.0, so such nuclei run to the cap."""
@@ -127,27 +161,36 @@ def _released_nucleus(z: torch.Tensor, lse: torch.Tensor, p: float):
     for j in range(c - 1):  # sequential, each partial sum rounded to bf16
         running = running + probs[:, j]
         below += running < p_bf16
-    size = 1 + below
-    return size, vals.gather(-1, (size - 1)[:, None]).squeeze(-1)
+    region = _empty_region(z.shape[0], z)
+    _fill(region, torch.arange(z.shape[0], device=z.device), 1 + below, vals)
+    return region
 
 
-def _top_k(z: torch.Tensor, k: int):
-    size = torch.full((z.shape[0],), min(k, z.shape[-1]), dtype=torch.long, device=z.device)
-    return size, torch.topk(z, int(size[0]), dim=-1, sorted=True).values[:, -1]
+def _top_k(z: torch.Tensor, k: int) -> _Region:
+    k = min(k, z.shape[-1])
+    vals = torch.topk(z, k, dim=-1, sorted=True).values
+    region = _empty_region(z.shape[0], z)
+    rows = torch.arange(z.shape[0], device=z.device)
+    _fill(region, rows, torch.full_like(rows, k), vals)
+    return region
 
 
-def _region_mask(z: torch.Tensor, threshold: torch.Tensor, ties_in: torch.Tensor) -> torch.Tensor:
-    """Tokens above the threshold, plus the `ties_in` lowest-id tokens equal to it."""
-    above = z > threshold[:, None]
-    equal = z == threshold[:, None]
-    mask = above | equal
-    split = equal.sum(-1) > ties_in
-    if bool(split.any()):
-        idx = split.nonzero().squeeze(-1)
-        eq = equal[idx]
-        rank = eq.to(torch.int32).cumsum(-1)
-        mask[idx] = above[idx] | (eq & (rank <= ties_in[idx, None]))
-    return mask
+def _region_members(z: torch.Tensor, threshold: torch.Tensor, ties_in: torch.Tensor):
+    """(row, token) indices of the region: tokens above the threshold plus the `ties_in`
+    lowest-id tokens equal to it. Rows with an infinite threshold contribute nothing."""
+    rows, cols = (z >= threshold[:, None]).nonzero(as_tuple=True)  # ids ascend within a row
+    values = z[rows, cols]
+    equal = values == threshold[rows]
+    # Rank of each equal entry among its row's equal entries, by id: a cumulative count minus
+    # the count before the row's first entry.
+    running = equal.to(torch.long).cumsum(0)
+    counts = torch.bincount(rows, minlength=z.shape[0])
+    first = counts.cumsum(0) - counts
+    before = torch.zeros_like(counts)
+    has = counts > 0
+    before[has] = (running - equal.to(torch.long))[first[has]]
+    keep = ~equal | (running - before[rows] <= ties_in[rows])
+    return rows[keep], cols[keep], values[keep]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -156,46 +199,40 @@ def _region_mask(z: torch.Tensor, threshold: torch.Tensor, ties_in: torch.Tensor
 
 def _chunk_forward(z, tokens, region: Optional[RegionSpec]):
     vocab = z.shape[-1]
-    zmax = z.max(-1).values
-    argmax = torch.argmax(z, -1)  # the first (lowest id) maximiser, for ties
+    zmax, argmax = z.max(-1)  # the first (lowest id) maximiser on ties
+    d = z - zmax[:, None]
+    d.clamp_(min=torch.finfo(d.dtype).min)  # -inf logits: exp -> 0 and 0 * d stays 0
+    e = torch.exp(d)
+    sum_e = e.sum(-1)
+    # H = log S - sum(e d) / S: both terms are >= 0, so no cancellation near H = 0.
+    entropy = torch.log(sum_e) - torch.linalg.vecdot(e, d) / sum_e
+    del d, e
     # The log-normaliser in float64 (one number per row): a float32 one is off by up to an ulp
     # of the largest logit (1e-6 at z ~ 10), which would move the nucleus mass by as much.
-    lse64 = zmax.double() + torch.log(torch.exp(z - zmax[:, None]).sum(-1).double())
+    lse64 = zmax.double() + torch.log(sum_e.double())
     lse = lse64.to(z.dtype)
-    logp = z - lse[:, None]
-    p = torch.exp(logp)
-    entropy = -torch.where(p > 0, p * logp, torch.zeros((), device=z.device)).sum(-1)
-    del p, logp
-    min_entropy = lse - zmax
-    p_max = torch.exp(-min_entropy)
+    min_entropy = torch.log(sum_e)
+    p_max = 1.0 / sum_e
     if tokens is not None:
         logprob = z.gather(-1, tokens[:, None]).squeeze(-1) - lse
     else:
         logprob = torch.zeros_like(lse)
 
-    n = z.shape[0]
     saved = {"lse": lse, "argmax": argmax, "entropy": entropy, "p_max": p_max}
     if region is None:
-        size = torch.zeros(n, dtype=torch.long, device=z.device)
+        size = torch.zeros(z.shape[0], dtype=torch.long, device=z.device)
         region_entropy = torch.zeros_like(lse)
     else:
         if region.kind == "k":
-            size, threshold = _top_k(z, region.k)
+            found = _top_k(z, region.k)
         elif region.released_code_compat:
-            size, threshold = _released_nucleus(z, lse, region.p)
+            found = _released_nucleus(z, lse, region.p)
         else:
-            size, threshold = _nucleus(z, lse64, region.p)
-        # Tokens equal to the threshold enter lowest id first, as many as the size leaves room for.
-        ties_in = size - (z > threshold[:, None]).sum(-1)
-        mask = _region_mask(z, threshold, ties_in)
-        z_region = z.masked_fill(~mask, -math.inf)
-        lse_region = torch.logsumexp(z_region, -1)
-        q = torch.exp(z_region - lse_region[:, None])
-        local_entropy = (q * (lse_region[:, None] - z).masked_fill(~mask, 0.0)).sum(-1)
+            found = _nucleus(z, lse64, region.p)
+        size = found.size
         scale = _scale(vocab, size)
-        region_entropy = scale * local_entropy
-        saved.update(threshold=threshold, ties_in=ties_in, lse_region=lse_region,
-                     local_entropy=local_entropy, scale=scale)
+        region_entropy = scale * found.entropy
+        saved.update(region=found, scale=scale)
     outputs = (logprob, entropy, p_max, min_entropy, size.to(torch.float32), region_entropy)
     return outputs, saved
 
@@ -207,48 +244,53 @@ def _scale(vocab: int, size: torch.Tensor) -> torch.Tensor:
     return torch.where(size > 1, math.log(vocab) / torch.log(safe), torch.zeros_like(size_f))
 
 
-def _chunk_backward(z, tokens, saved, grads):
+def _chunk_backward(z, tokens, saved, grads, inv_temperature: float):
+    """Gradient of sum_i g_i * output_i with respect to the chunk's (unscaled) logits.
+
+    Every full-softmax term is p_j * (a + b * log p_j) plus one-hot corrections:
+      d logprob = onehot(token) - p         d H     = -p (log p + H)
+      d p_max   = p_max (onehot(argmax) - p) d H_inf = p - onehot(argmax)
+    and the region term -w q_j (log q_j + H_local) lives on the region's tokens only.
+    """
     g_logprob, g_entropy, g_pmax, g_minent, g_region = grads
-    lse = saved["lse"]
-    logp = z - lse[:, None]
+    zeros = torch.zeros_like(saved["lse"])
+    g_logprob = g_logprob if (g_logprob is not None and tokens is not None) else None
+    a = zeros.clone()
+    if g_logprob is not None:
+        a -= g_logprob
+    if g_pmax is not None:
+        a -= g_pmax * saved["p_max"]
+    if g_minent is not None:
+        a += g_minent
+    logp = z - saved["lse"][:, None]
+    logp.clamp_(min=torch.finfo(logp.dtype).min)
     p = torch.exp(logp)
-    # Coefficient multiplying p in every full-softmax term, then one-hot corrections.
-    coef = torch.zeros_like(lse)
-    grad = None
     if g_entropy is not None:
-        # dH/dz_i = -p_i (log p_i + H)
-        grad = -(g_entropy[:, None] * p) * (logp + saved["entropy"][:, None])
-        grad = torch.where(p > 0, grad, torch.zeros((), device=z.device))
-    del logp
-    if g_logprob is not None and tokens is not None:
-        coef = coef - g_logprob
-    if g_pmax is not None:
-        coef = coef - g_pmax * saved["p_max"]
-    if g_minent is not None:
-        coef = coef + g_minent
-    if grad is None:
-        grad = coef[:, None] * p
+        a -= g_entropy * saved["entropy"]
+        grad = logp.mul_(-g_entropy[:, None] * inv_temperature)
+        grad.add_(a[:, None] * inv_temperature).mul_(p)
     else:
-        grad += coef[:, None] * p
-    del p
-    if g_logprob is not None and tokens is not None:
-        grad.scatter_add_(-1, tokens[:, None], g_logprob[:, None])
-    onehot_max = torch.zeros_like(lse)
+        grad = p.mul_(a[:, None] * inv_temperature)
+    del logp, p
+    if g_logprob is not None:
+        grad.scatter_add_(-1, tokens[:, None], g_logprob[:, None] * inv_temperature)
+    at_max = zeros.clone()
     if g_pmax is not None:
-        onehot_max = onehot_max + g_pmax * saved["p_max"]
+        at_max += g_pmax * saved["p_max"]
     if g_minent is not None:
-        onehot_max = onehot_max - g_minent
+        at_max -= g_minent
     if g_pmax is not None or g_minent is not None:
-        grad.scatter_add_(-1, saved["argmax"][:, None], onehot_max[:, None])
-    if g_region is not None and "threshold" in saved:
-        mask = _region_mask(z, saved["threshold"], saved["ties_in"])
-        lse_region = saved["lse_region"]
-        shifted = (z - lse_region[:, None]).masked_fill(~mask, -math.inf)
-        q = torch.exp(shifted)
-        # d(local H)/dz_i = -q_i (log q_i + H_local) inside the region, 0 outside.
-        weight = g_region * saved["scale"]
-        local = -(weight[:, None] * q) * (shifted.masked_fill(~mask, 0.0) + saved["local_entropy"][:, None])
-        grad += local
+        grad.scatter_add_(-1, saved["argmax"][:, None], at_max[:, None] * inv_temperature)
+    if g_region is not None and "region" in saved:
+        region = saved["region"]
+        weight = g_region * saved["scale"] * inv_temperature
+        # Rows whose term has no gradient (one-token regions, zero upstream) are skipped.
+        threshold = region.threshold.masked_fill(weight == 0, math.inf)
+        rows, cols, values = _region_members(z, threshold, region.ties_in)
+        shifted = values - region.lse[rows]  # log q
+        # d(local H)/dz = -q (log q + H_local) inside the region, 0 outside.
+        local = -weight[rows] * torch.exp(shifted) * (shifted + region.entropy[rows])
+        grad.index_put_((rows, cols), local, accumulate=True)
     return grad
 
 
@@ -284,10 +326,8 @@ class _TokenStatsFunction(torch.autograd.Function):
             toks = tokens1d[start:stop] if tokens1d is not None else None
             chunk_grads = tuple(None if g is None else g[start:stop].to(z.dtype)
                                 for g in (g_logprob, g_entropy, g_pmax, g_minent, g_region))
-            grad = _chunk_backward(z, toks, ctx.saved_chunks[i], chunk_grads)
-            if ctx.temperature != 1.0:
-                grad = grad / ctx.temperature
-            grad_logits[start:stop] = grad
+            grad_logits[start:stop] = _chunk_backward(
+                z, toks, ctx.saved_chunks[i], chunk_grads, 1.0 / ctx.temperature)
         return grad_logits, None, None, None, None
 
 
