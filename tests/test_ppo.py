@@ -310,3 +310,21 @@ def test_value_loss_unclipped_and_aggregation_mode():
     assert out.metrics["critic/vf_clipfrac"].item() == 0
     with pytest.raises(ValueError, match="value clip must be > 0"):
         value_loss(v, v, ret, mask, clip=0.0)
+
+
+@pytest.mark.parametrize("mode", ["token-mean", "seq-mean-token-sum", "seq-mean-token-mean", "seq-mean-token-sum-norm"])
+def test_aggregate_shares_of_a_split_add_up_to_the_whole(mode):
+    from tre_cli.losses.ppo import aggregate_share
+
+    gen = torch.Generator().manual_seed(4)
+    per_token = torch.randn(7, 9, generator=gen, dtype=torch.float64, requires_grad=True)
+    lengths = torch.tensor([9, 1, 4, 0, 6, 2, 8])
+    mask = (torch.arange(9)[None, :] < lengths[:, None]).double()
+    whole = aggregate(per_token, mask, mode, horizon=12)
+    total_tokens, total_seqs = mask.sum(), (mask.sum(-1) > 0).sum()
+    parts = [slice(0, 3), slice(3, 4), slice(4, 7)]
+    shared = sum(aggregate_share(per_token[s], mask[s], mode, total_tokens, total_seqs, horizon=12) for s in parts)
+    assert torch.allclose(shared, whole)
+    g_whole, = torch.autograd.grad(whole, per_token)
+    g_shared, = torch.autograd.grad(shared, per_token)
+    assert torch.allclose(g_whole, g_shared)

@@ -144,6 +144,8 @@ class PPOConfig:
     value_clip: Optional[float] = 0.5
     gamma: float = 1.0
     lam: float = 1.0
+    # Whiten advantages over the step's response tokens, as the released code (verl's GAE) does.
+    whiten_advantages: bool = True
     kl_coef: float = 0.0
     loss_agg: Literal["token-mean", "seq-mean-token-sum", "seq-mean-token-mean"] = "token-mean"
     max_grad_norm: float = 1.0

@@ -144,6 +144,29 @@ def aggregate(
     raise ValueError(f"unknown loss aggregation mode {mode!r}; choose one of: {', '.join(AGG_MODES)}")
 
 
+def aggregate_share(
+    per_token: torch.Tensor, mask: torch.Tensor, mode: str, total_tokens: float, total_seqs: float,
+    horizon: Optional[int] = None,
+) -> torch.Tensor:
+    """One micro-batch's share of `aggregate` over a whole mini-batch, given the mini-batch's
+    totals (`total_tokens` in the mask, `total_seqs` with at least one masked token). The shares
+    of a split add up to the aggregate of the whole, so gradient accumulation is exact: a
+    micro-batch with long responses weighs by its tokens, not by its count of sequences."""
+    w = _as_weights(mask, per_token)
+    if mode == "token-mean":
+        return (per_token * w).sum() / max(float(total_tokens), 1.0)
+    if mode == "seq-mean-token-sum-norm":
+        if horizon is None or horizon <= 0:
+            raise ValueError(f"aggregation 'seq-mean-token-sum-norm' needs a positive horizon, got {horizon!r}")
+        return (per_token * w).sum() / horizon
+    if mode in ("seq-mean-token-sum", "seq-mean-token-mean"):
+        seq_sum = (per_token * w).sum(dim=-1)
+        if mode == "seq-mean-token-mean":
+            seq_sum = _safe_div(seq_sum, w.sum(dim=-1))
+        return seq_sum.sum() / max(float(total_seqs), 1.0)
+    raise ValueError(f"unknown loss aggregation mode {mode!r}; choose one of: {', '.join(AGG_MODES)}")
+
+
 class PolicyLoss(NamedTuple):
     """`loss`: the aggregated scalar over `mask`; `per_token`: the [B, T] surrogate loss (to be
     re-aggregated over another mask by a token selector); `metrics`: detached 0-dim tensors."""
