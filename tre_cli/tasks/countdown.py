@@ -75,6 +75,8 @@ def tokenize(expression: str) -> list:
             while j < n and "0" <= expression[j] <= "9":
                 j += 1
             literal = expression[i:j]
+            if j - i > 9:
+                raise _ParseError("number too long")  # no given number has more than 2 digits
             if len(literal) > 1 and literal[0] == "0":
                 raise _ParseError("leading zero")  # not a Python literal, so the released code scores 0
             tokens.append(int(literal))
