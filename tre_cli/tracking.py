@@ -541,3 +541,91 @@ class Tracker:
                 for key in ("final_eval", "best_eval", "steps_done", "status"):
                     run.summary[key] = getattr(self.result, key)
             run.finish(exit_code=0 if status == "finished" else 1)
+
+
+# --------------------------------------------------------------------------- W&B projects (tre report)
+
+# A W&B run's state as a RunResult status; a run still going has no final result.
+_WANDB_STATES = {"finished": "finished", "failed": "failed", "crashed": "failed", "killed": "interrupted", "running": "running"}
+
+
+def wandb_run_to_run(run: Any, metric_keys: Tuple[str, ...] = ("actor/p_max",)) -> Optional[Dict[str, Any]]:
+    """A W&B public-API run in read_run's shape; None for a run that is not a tre job (a report).
+
+    `result` is built from the config and the summary that Tracker writes (final_eval, best_eval,
+    status); a run that died before writing them falls back on its eval/score history.
+    """
+    config = dict(run.config or {})
+    method = config.get("method")
+    if not isinstance(method, Mapping) or "name" not in method:
+        return None
+    summary = dict(run.summary_metrics or {})
+    metrics = [
+        {"step": int(row["_step"]), **{k: row[k] for k in metric_keys if row.get(k) is not None}}
+        for row in run.scan_history(keys=["_step", *metric_keys])
+    ] if metric_keys else []
+    evals = [{"step": int(row["_step"]), "eval/score": row["eval/score"]} for row in run.scan_history(keys=["_step", "eval/score"])]
+    scores = [record["eval/score"] for record in evals if isinstance(record["eval/score"], numbers.Real)]
+    section = lambda name: config.get(name) if isinstance(config.get(name), Mapping) else {}  # noqa: E731
+    result = {
+        "run_dir": run.url,
+        "method": summary.get("method") or method["name"],
+        "task": section("task").get("name"),
+        "model": section("model").get("name"),
+        "seed": section("run").get("seed"),
+        "params": {k: v for k, v in method.items() if k != "name" and v is not None},
+        "final_eval": summary.get("final_eval", scores[-1] if scores else None),
+        "best_eval": summary.get("best_eval", max(scores) if scores else None),
+        "eval_metric": section("eval").get("metric"),
+        "status": summary.get("status") or _WANDB_STATES.get(run.state, run.state),
+        "config": config,
+    }
+    return {"path": run.url, "config": config, "metrics": metrics, "eval": evals, "result": result, "checkpoints": []}
+
+
+def read_wandb_project(path: str, metric_keys: Tuple[str, ...] = ("actor/p_max",)) -> List[Dict[str, Any]]:
+    """Every tre job of a W&B project ("ENTITY/PROJECT"), each in read_run's shape."""
+    if path.count("/") != 1 or not all(path.split("/")):
+        raise ValueError(f"--wandb expects ENTITY/PROJECT, got {path!r}")
+    try:
+        import wandb
+    except ImportError:
+        raise ValueError("reading a W&B project needs wandb: pip install 'tre-cli[track]'") from None
+    try:
+        runs = list(wandb.Api().runs(path))
+    except Exception as error:  # the public API raises several types (auth, 404, network)
+        raise ValueError(f"cannot read W&B project {path}: {error}") from None
+    return [record for record in (wandb_run_to_run(run, metric_keys) for run in runs) if record is not None]
+
+
+def log_report_to_wandb(
+    project: str,
+    entity: Optional[str],
+    mode: str,
+    directory: PathLike,
+    tables: Mapping[str, Tuple[List[str], List[List[Any]]]],
+    images: Mapping[str, PathLike],
+) -> Optional[str]:
+    """Log a report's tables (name -> (columns, rows)) and images (name -> PNG) as one W&B run of
+    job type "report"; returns its id, or None when wandb is not installed (a warning)."""
+    try:
+        import wandb
+    except ImportError:
+        log.warning("wandb is not installed: the report is not logged to W&B (pip install 'tre-cli[track]')")
+        return None
+    run = wandb.init(
+        project=project,
+        entity=entity,
+        mode=mode,
+        dir=str(directory),
+        job_type="report",
+        name="report",
+        settings=wandb.Settings(console="off", silent=True, disable_git=True),
+    )
+    try:
+        payload: Dict[str, Any] = {name: wandb.Table(columns=list(columns), data=[list(row) for row in rows]) for name, (columns, rows) in tables.items()}
+        payload.update({name: wandb.Image(str(path)) for name, path in images.items()})
+        run.log(payload)
+        return run.id
+    finally:
+        run.finish()
