@@ -15,6 +15,11 @@ data_app = typer.Typer(help="Task data: generate Countdown instances, show task 
 rm_app = typer.Typer(help="Reward models for the HH task.", no_args_is_help=True)
 
 
+@rm_app.callback()
+def rm_group() -> None:
+    """Reward models for the HH task."""  # a callback keeps `rm` a group with a single command
+
+
 def _fail(message: str) -> None:
     typer.echo(f"error: {message}", err=True)
     raise typer.Exit(code=2)

@@ -186,7 +186,12 @@ def score(response: str, answer: str) -> float:
 def _math_verify_worker(connection) -> None:
     # A child process of its own: math-verify may hang on adversarial LaTeX, and the parent
     # kills us then. Timeouts inside are off because SIGALRM is not ours to rely on.
+    import logging
+
     from math_verify import parse, verify
+
+    # It warns on every call that its own timeout is off; the parent process is the timeout.
+    logging.getLogger("math_verify").setLevel(logging.ERROR)
 
     while True:
         request = connection.recv()

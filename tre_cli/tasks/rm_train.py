@@ -9,6 +9,7 @@ renders conversational pairs with the tokenizer's chat template, which is what t
 from __future__ import annotations
 
 import json
+import tempfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Mapping
@@ -105,13 +106,14 @@ def train_reward_model(base_model: str, data: str, out_dir: str | Path, config: 
     use_cuda = torch.cuda.is_available()
     world_size = max(1, torch.cuda.device_count()) if use_cuda else 1
     accumulation = max(1, config.batch_size // (config.per_device_batch_size * world_size))
-    work_dir = out_dir / "trainer"
+    # The trainer's scratch folder (logs, no checkpoints) is not part of the saved model.
+    scratch = tempfile.TemporaryDirectory(prefix="tre-rm-")
     args = RewardConfig(
-        output_dir=str(work_dir),
+        output_dir=scratch.name,
         num_train_epochs=config.epochs,
         learning_rate=config.learning_rate,
         lr_scheduler_type=config.lr_scheduler,
-        warmup_ratio=config.warmup_ratio,
+        warmup_steps=config.warmup_ratio,  # transformers 5: a float below 1 is a ratio of the steps
         center_rewards_coefficient=config.center_rewards_coefficient,
         per_device_train_batch_size=config.per_device_batch_size,
         gradient_accumulation_steps=accumulation,
@@ -130,7 +132,10 @@ def train_reward_model(base_model: str, data: str, out_dir: str | Path, config: 
         train_dataset=datasets.Dataset.from_list(pairs),
         processing_class=tokenizer,
     )
-    result = trainer.train()
+    try:
+        result = trainer.train()
+    finally:
+        scratch.cleanup()
     trainer.save_model(str(out_dir))
     tokenizer.save_pretrained(str(out_dir))
     metrics = {key: value for key, value in result.metrics.items() if isinstance(value, (int, float))}
