@@ -87,5 +87,13 @@ def report(
             console.print(f"logged the report to W&B ({mode}): {entity + '/' if entity else ''}{project}, run {run_id}")
 
 
+# `tre data ...` (Countdown generator, examples) and `tre rm ...` (HH reward models); the heavy
+# imports are inside the commands.
+from tre_cli.tasks.cli import data_app, rm_app  # noqa: E402
+
+app.add_typer(data_app, name="data")
+app.add_typer(rm_app, name="rm")
+
+
 if __name__ == "__main__":  # pragma: no cover
     app()
