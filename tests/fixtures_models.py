@@ -1,0 +1,18 @@
+"""Tiny models built locally for tests (no download): shared by the trainer and CLI tests."""
+
+from __future__ import annotations
+
+import pytest
+
+# A far smaller testbed than the real one: same recipe, a minute or less on 2 cores.
+TINY_TESTBED = dict(steps=40, sft_problems=300, hidden_size=64, num_attention_heads=2, num_key_value_heads=1,
+                    intermediate_size=128, num_hidden_layers=2)
+
+
+@pytest.fixture(scope="session")
+def tiny_testbed(tmp_path_factory):
+    from tre_cli.models.testbed import build_testbed
+
+    out = tmp_path_factory.mktemp("tiny-testbed") / "model"
+    build_testbed(out, measure=False, **TINY_TESTBED)
+    return out

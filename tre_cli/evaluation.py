@@ -1,0 +1,79 @@
+"""The paper's evaluation protocol: n samples per test prompt at temperature 1.0, top-p 0.7;
+Pass@1 (mean correctness) for MATH and Countdown, mean reward for HH."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, Optional, Sequence
+
+# A response counts as correct when its reward reaches this (rule-based rewards are 0 or 1; a
+# format score such as TinyZero's 0.1 is not a solve).
+CORRECT = 1.0 - 1e-9
+METRICS = ("pass@1", "mean_reward")
+
+
+@dataclass(frozen=True)
+class EvalResult:
+    score: float  # the protocol's metric
+    metric: str
+    mean_reward: float
+    n_prompts: int
+    n_samples: int
+    mean_response_tokens: float
+
+    def extra(self) -> dict:
+        return {"eval/mean_reward": self.mean_reward, "eval/response_tokens": self.mean_response_tokens}
+
+
+def default_metric(task_name: str) -> str:
+    return "mean_reward" if task_name == "hh" else "pass@1"
+
+
+def score_of(rewards: Sequence[float], metric: str) -> float:
+    if metric not in METRICS:
+        raise ValueError(f"unknown eval metric {metric!r}; choose one of: {', '.join(METRICS)}")
+    if not rewards:
+        return float("nan")
+    if metric == "pass@1":
+        return sum(1.0 for r in rewards if r >= CORRECT) / len(rewards)
+    return sum(rewards) / len(rewards)
+
+
+def evaluate(
+    engine,
+    task,
+    examples: Sequence[dict],
+    prompt_ids: Sequence[Sequence[int]],
+    *,
+    n_samples: int,
+    temperature: float,
+    top_p: float,
+    max_new_tokens: int,
+    metric: str,
+    batch_prompts: int = 64,
+    progress: Optional[Callable[[int, int], None]] = None,
+) -> EvalResult:
+    """Sample `n_samples` responses per prompt with `engine`, score them with `task`."""
+    if len(examples) != len(prompt_ids):
+        raise ValueError(f"{len(examples)} examples but {len(prompt_ids)} prompts")
+    if not examples:
+        raise ValueError("no test examples to evaluate on")
+    rewards: list[float] = []
+    tokens = 0
+    for start in range(0, len(examples), batch_prompts):
+        batch = list(range(start, min(start + batch_prompts, len(examples))))
+        rollout = engine.generate([prompt_ids[i] for i in batch], n=n_samples, max_new_tokens=max_new_tokens,
+                                  temperature=temperature, top_p=top_p)
+        answered = [examples[batch[int(i)]] for i in rollout.prompt_index]
+        rewards.extend(task.rewards(rollout.texts, answered))
+        tokens += rollout.num_response_tokens
+        if progress is not None:
+            progress(batch[-1] + 1, len(examples))
+    return EvalResult(
+        score=score_of(rewards, metric),
+        metric=metric,
+        mean_reward=sum(rewards) / len(rewards),
+        n_prompts=len(examples),
+        n_samples=n_samples,
+        mean_response_tokens=tokens / len(rewards),
+    )
