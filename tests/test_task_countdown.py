@@ -211,3 +211,14 @@ def test_cli_writes_solvable_instances(tmp_path):
     again = CliRunner().invoke(data_app, ["countdown", "--n", "5", "--out", str(out)])
     assert again.exit_code != 0 and "exists" in again.output
     assert countdown.PROMPT.count("{") == 2
+
+
+def test_tre_data_countdown_is_registered_on_the_main_app(tmp_path):
+    from typer.testing import CliRunner
+
+    from tre_cli.cli import app
+
+    out = tmp_path / "cd.jsonl"
+    result = CliRunner().invoke(app, ["data", "countdown", "--n", "3", "--seed", "1", "--split", "test", "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    assert [json.loads(line) for line in out.read_text().splitlines()] == generate(3, 1, "test")
