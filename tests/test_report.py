@@ -233,6 +233,14 @@ def test_horizon_runs_stay_out_of_table1(tmp_path):
     assert any("T=512" in n and "T=32" in n for n in table.notes)
 
 
+def test_min_ent_is_figure_4s_not_table_1s(tmp_path):
+    make_run(tmp_path, "vanilla", "countdown", 0, [0.5])
+    make_run(tmp_path, "min-ent", "countdown", 0, [0.9])
+    table = rp.build_table1(records_of(tmp_path))
+    assert [row.method for row in table.rows] == ["vanilla"]
+    assert any(note.startswith("Min-Ent: in Figure 4") for note in table.notes)
+
+
 def test_terminal_table_renders(small_set):
     from rich.console import Console
 
@@ -240,6 +248,7 @@ def test_terminal_table_renders(small_set):
     console.print(rp.render_rich(rp.build_table1(records_of(small_set))))
     text = console.export_text()
     assert "TRE-P" in text and "68.00" in text and "(+6.00)" in text and "n=3" in text
+    assert "[min, max] when n = 2" in text  # notes are printed as text, not read as rich markup
 
 
 # --------------------------------------------------------------------------- loading
@@ -377,6 +386,22 @@ def test_hparam_figure(figure_set):
     assert [t.get_text() for t in ax.get_xticklabels()] == ["K=2", "K=5", "K=10", "P=0.9", "P=0.99", "Min-Ent"]
 
 
+def test_hparam_figure_needs_more_than_table1s_variants(tmp_path):
+    make_run(tmp_path, "vanilla", "countdown", 0, [0.5])
+    make_run(tmp_path, "tre-k", "countdown", 0, [0.6])
+    make_run(tmp_path, "tre-p", "countdown", 0, [0.7])
+    with pytest.raises(rp.NotEnoughData, match="beyond K=2 and P=0.99"):
+        rp.hparam_data(records_of(tmp_path))
+
+
+def test_figures_have_one_legend_outside_the_panels(figure_set):
+    records = records_of(figure_set)
+    for fig in (rp.plot_horizon(rp.horizon_data(records)), rp.plot_hparam(rp.hparam_data(records))):
+        assert len(fig.legends) == 1 and all(ax.get_legend() is None for ax in fig.axes)
+    fig1_labels = [t.get_text() for t in rp.plot_horizon(rp.horizon_data(records)).legends[0].get_texts()]
+    assert fig1_labels == ["Ent α=0.01", "Ent α=0.001", "Vanilla (right axis)"]
+
+
 def test_write_report_writes_every_file(figure_set, tmp_path):
     report = rp.write_report(rp.load_local_runs([figure_set]), tmp_path / "out")
     names = sorted(p.name for p in (tmp_path / "out").iterdir())
@@ -443,6 +468,21 @@ def test_report_logged_to_wandb_offline(small_set, tmp_path):
     run_id = log_report_to_wandb("tre-test", None, "offline", tmp_path / "out", tables, images)
     [offline] = list((tmp_path / "out" / "wandb").glob(f"offline-run-*-{run_id}"))
     assert (offline / f"run-{run_id}.wandb").stat().st_size > 0
+
+
+def test_wandb_target():
+    def run(mode, project="tre"):
+        return {"path": "x", "config": {"method": {"name": "vanilla"}, "task": {"name": "countdown"}, "model": {"name": "m"},
+                                        "run": {"wandb": {"mode": mode, "project": project, "entity": None}}}, "result": None}
+
+    assert rp.wandb_target([run("online")], None, None) == (None, "tre", "online")
+    assert rp.wandb_target([run("offline")], None, None) is None
+    assert rp.wandb_target([run("online"), run("online", "other")], None, None) is None
+    assert rp.wandb_target([run("offline")], None, True) == (None, "tre", "offline")
+    assert rp.wandb_target([run("online")], "team/proj", None) == ("team", "proj", "online")
+    assert rp.wandb_target([run("online")], "team/proj", False) is None
+    with pytest.raises(ValueError, match="--log-wandb"):
+        rp.wandb_target([run("disabled")], None, True)
 
 
 # --------------------------------------------------------------------------- CLI

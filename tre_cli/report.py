@@ -61,6 +61,7 @@ TASK_LABELS = {"math": "MATH", "countdown": "Countdown", "hh": "HH"}
 TASK_METRICS = {"math": "pass@1", "countdown": "pass@1", "hh": "reward"}
 FIGURE3_METHODS = (("vanilla", "Vanilla", "#d62728"), ("tre-k", "TRE-K", "#1f77b4"), ("tre-p", "TRE-P", "#d4a017"))
 SCORES = ("final", "best")
+NOT_IN_TABLE1 = frozenset({"min-ent"})  # the paper's Table 1 has no Min-Ent: it is Figure 4's K = 1 boundary
 
 OUTPUT_TABLES = ("table1.md", "table1.csv", "table1.tex")
 FIGURES = ("fig1_horizon", "fig3_pmax", "fig4_hparam")
@@ -476,7 +477,7 @@ def build_table1(records: Sequence[RunRecord], score: str = "final") -> Table1:
         metrics = [r.eval_metric for r in records if r.model == model and r.task == task]
         columns.append(Column(model, task, horizon, scale_for(task, metrics)))
 
-    methods = _sort_methods(c.method for c in cells)
+    methods = _sort_methods(c.method for c in cells if c.method not in NOT_IN_TABLE1)
     chosen: Dict[str, List[Optional[Cell]]] = {}
     variant_notes: Dict[str, List[str]] = {}
     for method in methods:
@@ -525,6 +526,9 @@ def build_table1(records: Sequence[RunRecord], score: str = "final") -> Table1:
             row_cells[i][j] = TableCell(cell, delta, ranks.get(i))
     for (method, _), cells_of_row in zip(chosen.items(), row_cells):
         rows.append(Row(method, METHOD_LABELS.get(method, method), tuple(cells_of_row)))
+    left_out = _sort_methods(c.method for c in cells if c.method in NOT_IN_TABLE1)
+    if left_out:
+        notes.append(f"{', '.join(METHOD_LABELS.get(m, m) for m in left_out)}: in Figure 4, not in Table 1 (as in the paper)")
     if "vanilla" not in chosen:
         notes.append("no Vanilla runs: no deltas")
     spread_kinds = {tc.cell.spread_kind for row in rows for tc in row.cells if tc is not None}
@@ -679,30 +683,45 @@ def render_latex(table: Table1) -> str:
 
 
 def render_rich(table: Table1):
-    """Table 1 for the terminal (rich.table.Table)."""
+    """Table 1 for the terminal: one rich table per model (narrow enough for a terminal), notes last."""
+    from rich.console import Group
+    from rich.markup import escape
     from rich.table import Table
     from rich.text import Text
 
-    out = Table(title="Table 1: main results", show_lines=False, caption="\n".join(table.notes), caption_justify="left")
-    out.add_column("Method", style="bold")
-    for column in table.columns:
-        out.add_column(f"{model_label(column.model)}\n{task_label(column.task)} {column.scale.header}", justify="right")
-    for row in table.rows:
-        texts = []
-        for column, table_cell in zip(table.columns, row.cells):
-            text = cell_text(table_cell, column.scale)
-            if text is None:
-                texts.append(Text("–", style="dim"))
+    models = list(dict.fromkeys(column.model for column in table.columns))
+    parts = []
+    for number, model in enumerate(models, start=1):
+        indices = [j for j, column in enumerate(table.columns) if column.model == model]
+        last = number == len(models)
+        out = Table(
+            title=f"Table 1: {model_label(model)}",
+            caption=escape("\n".join(table.notes)) if last else None,
+            caption_justify="left",
+        )
+        out.add_column("Method", style="bold", no_wrap=True)
+        for j in indices:
+            out.add_column(f"{task_label(table.columns[j].task)}\n{table.columns[j].scale.header}", justify="right")
+        for row in table.rows:
+            if all(row.cells[j] is None for j in indices):
                 continue
-            rich_text = Text(text.value, style="bold" if text.rank == 1 else "underline" if text.rank == 2 else "")
-            if text.spread:
-                rich_text.append(" " + text.spread, style="dim")
-            if text.delta:
-                rich_text.append(" " + text.delta, style="green" if table_cell.delta >= 0 else "red")
-            rich_text.append(f" {text.n}", style="dim")
-            texts.append(rich_text)
-        out.add_row(row.label, *texts)
-    return out
+            texts = []
+            for j in indices:
+                table_cell, scale = row.cells[j], table.columns[j].scale
+                text = cell_text(table_cell, scale)
+                if text is None:
+                    texts.append(Text("–", style="dim"))
+                    continue
+                rich_text = Text(text.value, style="bold" if text.rank == 1 else "underline" if text.rank == 2 else "")
+                if text.spread:
+                    rich_text.append(" " + text.spread, style="dim")
+                if text.delta:
+                    rich_text.append(" " + text.delta, style="green" if table_cell.delta >= 0 else "red")
+                rich_text.append(f" {text.n}", style="dim")
+                texts.append(rich_text)
+            out.add_row(row.label, *texts)
+        parts.append(out)
+    return Group(*parts)
 
 
 # --------------------------------------------------------------------------- smoothing
@@ -892,11 +911,13 @@ def hparam_data(records: Sequence[RunRecord], score: str = "final") -> List[Hpar
         min_ent, _ = pick_variant([c for c in here if c.key.method == "min-ent"], MAIN_VARIANTS["min-ent"])
         if min_ent is not None:
             points.append(_point("Min-Ent", "Min-Ent", min_ent))
-        if len(points) >= 2:
+        if len(points) >= 2 and any(p.label not in ("K=2", "P=0.99") for p in points):  # more than Table 1 shows
             metrics = [r.eval_metric for r in records if r.model == model and r.task == task]
             panels.append(HparamPanel(model, task, horizon, scale_for(task, metrics), vanilla.mean, tuple(points)))
     if not panels:
-        raise NotEnoughData("Figure 4 needs Vanilla and two or more of TRE-K (by K), TRE-P (by P), Min-Ent for one task; none found")
+        raise NotEnoughData(
+            "Figure 4 needs Vanilla and two or more of TRE-K (by K), TRE-P (by P), Min-Ent, beyond K=2 and P=0.99, for one task; none found"
+        )
     return panels
 
 
@@ -919,6 +940,16 @@ def _grid(keys: Sequence[Tuple[str, str]], width: float = 4.6, height: float = 3
             else:
                 axes[i][j].set_visible(False)
     return fig, by_key, len(models) > 1
+
+
+def _legend_below(fig) -> None:
+    """One legend for the whole figure, under the panels, where it can hide no data."""
+    seen: Dict[str, Any] = {}
+    for ax in fig.axes:
+        for handle, label in zip(*ax.get_legend_handles_labels()):
+            seen.setdefault(label, handle)
+    if seen:
+        fig.legend(list(seen.values()), list(seen), loc="outside lower center", ncol=min(len(seen), 6), fontsize=9, frameon=False)
 
 
 def _title(model: str, task: str, several_models: bool, suffix: str = "") -> str:
@@ -957,10 +988,8 @@ def plot_horizon(panels: Sequence[HorizonPanel]):
         )
         twin.set_ylabel(f"Vanilla {panel.scale.header}", color="grey")
         twin.tick_params(axis="y", colors="grey")
-        handles, labels = ax.get_legend_handles_labels()
-        twin_handles, twin_labels = twin.get_legend_handles_labels()
-        ax.legend(handles + twin_handles, labels + twin_labels, fontsize=8, loc="best")
         ax.set_title(_title(panel.model, panel.task, several))
+    _legend_below(fig)
     fig.suptitle("Figure 1: entropy regularization against the generation budget T")
     return fig
 
@@ -971,13 +1000,13 @@ def plot_pmax(panels: Sequence[PmaxPanel], weight: float = SMOOTHING):
     for panel in panels:
         ax = axes[(panel.model, panel.task)]
         for curve in panel.curves:
-            ax.plot(curve.steps, curve.mean, color=curve.color, label=f"{curve.label} (n={curve.n})")
+            ax.plot(curve.steps, curve.mean, color=curve.color, label=f"{curve.label}, n={curve.n}")
             if curve.n > 1:
                 ax.fill_between(curve.steps, curve.low, curve.high, color=curve.color, alpha=0.2, linewidth=0)
         ax.set_xlabel("training step")
         ax.set_ylabel("P_max (mean top-1 probability)")
         ax.grid(True, alpha=0.3)
-        ax.legend(fontsize=8, loc="best")
+        ax.legend(fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.2), ncol=len(panel.curves), frameon=False, columnspacing=1.0, handlelength=1.5)
         ax.set_title(_title(panel.model, panel.task, several, f" (T={panel.max_new_tokens})"))
     fig.suptitle(f"Figure 3: average peak probability P_max (EMA smoothing {weight:g}; band: min-max over seeds)")
     return fig
@@ -1005,14 +1034,15 @@ def plot_hparam(panels: Sequence[HparamPanel]):
             )
             for x, p in chosen:
                 ax.annotate(panel.scale.text(p.mean), (x, show(p.high)), textcoords="offset points", xytext=(0, 4), ha="center", fontsize=7)
-        ax.axhline(panel.scale.show(panel.vanilla), color="red", linestyle="--", label=f"Vanilla ({panel.scale.text(panel.vanilla)})")
+        ax.axhline(panel.scale.show(panel.vanilla), color="red", linestyle="--", label="Vanilla (PPO)")
         ax.set_xticks(xs, [p.label for p in panel.points])
         ax.set_xlim(-0.6, len(xs) - 0.4)
         ax.set_ylabel(panel.scale.header)
         ax.margins(y=0.15)
         ax.grid(True, axis="y", alpha=0.3)
-        ax.legend(fontsize=8, loc="best")
-        ax.set_title(_title(panel.model, panel.task, several, f" (T={panel.max_new_tokens})"))
+        # Vanilla's value goes in the title: next to its line it collides with the points' labels.
+        ax.set_title(_title(panel.model, panel.task, several, f" (T={panel.max_new_tokens}), Vanilla {panel.scale.text(panel.vanilla)}"))
+    _legend_below(fig)
     fig.suptitle("Figure 4: trust region size K, nucleus mass P and Min-Ent against Vanilla")
     return fig
 
