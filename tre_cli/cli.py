@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import sys
+from contextlib import contextmanager
 from pathlib import Path
 from typing import List, Optional
 
@@ -51,6 +53,66 @@ def methods() -> None:
     console.print(table)
 
 
+@contextmanager
+def _one_line_errors():
+    """Bad input is one line naming the problem and a non-zero exit, never a traceback."""
+    try:
+        yield
+    except (ValueError, FileNotFoundError, FileExistsError) as error:
+        typer.echo(f"error: {error}", err=True)
+        raise typer.Exit(2)
+    except KeyboardInterrupt:
+        typer.echo("interrupted", err=True)
+        raise typer.Exit(130)
+
+
+def _resolve_run_config(method, task, model, preset, config, sets, out, rollout, device):
+    from tre_cli.config import resolve
+
+    overrides = list(sets)
+    for key, value in (("run.out", out), ("rollout.engine", rollout), ("run.device", device)):
+        if value is not None:
+            overrides.append(f"{key}={value}")
+    return resolve(task=task, method=method, model=model, preset=preset, config_file=config, overrides=overrides)
+
+
+@app.command()
+def run(
+    method: Optional[str] = typer.Option(None, help="Training method (see `tre methods`); default tre-p."),
+    task: Optional[str] = typer.Option(None, help="math, countdown or hh; default countdown."),
+    model: Optional[str] = typer.Option(None, help="Hub id, local directory, or `testbed` (built locally)."),
+    preset: Optional[str] = typer.Option(None, help="smoke (2 CPU cores, minutes) or paper (Table 2)."),
+    config: Optional[Path] = typer.Option(None, "--config", help="YAML file with config sections."),
+    sets: List[str] = typer.Option([], "--set", help="Override a config key: --set ppo.actor_lr=1e-6 (repeatable)."),
+    out: Optional[Path] = typer.Option(None, help="Run directory (must not exist or be empty)."),
+    rollout: Optional[str] = typer.Option(None, help="Rollout engine: hf or vllm."),
+    device: Optional[str] = typer.Option(None, help="cpu, cuda or auto."),
+    resume: Optional[Path] = typer.Option(None, help="Continue this run directory from its last checkpoint."),
+) -> None:
+    """Run one PPO fine-tuning job."""
+    from tre_cli import trainer
+    from tre_cli.config import resolve_device
+
+    with _one_line_errors():
+        if resume is not None:
+            if any(v is not None for v in (method, task, model, preset, config, out, rollout)) or sets:
+                raise ValueError("--resume takes the run directory's own config; pass no other options")
+            from tre_cli.config import load_run_config
+            from tre_cli.tracking import open_run_dir
+
+            run_dir = open_run_dir(resume)
+            cfg = load_run_config(run_dir.path)
+            if device is not None:
+                resolve_device(device)
+            from tre_cli.config import with_overrides
+
+            cfg = with_overrides(cfg, {"run.resume": str(run_dir.path)})
+        else:
+            cfg = _resolve_run_config(method, task, model, preset, config, sets, out, rollout, device)
+        result = trainer.run(cfg, console=console)
+    console.print(f"[bold green]done[/] {result.run_dir}: final {result.eval_metric} {result.final_eval}")
+
+
 @app.command()
 def report(
     runs: Optional[List[Path]] = typer.Argument(None, help="Run directories and/or directories of runs or results stores (results.jsonl)."),
@@ -77,7 +139,7 @@ def report(
         raise typer.Exit(2)
     console.print(report_lib.render_rich(written.table))
     for line in written.notes + written.skipped:
-        console.print(f"[yellow]{line}[/]")
+        console.print(line, style="yellow", markup=False)
     console.print(f"[bold green]wrote[/] {len(written.written)} files to {out}: " + ", ".join(p.name for p in written.written))
     if target is not None:
         entity, project, mode = target
@@ -85,6 +147,14 @@ def report(
         run_id = tracking.log_report_to_wandb(project, entity, mode, out, tables, images)
         if run_id:
             console.print(f"logged the report to W&B ({mode}): {entity + '/' if entity else ''}{project}, run {run_id}")
+
+
+# `tre data ...` (Countdown generator, examples) and `tre rm ...` (HH reward models); the heavy
+# imports are inside the commands.
+from tre_cli.tasks.cli import data_app, rm_app  # noqa: E402
+
+app.add_typer(data_app, name="data")
+app.add_typer(rm_app, name="rm")
 
 
 if __name__ == "__main__":  # pragma: no cover
