@@ -247,3 +247,20 @@ def test_bad_inputs():
         token_stats(torch.randn(2, 3), torch.zeros(3, dtype=torch.long))
     with pytest.raises(ValueError, match="temperature"):
         token_stats(torch.randn(2, 3), temperature=0.0)
+
+
+def test_backward_keeps_only_the_logits_and_per_row_numbers():
+    """Memory: the graph holds the logits themselves (no copy) and O(1) numbers per row; no
+    [rows, V] tensor survives the forward."""
+    gen = torch.Generator().manual_seed(23)
+    z = torch.randn(10, 300, generator=gen).requires_grad_(True)
+    out = token_stats(z, torch.randint(300, (10,), generator=gen), RegionSpec.top_p(0.9), chunk_rows=3)
+    node = out.entropy.grad_fn
+    while not hasattr(node, "saved_chunks"):
+        node = node.next_functions[0][0]
+    assert node.saved_tensors[0].data_ptr() == z.data_ptr()
+    assert len(node.saved_chunks) == 4  # ceil(10 / 3) chunks
+    for saved in node.saved_chunks:
+        for value in saved.values():
+            for tensor in (value if isinstance(value, tuple) else (value,)):
+                assert tensor.dim() == 1 and tensor.shape[0] <= 3
