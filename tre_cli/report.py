@@ -925,21 +925,28 @@ def hparam_data(records: Sequence[RunRecord], score: str = "final") -> List[Hpar
 
 
 def _grid(keys: Sequence[Tuple[str, str]], width: float = 4.6, height: float = 3.4):
-    """A Figure with one panel per (model, task): a row per model, a column per task."""
+    """A Figure with one panel per (model, task): a row per model and a column per task when every
+    pair has data, else the panels in reading order, three to a row (no empty panels)."""
     from matplotlib.figure import Figure
 
-    models = list(dict.fromkeys(m for m, _ in keys))
+    models = list(dict.fromkeys(m for m, _ in sorted(keys, key=_key_sort)))
     tasks = _sort_tasks(t for _, t in keys)
-    fig = Figure(figsize=(width * len(tasks), height * len(models) + 0.4), layout="constrained")
-    axes = fig.subplots(len(models), len(tasks), squeeze=False)
-    by_key = {}
-    for i, model in enumerate(models):
-        for j, task in enumerate(tasks):
-            if (model, task) in keys:
-                by_key[(model, task)] = axes[i][j]
-            else:
+    if len(keys) == len(models) * len(tasks):
+        rows, cols = len(models), len(tasks)
+        places = {(m, t): (i, j) for i, m in enumerate(models) for j, t in enumerate(tasks)}
+    else:
+        ordered = sorted(keys, key=_key_sort)
+        cols = min(3, len(ordered))
+        rows = math.ceil(len(ordered) / cols)
+        places = {key: divmod(n, cols) for n, key in enumerate(ordered)}
+    fig = Figure(figsize=(width * cols, height * rows + 0.4), layout="constrained")
+    axes = fig.subplots(rows, cols, squeeze=False)
+    used = set(places.values())
+    for i in range(rows):
+        for j in range(cols):
+            if (i, j) not in used:
                 axes[i][j].set_visible(False)
-    return fig, by_key, len(models) > 1
+    return fig, {key: axes[i][j] for key, (i, j) in places.items()}, len(models) > 1
 
 
 def _legend_below(fig) -> None:
@@ -996,6 +1003,8 @@ def plot_horizon(panels: Sequence[HorizonPanel]):
 
 def plot_pmax(panels: Sequence[PmaxPanel], weight: float = SMOOTHING):
     """Figure 3: smoothed P_max against step; a min-max band over seeds where there are several."""
+    from matplotlib.ticker import MaxNLocator
+
     fig, axes, several = _grid([(p.model, p.task) for p in panels])
     for panel in panels:
         ax = axes[(panel.model, panel.task)]
@@ -1003,6 +1012,7 @@ def plot_pmax(panels: Sequence[PmaxPanel], weight: float = SMOOTHING):
             ax.plot(curve.steps, curve.mean, color=curve.color, label=f"{curve.label}, n={curve.n}")
             if curve.n > 1:
                 ax.fill_between(curve.steps, curve.low, curve.high, color=curve.color, alpha=0.2, linewidth=0)
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.set_xlabel("training step")
         ax.set_ylabel("P_max (mean top-1 probability)")
         ax.grid(True, alpha=0.3)
@@ -1064,7 +1074,8 @@ def save_figure(fig, out_dir: Path, stem: str) -> List[Path]:
         fd, tmp = tempfile.mkstemp(dir=out_dir, prefix=f".{stem}.", suffix=suffix)
         os.close(fd)
         try:
-            fig.savefig(tmp, format=suffix[1:], **options)
+            # "tight" as well as the constrained layout: a title wider than its panel can push a label off the canvas.
+            fig.savefig(tmp, format=suffix[1:], bbox_inches="tight", pad_inches=0.1, **options)
             os.replace(tmp, final)
         except BaseException:
             Path(tmp).unlink(missing_ok=True)
