@@ -157,5 +157,32 @@ app.add_typer(data_app, name="data")
 app.add_typer(rm_app, name="rm")
 
 
+@app.command("eval")
+def eval_command(
+    task: Optional[str] = typer.Option(None, help="math, countdown or hh; default countdown."),
+    model: Optional[str] = typer.Option(None, help="Hub id, local directory, `testbed`, or a run directory (its last checkpoint)."),
+    preset: Optional[str] = typer.Option(None, help="smoke or paper."),
+    config: Optional[Path] = typer.Option(None, "--config", help="YAML file with config sections."),
+    sets: List[str] = typer.Option([], "--set", help="Override a config key (repeatable), e.g. eval.limit=100."),
+    out: Optional[Path] = typer.Option(None, help="Directory for the evaluation record (must not exist or be empty)."),
+    rollout: Optional[str] = typer.Option(None, help="Rollout engine: hf or vllm."),
+    device: Optional[str] = typer.Option(None, help="cpu, cuda or auto."),
+) -> None:
+    """Evaluate a model or checkpoint with the paper's protocol (the Base row of Table 1)."""
+    from tre_cli import trainer
+
+    with _one_line_errors():
+        if model is not None and (Path(model) / "config.yaml").is_file() and (Path(model) / "checkpoints").is_dir():
+            from tre_cli.tracking import open_run_dir
+
+            latest = open_run_dir(model).latest_checkpoint()
+            if latest is None:
+                raise ValueError(f"run directory {model} has no checkpoint to evaluate")
+            model = str(latest[1] / "policy")
+        cfg = _resolve_run_config("vanilla", task, model, preset, config, sets, out, rollout, device)
+        result = trainer.evaluate_model(cfg, console=console)
+    console.print(f"[bold green]done[/] {result.run_dir}: {result.eval_metric} {result.final_eval:.4f}")
+
+
 if __name__ == "__main__":  # pragma: no cover
     app()

@@ -468,8 +468,11 @@ class Tracker:
 
     # ---- the end
 
-    def finish(self, status: str = "finished", steps_done: Optional[int] = None) -> RunResult:
-        """Write result.json, append to the results store, close W&B. Idempotent."""
+    def finish(self, status: str = "finished", steps_done: Optional[int] = None, method: Optional[str] = None) -> RunResult:
+        """Write result.json, append to the results store, close W&B. Idempotent.
+
+        `method` labels the result instead of the config's method ("base": an evaluation of an
+        untrained model, the Base row of Table 1)."""
         if self.result is not None:
             return self.result
         if status not in STATUSES:
@@ -483,11 +486,11 @@ class Tracker:
             store = self._store_dir or results_store_dir(self.config, self.run_dir.path)
             self.result = RunResult(
                 run_dir=_path_from_store(self.run_dir.path, store),
-                method=self.config.method.name,
+                method=method or self.config.method.name,
                 task=self.config.task.name,
                 model=self.config.model.name,
                 seed=self.config.run.seed,
-                params=self.config.method.params,
+                params={} if method == "base" else self.config.method.params,
                 steps_done=int(steps_done),
                 final_eval=final["eval/score"] if final else None,
                 best_eval=max(scores) if scores else None,

@@ -447,6 +447,48 @@ def _set_rng_state(parts: Parts, state: dict) -> None:
 # ------------------------------------------------------------------------------------ the run
 
 
+def evaluate_model(config: RunConfig, console=None) -> RunResult:
+    """`tre eval`: the evaluation protocol on a model or checkpoint, recorded as a run directory
+    whose result is labelled "base" (the Base row of Table 1) and whose eval.jsonl has step 0."""
+    from rich.console import Console
+
+    from tre_cli.models import load_policy, load_tokenizer, resolve_model
+    from tre_cli.rollout import get_engine
+    from tre_cli.tasks import get_task
+
+    console = console or Console(stderr=True)
+    _quiet_transformers()
+    device = resolve_device(config.run.device)
+    _seed_everything(config.run.seed)
+    task = get_task(config.task.name, **config.task.options)
+    test = task.load("test", limit=config.eval.limit)
+    model_path = resolve_model(config.model.name)
+    tokenizer = load_tokenizer(model_path)
+    dtype = resolve_dtype(config.model.dtype, device)
+    if config.rollout.engine == "hf":
+        engine = get_engine("hf", model_path, tokenizer, device=device, dtype=dtype, seed=config.run.seed,
+                            model=load_policy(model_path, dtype=dtype, device=device))
+    else:
+        engine = get_engine("vllm", model_path, tokenizer, device=device, dtype=dtype, seed=config.run.seed,
+                            gpu_memory_utilization=config.rollout.gpu_memory_utilization,
+                            kv_cache_memory_bytes=config.rollout.kv_cache_memory_bytes)
+    prompts = [encode_prompt(task, ex, tokenizer, config.ppo.max_prompt_length) for ex in test]
+    if config.rollout.max_new_tokens is None:
+        raise ValueError("rollout.max_new_tokens is not set (the task overlay should set it)")
+    with Tracker(config, config.run.out) as tracker:
+        console.print(f"[bold]eval[/] {config.model.name} on {len(test)} {config.task.name} test prompts "
+                      f"x {config.eval.n_samples} samples -> {tracker.path}")
+        result = evaluate(engine, task, test, prompts, n_samples=config.eval.n_samples,
+                          temperature=config.eval.temperature, top_p=config.eval.top_p,
+                          max_new_tokens=config.rollout.max_new_tokens,
+                          metric=config.eval.metric or default_metric(config.task.name))
+        tracker.log_eval(step=0, score=result.score, metric=result.metric, n_prompts=result.n_prompts,
+                         n_samples=result.n_samples, extra=result.extra())
+        run_result = tracker.finish("finished", steps_done=0, method="base")
+    engine.close()
+    return run_result
+
+
 def run_eval(parts: Parts, step: int, tracker: Optional[Tracker]):
     cfg = parts.config
     result = evaluate(parts.engine, parts.task, parts.test, parts.test_prompts, n_samples=cfg.eval.n_samples,
