@@ -509,3 +509,6 @@ def test_cli_report_end_to_end(figure_set, small_set, tmp_path):
 
     none = runner.invoke(app, ["report", "--out", str(tmp_path / "r4")])
     assert none.exit_code != 0 and "no runs" in none.output
+
+    bad = runner.invoke(app, ["report", "--wandb", "no-slash", "--out", str(tmp_path / "r5")])
+    assert bad.exit_code != 0 and "--wandb expects ENTITY/PROJECT" in bad.output

@@ -959,6 +959,11 @@ def _legend_below(fig) -> None:
         fig.legend(list(seen.values()), list(seen), loc="outside lower center", ncol=min(len(seen), 6), fontsize=9, frameon=False)
 
 
+def _suptitle(fig, text: str, panels: Sequence[Any]) -> None:
+    models = list(dict.fromkeys(panel.model for panel in panels))
+    fig.suptitle(text + (f" ({model_label(models[0])})" if len(models) == 1 else ""))
+
+
 def _title(model: str, task: str, several_models: bool, suffix: str = "") -> str:
     return (f"{model_label(model)}: " if several_models else "") + task_label(task) + suffix
 
@@ -997,7 +1002,7 @@ def plot_horizon(panels: Sequence[HorizonPanel]):
         twin.tick_params(axis="y", colors="grey")
         ax.set_title(_title(panel.model, panel.task, several))
     _legend_below(fig)
-    fig.suptitle("Figure 1: entropy regularization against the generation budget T")
+    _suptitle(fig, "Figure 1: entropy regularization against the generation budget T", panels)
     return fig
 
 
@@ -1018,7 +1023,8 @@ def plot_pmax(panels: Sequence[PmaxPanel], weight: float = SMOOTHING):
         ax.grid(True, alpha=0.3)
         ax.legend(fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.2), ncol=len(panel.curves), frameon=False, columnspacing=1.0, handlelength=1.5)
         ax.set_title(_title(panel.model, panel.task, several, f" (T={panel.max_new_tokens})"))
-    fig.suptitle(f"Figure 3: average peak probability P_max (EMA smoothing {weight:g}; band: min-max over seeds)")
+    band = "; band: min-max over seeds" if any(curve.n > 1 for panel in panels for curve in panel.curves) else ""
+    _suptitle(fig, f"Figure 3: P_max, EMA smoothing {weight:g}{band}", panels)
     return fig
 
 
@@ -1053,7 +1059,7 @@ def plot_hparam(panels: Sequence[HparamPanel]):
         # Vanilla's value goes in the title: next to its line it collides with the points' labels.
         ax.set_title(_title(panel.model, panel.task, several, f" (T={panel.max_new_tokens}), Vanilla {panel.scale.text(panel.vanilla)}"))
     _legend_below(fig)
-    fig.suptitle("Figure 4: trust region size K, nucleus mass P and Min-Ent against Vanilla")
+    _suptitle(fig, "Figure 4: trust region size K, nucleus mass P and Min-Ent against Vanilla", panels)
     return fig
 
 
