@@ -12,9 +12,7 @@ import json
 import math
 import statistics
 import xml.etree.ElementTree as ET
-from dataclasses import replace
 from pathlib import Path
-from types import SimpleNamespace
 from typing import Optional, Sequence
 
 import pytest
