@@ -541,7 +541,7 @@ class Tracker:
         if self._wandb_run is not None:
             run, self._wandb_run = self._wandb_run, None
             if self.result is not None:
-                for key in ("final_eval", "best_eval", "steps_done", "status"):
+                for key in ("final_eval", "best_eval", "steps_done", "status", "method"):  # method: "base" for tre eval
                     run.summary[key] = getattr(self.result, key)
             run.finish(exit_code=0 if status == "finished" else 1)
 
