@@ -226,6 +226,8 @@ class WandbConfig:
     entity: Optional[str] = None
     # offline: logged under the run directory, sync later with `wandb sync`; disabled: wandb is never imported.
     mode: Literal["offline", "online", "disabled"] = "offline"
+    # Runs of one sweep share a group (tre sweep sets it), so W&B shows them together.
+    group: Optional[str] = None
 
 
 @dataclass(frozen=True)

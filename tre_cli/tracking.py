@@ -528,6 +528,7 @@ class Tracker:
             project=settings.project,
             entity=settings.entity,
             mode=settings.mode,
+            group=settings.group,
             dir=str(self.run_dir.path),
             name=self.run_dir.path.name,
             id=run_id,
