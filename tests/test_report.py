@@ -21,7 +21,7 @@ from typer.testing import CliRunner
 from tre_cli import report as rp
 from tre_cli.cli import app
 from tre_cli.config import from_dict, to_dict
-from tre_cli.tracking import RunResult, Tracker, append_result, atomic_write_text, create_run_dir, wandb_run_to_run
+from tre_cli.tracking import Tracker, wandb_run_to_run
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 QWEN = "Qwen/Qwen2.5-1.5B-Instruct"
@@ -66,22 +66,19 @@ def make_run(
     return run_dir
 
 
-def make_base(root: Path, task: str, score: float, *, model: str = QWEN, max_new_tokens: int = 512, metric: str = "pass@1") -> Path:
-    """What `tre eval` of the untrained model records: a result with method "base" and no steps."""
+def make_base(root: Path, task: str, score: float, *, model: str = QWEN, max_new_tokens: int = 512, metric: str = "pass@1", method: str = "tre-p") -> Path:
+    """What `tre eval` of the untrained model records: a step-0 evaluation, a result labelled "base"."""
     cfg = from_dict({
         "model": {"name": model},
         "task": {"name": task},
+        "method": {"name": method},
         "rollout": {"max_new_tokens": max_new_tokens},
         "run": {"wandb": {"mode": "disabled"}},
     })
-    run_dir = create_run_dir(root / f"{model.rsplit('/', 1)[-1]}-{task}-base", cfg).path
-    result = RunResult(
-        run_dir=run_dir.name, method="base", task=task, model=model, seed=0, params={}, steps_done=0,
-        final_eval=score, best_eval=score, eval_metric=metric, wall_s=1.0, status="finished",
-        finished_at="2025-01-01T00:00:00+00:00", tre_version="0", config=to_dict(cfg),
-    )
-    atomic_write_text(run_dir / "result.json", json.dumps(result.to_dict()))
-    append_result(root, result)
+    run_dir = root / f"{model.rsplit('/', 1)[-1]}-{task}-base-{method}"
+    with Tracker(cfg, run_dir) as tracker:
+        tracker.log_eval(step=0, score=score, metric=metric, n_prompts=8, n_samples=2)
+        tracker.finish("finished", steps_done=0, method="base")
     return run_dir
 
 
@@ -229,6 +226,14 @@ def test_horizon_runs_stay_out_of_table1(tmp_path):
     assert [c.max_new_tokens for c in table.columns] == [512]
     assert _cells(table)[("ent", "countdown")].delta == pytest.approx(0.0)
     assert any("T=512" in n and "T=32" in n for n in table.notes)
+
+
+def test_base_evals_are_one_cell_whatever_the_configs_method(tmp_path):
+    make_run(tmp_path, "vanilla", "countdown", 0, [0.5])
+    make_base(tmp_path, "countdown", 0.02, method="tre-p")
+    make_base(tmp_path, "countdown", 0.04, method="vanilla")
+    base = _cells(rp.build_table1(records_of(tmp_path)))[("base", "countdown")]
+    assert base.cell.n == 2 and base.cell.mean == pytest.approx(0.03) and base.cell.params == {}
 
 
 def test_min_ent_is_figure_4s_not_table_1s(tmp_path):
