@@ -149,6 +149,51 @@ def report(
             console.print(f"logged the report to W&B ({mode}): {entity + '/' if entity else ''}{project}, run {run_id}")
 
 
+@app.command()
+def sweep(
+    name: str = typer.Argument(..., help="horizon (Figure 1), hparam (Figure 4), main (Table 1, Figure 3), or a sweep YAML file."),
+    tasks: List[str] = typer.Option([], "--task", help="Run only this task of the sweep (repeatable); default: all of the preset's."),
+    preset: Optional[str] = typer.Option(None, help="paper (default: the paper's grid) or smoke (2 CPU cores, minutes)."),
+    sets: List[str] = typer.Option([], "--set", help="Override a config key in every trial: --set ppo.steps=100 (repeatable)."),
+    seeds: Optional[str] = typer.Option(None, help="Seeds as a comma list (0,1,2); default: the sweep file's."),
+    out: Optional[Path] = typer.Option(None, help="Sweep directory (runs/, Ray state); default runs/sweep-NAME-TASKS-PRESET."),
+    resume: bool = typer.Option(False, "--resume", help="Continue the interrupted sweep in --out (same options)."),
+    address: Optional[str] = typer.Option(None, help="Join this Ray cluster (e.g. auto or HOST:6379) instead of starting one."),
+    storage: Optional[str] = typer.Option(None, help="Ray Tune storage: a local or shared directory or a cloud URI; default OUT/ray."),
+    cpus_per_trial: Optional[float] = typer.Option(None, help="CPUs per trial; default: the sweep file's."),
+    gpus_per_trial: Optional[float] = typer.Option(None, help="GPUs per trial; default: the sweep file's."),
+    max_concurrent: Optional[int] = typer.Option(None, help="At most this many trials at once; default: the sweep file's."),
+    max_failures: Optional[int] = typer.Option(None, help="Retries of a failed trial from its checkpoint; default: the sweep file's."),
+    dry_run: bool = typer.Option(False, "--dry-run", help="Validate every trial and list them; start nothing."),
+) -> None:
+    """Run a grid of jobs (sweeps/NAME.yaml) as Ray Tune trials; resumable, failed trials retried."""
+    from tre_cli import sweep as sweep_lib
+
+    with _one_line_errors():
+        seed_list = None
+        if seeds is not None:
+            try:
+                seed_list = [int(s) for s in seeds.split(",") if s.strip()]
+            except ValueError:
+                raise ValueError(f"--seeds expects integers separated by commas, got {seeds!r}") from None
+        plan = sweep_lib.plan_sweep(name, tasks, preset, sets, out, seed_list, cpus_per_trial=cpus_per_trial,
+                                    gpus_per_trial=gpus_per_trial, max_concurrent=max_concurrent, max_failures=max_failures)
+        console.print(f"[bold]{plan.spec.description}[/] ({plan.spec.preset}): {len(plan.trials)} trials -> {plan.out}")
+        for note in plan.spec.notes:
+            console.print(note, style="yellow", markup=False)
+        if dry_run:
+            for planned in plan.trials:
+                console.print(f"  {planned.trial.name}", markup=False)
+            return
+        outcome = sweep_lib.run_sweep(plan, resume=resume, address=address, storage=storage, console=console)
+    summary = f"{len(outcome.finished)} finished, {len(outcome.failed)} failed, {len(outcome.unfinished)} unfinished in {outcome.wall_s:.0f}s"
+    if outcome.interrupted or outcome.failed:
+        resume_hint = f"tre sweep {name} --out {plan.out} --resume" + "".join(f" --task {t}" for t in tasks)
+        typer.echo(f"{summary}; continue with: {resume_hint} (and the same --preset/--seeds/--set)", err=True)
+        raise typer.Exit(1)
+    console.print(f"[bold green]done[/] {summary}: results in {plan.out / sweep_lib.RUNS_DIR}")
+
+
 # `tre data ...` (Countdown generator, examples) and `tre rm ...` (HH reward models); the heavy
 # imports are inside the commands.
 from tre_cli.tasks.cli import data_app, rm_app  # noqa: E402
