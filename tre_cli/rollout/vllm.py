@@ -72,6 +72,7 @@ class VLLMEngine(RolloutEngine):
             raise ValueError("vllm engine: the tokenizer has no pad token")
         self.pad_token_id = int(tokenizer.pad_token_id)
         path = Path(resolve_model(model_path))
+        self.model_path = path
         from transformers import AutoConfig
 
         config = AutoConfig.from_pretrained(str(path))
