@@ -235,9 +235,10 @@ def _backward_kernel(
         offs = start + cols
         mask = offs < V
         z = _load_row(x_row, offs, mask, temperature, HAS_TEMPERATURE)
-        logp = tl.maximum(z - lse, FLOAT32_MIN)
+        logp = z - lse
         p = tl.exp(logp)
-        grad = p * (c_p + c_logp * logp)
+        # -inf logits (and padding lanes) get exactly 0, never 0 * inf.
+        grad = tl.where(p > 0.0, p * (c_p + c_logp * logp), 0.0)
         grad += tl.where(offs == amax, c_max, 0.0)
         if HAS_TOKENS:
             grad += tl.where(offs == tok, c_tok, 0.0)
