@@ -365,7 +365,13 @@ def token_stats(
         tokens1d = tokens.reshape(-1).to(torch.long)
     if chunk_rows is None:
         chunk_rows = max(1, DEFAULT_CHUNK_ELEMENTS // vocab)
-    outs = _TokenStatsFunction.apply(logits2d, tokens1d, region, float(temperature), int(chunk_rows))
+    outs = None
+    if logits.is_cuda:  # the fused Triton kernels where they apply (TRE_KERNELS=0 turns them off)
+        from tre_cli.kernels import fused_or_none
+
+        outs = fused_or_none(logits2d, tokens1d, region, float(temperature))
+    if outs is None:
+        outs = _TokenStatsFunction.apply(logits2d, tokens1d, region, float(temperature), int(chunk_rows))
     return TokenStats(*(o.reshape(lead_shape) for o in outs))
 
 
