@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 TORCH_PIN := torch==2.13.0
 
-.PHONY: test demo bench clean
+.PHONY: test test-kernels demo bench clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -15,12 +15,27 @@ $(VENV)/.installed: pyproject.toml
 
 test: $(VENV)/.installed
 	$(PY) -m pytest -q
+	$(MAKE) test-kernels
+
+# The Triton kernels under Triton's interpreter (CPU), in their own venv: the main one must not
+# have triton (vLLM's CPU build breaks with it). About 2 min to create, under a minute to test.
+KVENV := .venv-kernel
+
+$(KVENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(KVENV)
+	$(KVENV)/bin/python -m pip install --quiet --upgrade pip
+	$(KVENV)/bin/python -m pip install --quiet "$(TORCH_PIN)"
+	$(KVENV)/bin/python -m pip install --quiet -e ".[dev,kernels]"
+	touch $@
+
+test-kernels: $(KVENV)/.installed
+	TRITON_INTERPRET=1 $(KVENV)/bin/python -m pytest -q tests/test_kernels.py
 
 bench: $(VENV)/.installed
 	$(PY) bench/losses.py
 
 clean:
-	rm -rf $(VENV) build *.egg-info
+	rm -rf $(VENV) $(KVENV) build *.egg-info
 
 # Until the trainer lands, the demo shows the methods and the loss library on random logits.
 demo: $(VENV)/.installed
