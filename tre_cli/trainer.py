@@ -528,22 +528,55 @@ def run(config: RunConfig, on_step: Optional[StepCallback] = None, console=None)
         cfg = parts.config = tracker.config
         steps = cfg.ppo.steps
         step = start - 1
-        for step in range(start, steps + 1):
-            metrics = train_step(parts, step)
-            tracker.log(metrics, step=step)
-            evaluated = None
-            if (cfg.eval.every and step % cfg.eval.every == 0) or step == steps:
-                evaluated = run_eval(parts, step, tracker)
-                metrics = {**metrics, "eval/score": evaluated.score}
-            checkpoint = None
-            if (cfg.run.save_every and step % cfg.run.save_every == 0) or step == steps:
-                checkpoint = save_checkpoint(parts, tracker, step)
-            console.print(_progress_line(step, steps, metrics, evaluated), soft_wrap=True)
-            if on_step is not None:
-                on_step(step, metrics, checkpoint)
+        bar = _progress_bar(console, steps, start - 1)
+        try:
+            for step in range(start, steps + 1):
+                metrics = train_step(parts, step)
+                tracker.log(metrics, step=step)
+                evaluated = None
+                if (cfg.eval.every and step % cfg.eval.every == 0) or step == steps:
+                    evaluated = run_eval(parts, step, tracker)
+                    metrics = {**metrics, "eval/score": evaluated.score}
+                checkpoint = None
+                if (cfg.run.save_every and step % cfg.run.save_every == 0) or step == steps:
+                    checkpoint = save_checkpoint(parts, tracker, step)
+                console.print(_progress_line(step, steps, metrics, evaluated), soft_wrap=True)
+                bar.advance(metrics)
+                if on_step is not None:
+                    on_step(step, metrics, checkpoint)
+        finally:
+            bar.stop()
         result = tracker.finish("finished", steps_done=step)
     parts.engine.close()
     return result
+
+
+class _Bar:
+    """A live progress bar under the per-step lines in a terminal; nothing elsewhere (CI logs
+    keep only the lines)."""
+
+    def __init__(self, progress, task):
+        self.progress, self.task = progress, task
+
+    def advance(self, metrics: Dict[str, float]) -> None:
+        if self.progress is not None:
+            self.progress.update(self.task, advance=1, reward=metrics["reward/mean"])
+
+    def stop(self) -> None:
+        if self.progress is not None:
+            self.progress.stop()
+
+
+def _progress_bar(console, steps: int, done: int) -> _Bar:
+    if not console.is_terminal:
+        return _Bar(None, None)
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+    progress = Progress(TextColumn("[bold]PPO"), BarColumn(), MofNCompleteColumn(), TextColumn("reward {task.fields[reward]:.3f}"),
+                        TimeElapsedColumn(), TimeRemainingColumn(), console=console, transient=True)
+    task = progress.add_task("steps", total=steps, completed=done, reward=float("nan"))
+    progress.start()
+    return _Bar(progress, task)
 
 
 def _quiet_transformers() -> None:
