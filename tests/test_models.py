@@ -82,8 +82,8 @@ def test_signed_sum_solution_is_a_correct_answer():
     from tre_cli.tasks.countdown import score
 
     reasoning, expression = testbed.signed_sum_solution([98, 54, 6, 34], 72)
-    assert expression == "98 + 34 - 54 - 6"
-    assert reasoning == "98 + 34 = 132, 132 - 54 = 78, 78 - 6 = 72"
+    assert expression == "98 - 54 - 6 + 34"
+    assert reasoning == "98 - 54 = 44, 44 - 6 = 38, 38 + 34 = 72"
     assert score(f"<think>{reasoning}</think> <answer>{expression}</answer>", [98, 54, 6, 34], 72) == 1.0
     assert testbed.signed_sum_solution([2, 3, 7], 100) is None
     for example, response in testbed.sft_pairs(50, seed=3):

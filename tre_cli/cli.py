@@ -201,6 +201,11 @@ from tre_cli.tasks.cli import data_app, rm_app  # noqa: E402
 app.add_typer(data_app, name="data")
 app.add_typer(rm_app, name="rm")
 
+# `tre testbed build`: the built-in small model; its heavy imports are inside the command.
+from tre_cli.models.cli import testbed_app  # noqa: E402
+
+app.add_typer(testbed_app, name="testbed")
+
 
 @app.command("eval")
 def eval_command(

@@ -5,8 +5,8 @@ Recipe (every number lives in TESTBED_SPEC, whose hash names the cache directory
    tokens, wrapped as a PreTrainedTokenizerFast with a chat template;
 2. a Qwen2ForCausalLM with head_dim 32 (vLLM's CPU attention needs one of 32, 64, 80, ...);
 3. a short supervised warm start on generated Countdown problems, answered in one canonical
-   form: numbers added and subtracted, largest first, with the running totals as the reasoning.
-   42% of Countdown problems have such a solution; the model learns the form and which signs
+   form: the numbers in the prompt's order, each added or subtracted, with the running totals as
+   the reasoning. About 40% of Countdown problems have such a solution; the model learns the form and which signs
    are likely, not exact arithmetic, so its reward is above 0 and far below 1, which leaves PPO
    room to improve it.
 """
@@ -67,28 +67,28 @@ def _countdown():
 
 
 def signed_sum_solution(nums: Sequence[int], target: int) -> tuple[str, str] | None:
-    """(reasoning, expression) adding and subtracting every number once to reach `target`.
+    """(reasoning, expression) adding or subtracting each number, in the prompt's order, to reach
+    `target`; the first number is always added. The reasoning lists the running totals.
 
-    Canonical form: the added numbers first, then the subtracted ones, each group largest
-    first, preferring fewer subtractions; the reasoning lists the running totals.
+    The prompt's order makes the answer a copy of the numbers plus one sign per number, which a
+    small model learns far faster than any reordering.
     """
     best = None
-    for signs in itertools.product((1, -1), repeat=len(nums)):
-        if sum(s * n for s, n in zip(signs, nums)) != target or 1 not in signs:
+    for tail_signs in itertools.product((1, -1), repeat=len(nums) - 1):
+        signs = (1,) + tail_signs
+        if sum(s * n for s, n in zip(signs, nums)) != target:
             continue
         if best is None or signs.count(-1) < best.count(-1):
             best = signs
     if best is None:
         return None
-    added = sorted((n for s, n in zip(best, nums) if s > 0), reverse=True)
-    subtracted = sorted((n for s, n in zip(best, nums) if s < 0), reverse=True)
-    terms = [("+", n) for n in added] + [("-", n) for n in subtracted]
-    total = terms[0][1]
+    total = nums[0]
     expression, steps = str(total), []
-    for sign, number in terms[1:]:
-        new_total = total + number if sign == "+" else total - number
-        steps.append(f"{total} {sign} {number} = {new_total}")
-        expression += f" {sign} {number}"
+    for sign, number in zip(best[1:], nums[1:]):
+        symbol = "+" if sign > 0 else "-"
+        new_total = total + sign * number
+        steps.append(f"{total} {symbol} {number} = {new_total}")
+        expression += f" {symbol} {number}"
         total = new_total
     return ", ".join(steps), expression
 
