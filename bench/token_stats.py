@@ -1,0 +1,250 @@
+"""All per-token statistics together (log-prob, entropy, P_max, TRE-P local entropy at P = 0.99),
+forward and forward+backward, time and peak memory, side by side:
+
+- fused:     tre_cli.kernels (Triton; on CPU only under TRITON_INTERPRET=1, timings meaningless)
+- reference: tre_cli.losses.token_stats on the torch path (TRE_KERNELS=0)
+- released:  the released code's approach (bench/losses.py: full softmax, top-256, bf16 mass)
+- floor:     copy bandwidth measured in the same run: forward = read the logits once
+             (copy time / 2), forward+backward = read them once and write their gradient once
+             (copy time)
+
+Each measurement runs in a fresh subprocess so its peak memory is its own; "extra MiB" is the
+peak beyond the logits (and, with a backward, one gradient-sized buffer). Logits are synthetic
+LM-like rows (bench/losses.make_logits) at V = 151,936, and, with --real, those of a real model
+on its own sampled answers, so that nucleus sizes and ties are real (the GGUF needs the `gguf`
+package next to transformers).
+
+    python bench/token_stats.py                       # CUDA: N in {4096, 16384, 65536}
+    python bench/token_stats.py --real ../shared/models/smollm2-135m-instruct/SmolLM2-135M-Instruct.Q4_1.gguf
+    python bench/token_stats.py --quick               # CPU smoke test under the interpreter
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import math
+import os
+import subprocess
+import sys
+import time
+
+import torch
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, os.path.join(HERE, ".."))
+_spec = importlib.util.spec_from_file_location("bench_losses", os.path.join(HERE, "losses.py"))
+L = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(L)
+
+P = 0.99
+IMPLS = ("fused", "reference", "released")
+
+
+def all_stats(impl: str, logits, tokens):
+    """The scalar whose gradient every implementation computes: every statistic at once."""
+    from tre_cli.losses import RegionSpec
+
+    if impl == "released":
+        return L.released_approach(logits, tokens, "tre-p", p=P)
+    region = RegionSpec.top_p(P)
+    if impl == "fused":
+        from tre_cli.kernels import fused_token_stats
+
+        s = fused_token_stats(logits, tokens, region)
+    else:
+        from tre_cli.losses import token_stats
+
+        s = token_stats(logits, tokens, region)
+    return s[5] + s[1] + s[2] + s[0]
+
+
+def load_logits(source: str, n: int, vocab: int, device: str, dtype: torch.dtype):
+    if source == "synthetic":
+        return L.make_logits(n, vocab, device, dtype)
+    saved = torch.load(source)
+    return saved["logits"][:n].to(device, dtype), saved["tokens"][:n].to(device)
+
+
+def measure_one(impl, source, n, vocab, device, dtype, repeats, backward) -> dict:
+    dt = getattr(torch, dtype)
+    logits, tokens = load_logits(source, n, vocab, device, dt)
+    vocab = logits.shape[-1]
+    cuda = device.startswith("cuda")
+    sync = torch.cuda.synchronize if cuda else (lambda: None)
+    logit_bytes = logits.numel() * logits.element_size()
+    if impl == "floor":
+        grad = torch.empty_like(logits)
+        fn = lambda: grad.copy_(logits)  # noqa: E731
+    elif backward:
+        leaf = logits.requires_grad_(True)
+
+        def fn():
+            leaf.grad = None
+            all_stats(impl, leaf, tokens).float().sum().backward()
+    else:
+        def fn():
+            with torch.no_grad():
+                all_stats(impl, logits, tokens)
+    try:
+        fn()  # warm-up (and compilation)
+        sync()
+        if cuda:
+            torch.cuda.reset_peak_memory_stats()
+            base = torch.cuda.memory_allocated()
+        else:
+            if impl != "floor":
+                logits.grad = None
+            base = L._rss_now_bytes()
+            L._reset_rss_peak()
+        times = []
+        for _ in range(repeats):
+            sync()
+            t0 = time.perf_counter()
+            fn()
+            sync()
+            times.append(time.perf_counter() - t0)
+        peak = torch.cuda.max_memory_allocated() if cuda else L._rss_peak_bytes()
+        grad_buf = logit_bytes if (backward and impl != "floor") else 0
+        extra, status = max(0, peak - base - grad_buf) / 2**20, "ok"
+    except torch.OutOfMemoryError:
+        times, extra, status = [math.nan], math.nan, "oom"
+    return {"impl": impl, "source": source, "n": n, "vocab": vocab, "device": device, "dtype": dtype,
+            "backward": backward, "status": status, "seconds": min(times), "extra_mib": extra,
+            "logits_mib": logit_bytes / 2**20}
+
+
+def run_child(args: list, interpret: bool) -> dict:
+    env = dict(os.environ)
+    if interpret:
+        env["TRITON_INTERPRET"] = "1"
+    if args[0] == "reference":
+        env["TRE_KERNELS"] = "0"
+    out = subprocess.run([sys.executable, __file__, "--child", *map(str, args)], capture_output=True,
+                         text=True, env=env)
+    if out.returncode != 0:
+        return {"impl": args[0], "status": "failed: " + (out.stderr.strip().splitlines() or ["?"])[-1]}
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def real_logits(path: str, n_prompts: int, new_tokens: int, device: str, out_file: str) -> dict:
+    """Sample answers from a real model at temperature 1 (full distribution: no top-k/top-p) and
+    keep the raw next-token logits of every generated position up to its end of sequence."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    folder, name = (os.path.dirname(path), os.path.basename(path)) if path.endswith(".gguf") else (path, None)
+    kw = {"gguf_file": name} if name else {}
+    tok = AutoTokenizer.from_pretrained(folder, **kw)
+    model = AutoModelForCausalLM.from_pretrained(folder, torch_dtype=torch.bfloat16, **kw).to(device).eval()
+    topics = ["Solve 17 * 23 step by step.", "Write a short poem about rivers.",
+              "Explain why the sky is blue.", "Use 3, 7, 25 and 50 to make 100 with + - * /.",
+              "List three uses of a paperclip.", "What is the capital of Australia? Explain.",
+              "Translate 'good morning' into French and Spanish.", "Give advice for a job interview."]
+    prompts = [tok.apply_chat_template([{"role": "user", "content": topics[i % len(topics)]}],
+                                       tokenize=False, add_generation_prompt=True) for i in range(n_prompts)]
+    tok.padding_side = "left"
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token
+    batch = tok(prompts, return_tensors="pt", padding=True).to(device)
+    torch.manual_seed(0)
+    with torch.no_grad():
+        out = model.generate(**batch, do_sample=True, temperature=1.0, top_k=0, top_p=1.0,
+                             max_new_tokens=new_tokens, output_logits=True, return_dict_in_generate=True,
+                             pad_token_id=tok.pad_token_id)
+    steps = torch.stack(out.logits, 1)  # [B, T, V]
+    gen = out.sequences[:, batch["input_ids"].shape[1]:]
+    ended = (gen == tok.eos_token_id).cumsum(1) - (gen == tok.eos_token_id).long()  # EOS itself kept
+    keep = ended == 0
+    logits, tokens = steps[keep].to(torch.bfloat16).cpu(), gen[keep].cpu()
+    torch.save({"logits": logits, "tokens": tokens}, out_file)
+    # Nucleus sizes and ties of these very distributions (the reference, in chunks).
+    from tre_cli.losses import RegionSpec, token_stats
+
+    sizes = torch.cat([token_stats(logits[i:i + 512].float(), region=RegionSpec.top_p(P)).region_size
+                       for i in range(0, len(logits), 512)])
+    top32 = torch.topk(logits.float(), 32, -1).values
+    tied = (top32[:, 1:] == top32[:, :-1]).any(-1).float().mean().item()
+    q = torch.quantile(sizes, torch.tensor([0.5, 0.9, 0.99])).tolist()
+    return {"rows": len(sizes), "vocab": logits.shape[-1], "nucleus_median": q[0], "nucleus_p90": q[1],
+            "nucleus_p99": q[2], "nucleus_max": sizes.max().item(), "over_256": (sizes > 256).float().mean().item(),
+            "one_token": (sizes == 1).float().mean().item(), "rows_with_ties_in_top32": tied}
+
+
+def table(title, rows, floor_row):
+    from rich.table import Table
+
+    t = Table(title=title)
+    for col in ("impl", "pass", "us/token", "x floor", "extra MiB", "status"):
+        t.add_column(col, justify="left" if col in ("impl", "pass", "status") else "right")
+    for r in rows:
+        if r.get("status") != "ok":
+            t.add_row(r.get("impl", "?"), "", "-", "-", "-", r.get("status", "?"))
+            continue
+        floor_s = floor_row["seconds"] * (1.0 if r["backward"] else 0.5)
+        t.add_row(r["impl"], "fwd+bwd" if r["backward"] else "fwd", f"{r['seconds'] / r['n'] * 1e6:.3f}",
+                  f"{r['seconds'] / floor_s:.1f}", f"{r['extra_mib']:.0f}", "ok")
+    return t
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--n", type=int, nargs="*")
+    ap.add_argument("--vocab", type=int, default=151_936)
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--dtype", default="bfloat16")
+    ap.add_argument("--impl", nargs="*", default=list(IMPLS), choices=IMPLS)
+    ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--real", help="a GGUF file or HF model folder whose sampled answers give real logits")
+    ap.add_argument("--real-prompts", type=int, default=64)
+    ap.add_argument("--real-tokens", type=int, default=256)
+    ap.add_argument("--quick", action="store_true", help="tiny sizes on the CPU under the interpreter")
+    ap.add_argument("--json", help="also write all rows to this JSON file")
+    ap.add_argument("--child", nargs=8, help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.child:
+        impl, source, n, vocab, device, dtype, repeats, backward = args.child
+        print(json.dumps(measure_one(impl, source, int(n), int(vocab), device, dtype, int(repeats),
+                                     backward == "1")))
+        return
+    from rich.console import Console
+
+    console = Console()
+    cuda = args.device.startswith("cuda")
+    if args.quick:
+        args.n, args.vocab, args.repeats = [8], 4096, 1
+        args.real_prompts, args.real_tokens = 2, 8
+    sizes = args.n or ([4096, 16384, 65536] if cuda else [16])
+    interpret = not cuda
+    if interpret:
+        console.print("CPU: the fused kernels run under Triton's interpreter; timings are meaningless.")
+    runs = [("synthetic", n, args.vocab) for n in sizes]
+    all_rows = []
+    if args.real:
+        real_file = os.path.join(os.environ.get("TMPDIR", "/tmp"), "tre_real_logits.pt")
+        summary = real_logits(args.real, args.real_prompts, args.real_tokens, args.device, real_file)
+        console.print(f"real logits from {args.real}: {summary}")
+        all_rows.append({"real_summary": summary})
+        runs.append((real_file, summary["rows"], summary["vocab"]))
+    for source, n, vocab in runs:
+        floor = run_child(["floor", source, n, vocab, args.device, args.dtype, args.repeats, 1], interpret)
+        rows = [floor]
+        if floor.get("status") == "ok":
+            for backward in (0, 1):
+                for impl in args.impl:
+                    rows.append(run_child([impl, source, n, vocab, args.device, args.dtype, args.repeats,
+                                           backward], interpret))
+            name = "synthetic" if source == "synthetic" else "real"
+            console.print(table(f"{name}: N = {n:,} x V = {vocab:,} ({args.dtype}, {args.device}); copy "
+                                f"{2 * floor['logits_mib'] / 1024 / floor['seconds']:.0f} GiB/s",
+                                rows[1:], floor))
+        else:
+            console.print(f"floor failed: {floor.get('status')}")
+        all_rows += rows
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(all_rows, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
