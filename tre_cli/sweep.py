@@ -809,6 +809,31 @@ def _common_env(out: Path) -> Dict[str, str]:
     return env
 
 
+# Ray puts its Unix sockets at <temp>/session_<date>_<time>_<pid>/sockets/plasma_store, and a
+# socket path may not exceed 107 bytes: that leaves about 40 for <temp>.
+_MAX_RAY_TEMP_LEN = 36
+
+
+def _short_temp_link(temp: Path) -> Optional[Path]:
+    """A short symlink to `temp` when its path is too long for Ray's sockets, else None.
+
+    Only the link lives in the system temp folder; every file Ray writes stays under `temp`.
+    """
+    if len(str(temp)) <= _MAX_RAY_TEMP_LEN:
+        return None
+    import hashlib
+    import tempfile
+
+    digest = hashlib.sha1(str(temp).encode()).hexdigest()[:10]
+    link = Path(tempfile.gettempdir()) / f"tre-ray-{digest}"
+    if link.is_symlink() and Path(os.readlink(link)) == temp:
+        return link
+    if link.is_symlink() or link.exists():
+        link.unlink()
+    os.symlink(temp, link, target_is_directory=True)
+    return link
+
+
 def _storage(plan: SweepPlan, storage: Optional[str]) -> str:
     """Tune's storage_path: local (default <out>/ray), a shared directory, or a cloud URI."""
     if storage is None:
@@ -849,6 +874,7 @@ def run_sweep(
     import ray
     from ray import tune
 
+    link = None
     init_kwargs: Dict[str, Any] = dict(include_dashboard=False, log_to_driver=False, configure_logging=True,
                                        logging_level="ERROR")
     if address is not None:
@@ -856,7 +882,8 @@ def run_sweep(
     else:
         temp = _private_dirs(plan.out)["temp"]
         temp.mkdir(parents=True, exist_ok=True)
-        init_kwargs["_temp_dir"] = str(temp)
+        link = _short_temp_link(temp)
+        init_kwargs["_temp_dir"] = str(link or temp)
         if num_cpus is not None:
             init_kwargs["num_cpus"] = num_cpus
     try:
@@ -913,6 +940,8 @@ def run_sweep(
     finally:
         _ACTIVE_DISPLAY = None
         ray.shutdown()
+        if address is None and link is not None:
+            link.unlink(missing_ok=True)
     outcome.interrupted = outcome.interrupted or bool(outcome.unfinished)
     outcome.wall_s = time.monotonic() - started
     return outcome
