@@ -376,10 +376,14 @@ def train_step(parts: Parts, step: int) -> Dict[str, float]:
         "critic/returns": float(masked_mean(returns, mask)),
         "perf/response_tokens": n_tokens,
         "perf/gen_tokens_per_s": n_tokens / max(timings["timing/gen_s"], 1e-9),
+        "perf/update_tokens_per_s": n_tokens / max(timings["timing/update_s"], 1e-9),
         "perf/tokens_per_s": n_tokens / max(timings["timing/step_s"], 1e-9),
         **update_metrics,
         **timings,
     }
+    if torch.cuda.is_available() and parts.device == "cuda":
+        metrics["perf/max_memory_allocated_gib"] = torch.cuda.max_memory_allocated() / 2**30
+        torch.cuda.reset_peak_memory_stats()
     return metrics
 
 
