@@ -131,6 +131,12 @@ def test_static_cache_path_matches_dynamic(tiny_dir, tokenizer, policy):
     )
     assert torch.equal(dynamic.response_ids, static.response_ids)
     assert torch.allclose(dynamic.logprobs, static.logprobs, atol=1e-4)
+    # A second call reuses the (reset) cache: same results as a fresh dynamic engine's second call.
+    engines = [HFEngine(policy, tokenizer, seed=9), HFEngine(policy, tokenizer, seed=9, static_cache=True)]
+    rollouts = [[e.generate(prompts, n=2, max_new_tokens=10) for _ in range(2)] for e in engines]
+    assert len(engines[1]._static_caches) == 1
+    assert torch.equal(rollouts[0][1].response_ids, rollouts[1][1].response_ids)
+    assert torch.allclose(rollouts[0][1].logprobs, rollouts[1][1].logprobs, atol=1e-4)
 
 
 def test_top_p_sampling_keeps_the_nucleus():

@@ -53,6 +53,9 @@ TESTBED_SPEC: dict[str, Any] = {
     "lr": 3e-3,
     "warmup_steps": 30,
     "eval_problems": 128,
+    # What goes between <think> and </think>: "steps" (the running totals) or "equation" (the
+    # answer's expression = target, a much shorter thing to learn).
+    "think": "steps",
 }
 
 
@@ -93,7 +96,7 @@ def signed_sum_solution(nums: Sequence[int], target: int) -> tuple[str, str] | N
     return ", ".join(steps), expression
 
 
-def sft_pairs(count: int, seed: int) -> list[tuple[dict, str]]:
+def sft_pairs(count: int, seed: int, think: str = "steps") -> list[tuple[dict, str]]:
     """`count` (problem, response) pairs over problems that have a signed-sum solution."""
     countdown = _countdown()
     pairs: list[tuple[dict, str]] = []
@@ -105,6 +108,8 @@ def sft_pairs(count: int, seed: int) -> list[tuple[dict, str]]:
             if solved is None:
                 continue
             reasoning, expression = solved
+            if think == "equation":
+                reasoning = f"{expression} = {row['target']}"
             response = f"{THINK_OPEN}{reasoning}{THINK_CLOSE} {ANSWER_OPEN}{expression}{ANSWER_CLOSE}"
             pairs.append(({"nums": row["nums"], "target": row["target"]}, response))
             if len(pairs) == count:
@@ -282,7 +287,9 @@ def build_testbed(out_dir: str | os.PathLike, log=None, measure: bool = True, **
 
     started = time.perf_counter()
     torch.manual_seed(spec["seed"])
-    pairs = sft_pairs(spec["sft_problems"], spec["seed"])
+    if spec["think"] not in ("steps", "equation"):
+        raise ValueError(f"testbed think must be 'steps' or 'equation', got {spec['think']!r}")
+    pairs = sft_pairs(spec["sft_problems"], spec["seed"], spec["think"])
     tokenizer = build_tokenizer(tokenizer_corpus(pairs), spec["vocab_size"])
     sequences = []
     for example, response in pairs:

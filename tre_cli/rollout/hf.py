@@ -77,6 +77,7 @@ class HFEngine(RolloutEngine):
         self.generator = torch.Generator(device=self.device)
         self.generator.manual_seed(int(seed))
         self._compiled_step = None
+        self._static_caches: dict[tuple[int, int], object] = {}
 
     # -- interface ---------------------------------------------------------------------------
 
@@ -122,7 +123,7 @@ class HFEngine(RolloutEngine):
         cache_width = total_width
         if self.static_cache:
             cache_width = -(-total_width // STATIC_CACHE_BUCKET) * STATIC_CACHE_BUCKET
-            cache = self._static_cache(cache_width)
+            cache = self._static_cache(batch, cache_width)
         else:
             from transformers import DynamicCache
 
@@ -170,10 +171,18 @@ class HFEngine(RolloutEngine):
         logprob_lists = [token_logprobs[row, :length].tolist() for row, length in enumerate(lengths)]
         return responses, logprob_lists
 
-    def _static_cache(self, width: int):
+    def _static_cache(self, batch: int, width: int):
+        """One cache per (batch, width), reset and reused: a compiled step guards on the cache
+        object, so a fresh cache every call would recompile every call."""
         from transformers import StaticCache
 
-        return StaticCache(config=self.model.config, max_cache_len=width)
+        key = (batch, width)
+        if key in self._static_caches:
+            cache = self._static_caches[key]
+            cache.reset()
+        else:
+            cache = self._static_caches[key] = StaticCache(config=self.model.config, max_cache_len=width)
+        return cache
 
     def _decode_step(self, token, attention_mask, position_ids, cache):
         out = self.model(
