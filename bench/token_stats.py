@@ -110,9 +110,27 @@ def measure_one(impl, source, n, vocab, device, dtype, repeats, backward) -> dic
         extra, status = max(0, peak - base - grad_buf) / 2**20, "ok"
     except torch.OutOfMemoryError:
         times, extra, status = [math.nan], math.nan, "oom"
-    return {"impl": impl, "source": source, "n": n, "vocab": vocab, "device": device, "dtype": dtype,
-            "backward": backward, "status": status, "seconds": min(times), "extra_mib": extra,
-            "logits_mib": logit_bytes / 2**20}
+    row = {"impl": impl, "source": source, "n": n, "vocab": vocab, "device": device, "dtype": dtype,
+           "backward": backward, "status": status, "seconds": min(times), "extra_mib": extra,
+           "logits_mib": logit_bytes / 2**20}
+    if impl == "fused" and not backward and status == "ok":
+        row["check"] = agreement(logits.detach(), tokens)
+    return row
+
+
+def agreement(logits, tokens) -> dict:
+    """The fused outputs against the torch reference on these very logits."""
+    from tre_cli.kernels import ENV_SWITCH, fused_token_stats
+    from tre_cli.losses import RegionSpec, TokenStats, token_stats
+
+    with torch.no_grad():
+        fused = TokenStats(*fused_token_stats(logits, tokens, RegionSpec.top_p(P)))
+        os.environ[ENV_SWITCH] = "0"
+        ref = token_stats(logits, tokens, RegionSpec.top_p(P))
+        del os.environ[ENV_SWITCH]
+    diff = {f: (getattr(fused, f) - getattr(ref, f)).abs().max().item()
+            for f in ("logprob", "entropy", "p_max", "region_entropy")}
+    return {"size_mismatches": int((fused.region_size != ref.region_size).sum()), "max_abs_diff": diff}
 
 
 def run_child(args: list, interpret: bool) -> dict:
@@ -235,6 +253,9 @@ def main() -> None:
                     rows.append(run_child([impl, source, n, vocab, args.device, args.dtype, args.repeats,
                                            backward], interpret))
             name = "synthetic" if source == "synthetic" else "real"
+            checks = [r["check"] for r in rows if "check" in r]
+            if checks:
+                console.print(f"fused vs reference: {checks[0]}")
             console.print(table(f"{name}: N = {n:,} x V = {vocab:,} ({args.dtype}, {args.device}); copy "
                                 f"{2 * floor['logits_mib'] / 1024 / floor['seconds']:.0f} GiB/s",
                                 rows[1:], floor))
