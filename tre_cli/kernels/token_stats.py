@@ -42,7 +42,8 @@ BLOCK = 2048  # elements per step of pass A, the final pass and the backward
 SEARCH_BLOCK = 512  # elements per step of a search level ([SEARCH_BLOCK, 2^R] compares)
 
 MODE_NONE, MODE_K, MODE_P = 0, 1, 2
-FLOAT32_MIN = -3.4028234663852886e38
+# A jit-visible global must be a constexpr (the interpreter does not check; the compiler does).
+FLOAT32_MIN = tl.constexpr(-3.4028234663852886e38)
 
 
 @triton.jit
@@ -133,7 +134,7 @@ def _forward_kernel(
         digits = tl.arange(0, NP)
         scols = tl.arange(0, SEARCH_BLOCK)
         for level in tl.static_range(NB // R):
-            low_bits: tl.constexpr = NB - R * (level + 1)
+            low_bits = NB - R * (level + 1)
             cand = (lo + (digits.to(tl.int64) << low_bits)).to(tl.int32)
             above = tl.zeros((NP,), tl.float64)
             for start in range(0, V, SEARCH_BLOCK):
