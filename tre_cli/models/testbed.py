@@ -5,10 +5,11 @@ Recipe (every number lives in TESTBED_SPEC, whose hash names the cache directory
    tokens, wrapped as a PreTrainedTokenizerFast with a chat template;
 2. a Qwen2ForCausalLM with head_dim 32 (vLLM's CPU attention needs one of 32, 64, 80, ...);
 3. a short supervised warm start on generated Countdown problems, answered in one canonical
-   form: the numbers in the prompt's order, each added or subtracted, with the running totals as
-   the reasoning. About 40% of Countdown problems have such a solution; the model learns the form and which signs
-   are likely, not exact arithmetic, so its reward is above 0 and far below 1, which leaves PPO
-   room to improve it.
+   form: the numbers in the prompt's order, each added or subtracted, the reasoning being that
+   equation with its value ("<think>98 - 54 - 6 + 34 = 72</think> <answer>98 - 54 - 6 + 34</answer>").
+   About 40% of Countdown problems have such a solution. The model learns to copy the numbers
+   and a rough sense of which signs fit, not exact arithmetic, so its reward at temperature 1.0
+   is above 0 and far below 1, which leaves PPO room to improve it.
 """
 
 from __future__ import annotations
@@ -30,6 +31,9 @@ import torch
 TESTBED_VERSION = 1
 THINK_OPEN, THINK_CLOSE, ANSWER_OPEN, ANSWER_CLOSE = "<think>", "</think>", "<answer>", "</answer>"
 PAD_TOKEN, CHAT_START, CHAT_END = "<|endoftext|>", "<|im_start|>", "<|im_end|>"
+QWEN2_PRETOKENIZE_REGEX = (
+    r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"""
+)
 CHAT_TEMPLATE = (
     "{% for message in messages %}"
     "{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n' }}"
@@ -48,14 +52,16 @@ TESTBED_SPEC: dict[str, Any] = {
     "intermediate_size": 512,
     "max_position_embeddings": 512,
     "sft_problems": 6000,
-    "steps": 600,
-    "batch_size": 48,
-    "lr": 3e-3,
-    "warmup_steps": 30,
+    # Copying the prompt's numbers appears suddenly (an induction-head phase change) after about
+    # 150-250 steps; the rest of the budget makes the copies reliable at temperature 1.0.
+    "steps": 900,
+    "batch_size": 32,
+    "lr": 5e-3,
+    "warmup_steps": 50,
     "eval_problems": 128,
     # What goes between <think> and </think>: "steps" (the running totals) or "equation" (the
     # answer's expression = target, a much shorter thing to learn).
-    "think": "steps",
+    "think": "equation",
 }
 
 
@@ -129,15 +135,17 @@ def render_prompt(example: dict, tokenizer) -> str:
 
 def build_tokenizer(corpus: Iterable[str], vocab_size: int):
     """Byte-level BPE over `corpus`, digits kept one per token so numbers share their pieces."""
-    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
+    from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
     core = Tokenizer(models.BPE())
-    # GPT-2-like pieces, except that a number is split into digits (each may carry the space
-    # before it), so every number is spelled with the same ten or twenty tokens.
+    # Qwen2's own pre-tokenizer (digits one by one): transformers loads a qwen2 model's tokenizer
+    # as Qwen2Tokenizer, which rebuilds this pipeline whatever tokenizer.json says, so anything
+    # else would tokenize differently after a save and load.
+    core.normalizer = normalizers.NFC()
     core.pre_tokenizer = pre_tokenizers.Sequence(
         [
-            pre_tokenizers.Split(Regex(r" ?[0-9]|[0-9]| ?[A-Za-z]+| ?[^\sA-Za-z0-9]+|\s+"), behavior="isolated"),
+            pre_tokenizers.Split(Regex(QWEN2_PRETOKENIZE_REGEX), behavior="isolated", invert=False),
             pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
         ]
     )
@@ -318,8 +326,19 @@ def build_testbed(out_dir: str | os.PathLike, log=None, measure: bool = True, **
     model.generation_config.bos_token_id = None
     model.save_pretrained(str(out))
     tokenizer.save_pretrained(str(out))
+    _check_reloaded_tokenizer(out, tokenizer, [render_prompt(e, tokenizer) + r for e, r in pairs[:50]])
     (out / "testbed.json").write_text(json.dumps(card, indent=2) + "\n")
     return card
+
+
+def _check_reloaded_tokenizer(out: Path, built, texts: Sequence[str]) -> None:
+    """The tokenizer as AutoTokenizer loads it must give the ids the model was trained on."""
+    from transformers import AutoTokenizer
+
+    loaded = AutoTokenizer.from_pretrained(str(out))
+    for text in texts:
+        if loaded(text, add_special_tokens=False)["input_ids"] != built(text, add_special_tokens=False)["input_ids"]:
+            raise RuntimeError(f"testbed tokenizer changes when reloaded ({type(loaded).__name__}) on {text!r}")
 
 
 def testbed_dir(spec: dict | None = None) -> Path:
