@@ -778,7 +778,9 @@ def _local_ray_env(out: Path) -> Dict[str, str]:
     A user who sets RAY_AUTH_MODE / RAY_AUTH_TOKEN(_PATH) keeps their own settings.
     """
     dirs = _private_dirs(out)
-    env = {}
+    # Ray runs workers at niceness 15 to keep its own daemons responsive; here the trials ARE the
+    # work, and at 15 they starve behind any other process (a retry took minutes on a busy box).
+    env = {"RAY_worker_niceness": os.environ.get("RAY_worker_niceness", "0")}
     if "RAY_AUTH_MODE" not in os.environ:
         env["RAY_AUTH_MODE"] = "token"
     if env.get("RAY_AUTH_MODE", os.environ.get("RAY_AUTH_MODE", "")).lower() == "token" \
@@ -799,6 +801,9 @@ def _common_env(out: Path) -> Dict[str, str]:
     env = {
         # Our own table replaces Tune's console reporter (verbose=0 in the legacy engine is silent).
         "RAY_AIR_NEW_OUTPUT": "0",
+        # Trials keep the driver's working directory, so relative paths in a config (a local
+        # task.options.train_source) mean what they mean to `tre run`.
+        "RAY_CHDIR_TO_TRIAL_DIR": "0",
         # Trials log to W&B themselves (Tracker: explicit steps, finished in a finally block);
         # Ray's WandbLoggerCallback is not used, so a Ctrl-C does not wait on its upload timeout.
         "WANDB_SILENT": "true",
@@ -814,6 +819,14 @@ def _common_env(out: Path) -> Dict[str, str]:
 _MAX_RAY_TEMP_LEN = 36
 
 
+def temp_link_path(temp: Path) -> Path:
+    """Where the short link to a Ray temp dir goes: the system temp folder, named by the target."""
+    import hashlib
+    import tempfile
+
+    return Path(tempfile.gettempdir()) / f"tre-ray-{hashlib.sha1(str(temp).encode()).hexdigest()[:10]}"
+
+
 def _short_temp_link(temp: Path) -> Optional[Path]:
     """A short symlink to `temp` when its path is too long for Ray's sockets, else None.
 
@@ -821,11 +834,7 @@ def _short_temp_link(temp: Path) -> Optional[Path]:
     """
     if len(str(temp)) <= _MAX_RAY_TEMP_LEN:
         return None
-    import hashlib
-    import tempfile
-
-    digest = hashlib.sha1(str(temp).encode()).hexdigest()[:10]
-    link = Path(tempfile.gettempdir()) / f"tre-ray-{digest}"
+    link = temp_link_path(temp)
     if link.is_symlink() and Path(os.readlink(link)) == temp:
         return link
     if link.is_symlink() or link.exists():
@@ -893,6 +902,11 @@ def run_sweep(
 
     names = [p.trial.name for p in plan.trials]
     display = SweepDisplay(f"tre sweep {plan.spec.name} ({plan.spec.preset}): {len(names)} trials", names, console)
+    for planned in plan.trials:  # a resumed sweep's finished trials send no events
+        finished = _finished_result(planned.run_dir)
+        if finished is not None:
+            display.trials[planned.trial.name] = TrialProgress(
+                planned.trial.name, "done", finished["steps_done"], planned.config.ppo.steps, score=finished.get("final_eval"))
     _ACTIVE_DISPLAY = display
     outcome = SweepOutcome(out=plan.out)
     try:
