@@ -134,7 +134,10 @@ class VLLMEngine(RolloutEngine):
                 max_tokens=int(max_new_tokens),
                 logprobs=0,  # the sampled token's log-prob only
                 stop_token_ids=list(self.eos_token_ids),
-                seed=rng.randrange(2**31 - n),
+                # vLLM's CPU runner cannot rewind a per-request generator when a chunked prefill
+                # discards a sample (RuntimeError "CPU Generator does not use offset"), so on CPU
+                # the engine-wide generator, seeded by LLM(seed=...), drives sampling.
+                seed=rng.randrange(2**31 - n) if self.on_gpu else None,
                 skip_special_tokens=False,
                 detokenize=False,
             )
