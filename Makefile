@@ -48,7 +48,11 @@ bench: $(VENV)/.installed
 clean:
 	rm -rf $(VENV) $(KVENV) build *.egg-info
 
-# Until the trainer lands, the demo shows the methods and the loss library on random logits.
+# Figure 1 in small: the smoke horizon sweep on Countdown (Ent at three alphas and Vanilla, T in
+# {32, 64}, testbed model) through Ray Tune with W&B offline, then `tre report`: the figure and the
+# table land in runs/demo/report. Run again, it resumes (an interrupted demo) or only reports.
+DEMO_OUT := runs/demo
 demo: $(VENV)/.installed
-	$(VENV)/bin/tre methods
-	$(PY) bench/losses.py --quick
+	$(VENV)/bin/tre sweep horizon --task countdown --preset smoke --out $(DEMO_OUT) \
+		--set run.wandb.mode=offline $$(test -f $(DEMO_OUT)/sweep.json && echo --resume)
+	$(VENV)/bin/tre report $(DEMO_OUT) --out $(DEMO_OUT)/report

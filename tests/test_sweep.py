@@ -76,13 +76,13 @@ def test_plan_resolves_every_trial_with_its_grid_values_seeds_and_sets(tmp_path)
     plan = sweep.plan_sweep("horizon", ["countdown"], "smoke", ["ppo.clip=0.3"], out, seeds=[0, 7])
     assert len(plan.trials) == 16
     by_name = {p.trial.name: p for p in plan.trials}
-    ent = by_name["countdown-T48-ent-a0.0001-s7"].config
-    assert (ent.method.name, ent.method.alpha, ent.rollout.max_new_tokens, ent.run.seed) == ("ent", 0.0001, 48, 7)
-    assert ent.model.name == "testbed" and ent.ppo.steps == 4 and ent.ppo.clip == 0.3
+    ent = by_name["countdown-T64-ent-a0.0001-s7"].config
+    assert (ent.method.name, ent.method.alpha, ent.rollout.max_new_tokens, ent.run.seed) == ("ent", 0.0001, 64, 7)
+    assert ent.model.name == "testbed" and ent.ppo.steps == 6 and ent.ppo.clip == 0.3
     assert ent.task.options["train_size"] == 256
-    assert ent.run.out == str(out.absolute() / "runs" / "countdown-T48-ent-a0.0001-s7")
+    assert ent.run.out == str(out.absolute() / "runs" / "countdown-T64-ent-a0.0001-s7")
     assert ent.run.wandb.group == "horizon" and ent.run.wandb.mode == "offline"
-    assert by_name["countdown-T16-vanilla-s0"].config.method.name == "vanilla"
+    assert by_name["countdown-T32-vanilla-s0"].config.method.name == "vanilla"
     assert not out.exists()  # planning writes nothing
 
 
@@ -134,7 +134,7 @@ def test_bad_input_names_the_problem_and_writes_nothing(tmp_path):
         sweep.plan_sweep("horizon", preset="tiny", out=out)
     with pytest.raises(ValueError, match="--task hh is not one of them"):
         sweep.plan_sweep("horizon", ["hh"], out=out)
-    with pytest.raises(ValueError, match=r"trial countdown-T16-vanilla-s0: .*'method.alpha' is not a parameter"):
+    with pytest.raises(ValueError, match=r"trial countdown-T32-vanilla-s0: .*'method.alpha' is not a parameter"):
         sweep.plan_sweep("horizon", ["countdown"], "smoke", ["method.alpha=0.5"], out)
     with pytest.raises(ValueError, match="format_score"):  # a task option, checked by the task module
         sweep.plan_sweep("horizon", ["countdown"], "smoke", ["task.options.format_score=2"], out)
