@@ -314,14 +314,12 @@ def yaml_scalar(value: Any) -> str:
     if isinstance(value, float):
         text = repr(value)
         if "e" in text and "." not in text.split("e")[0]:
+            # YAML 1.1 reads 1e-05 as a string; 1.0e-05 is a float.
             mantissa, exponent = text.split("e")
             text = f"{mantissa}.0e{exponent if exponent[0] in '+-' else '+' + exponent}"
         return text
-    if isinstance(value, (bool, int)) or value is None:
-        return json.dumps(value)
-    if isinstance(value, str):
-        return json.dumps(value)  # a quoted YAML string: '1e-3' or 'off' stay text
-    return json.dumps(value)  # lists and mappings (task options): JSON is YAML
+    # JSON is YAML: strings come out quoted ('1e-3' and 'off' stay text), lists and mappings whole.
+    return json.dumps(value)
 
 
 def _set_items(values: Mapping[str, Any]) -> List[str]:
