@@ -160,6 +160,20 @@ def test_out_dir_rules_for_fresh_and_resumed_sweeps(tmp_path):
         sweep.check_out_dir(other, resume=True)
 
 
+def test_resume_command_repeats_the_options_resume_checks(tmp_path):
+    out = tmp_path / "o"
+    plan = sweep.plan_sweep("horizon", ["countdown"], "smoke", ["ppo.clip=0.3"], out, seeds=[1, 2])
+    command = sweep.resume_command("horizon", plan)
+    assert command == (f"tre sweep horizon --out {out.absolute()} --resume --preset smoke --task countdown "
+                       "--seeds 1,2 --set ppo.clip=0.3")
+    (out).mkdir()
+    (out / sweep.SWEEP_FILE).write_text(json.dumps(plan.manifest()))
+    again = runner.invoke(app, [*command.split()[1:], "--dry-run"])  # the same options plan the same sweep
+    assert again.exit_code == 0, again.output
+    replanned = sweep.plan_sweep("horizon", ["countdown"], "smoke", ["ppo.clip=0.3"], out, seeds=[1, 2])
+    sweep.check_out_dir(replanned, resume=True)
+
+
 def test_progress_table_counts_trials():
     from rich.console import Console
 

@@ -188,8 +188,7 @@ def sweep(
         outcome = sweep_lib.run_sweep(plan, resume=resume, address=address, storage=storage, console=console)
     summary = f"{len(outcome.finished)} finished, {len(outcome.failed)} failed, {len(outcome.unfinished)} unfinished in {outcome.wall_s:.0f}s"
     if outcome.interrupted or outcome.failed:
-        resume_hint = f"tre sweep {name} --out {plan.out} --resume" + "".join(f" --task {t}" for t in tasks)
-        typer.echo(f"{summary}; continue with: {resume_hint} (and the same --preset/--seeds/--set)", err=True)
+        typer.echo(f"{summary}; continue with: {sweep_lib.resume_command(name, plan)}", err=True)
         raise typer.Exit(1)
     console.print(f"[bold green]done[/] {summary}: results in {plan.out / sweep_lib.RUNS_DIR}")
 

@@ -493,6 +493,19 @@ def plan_sweep(
     )
 
 
+def resume_command(name: str, plan: SweepPlan) -> str:
+    """The command line that continues this sweep (the options --resume checks, as given)."""
+    import shlex
+
+    words = ["tre", "sweep", name, "--out", str(plan.out), "--resume", "--preset", plan.spec.preset]
+    for task in plan.tasks:
+        words += ["--task", task]
+    words += ["--seeds", ",".join(map(str, plan.seeds))]
+    for item in plan.sets:
+        words += ["--set", item]
+    return shlex.join(words)
+
+
 def check_out_dir(plan: SweepPlan, resume: bool) -> None:
     """A fresh sweep needs an empty --out; --resume needs the same sweep's --out."""
     manifest_file = plan.out / SWEEP_FILE
