@@ -899,6 +899,10 @@ def run_sweep(
                                        logging_level="ERROR")
     if address is not None:
         init_kwargs["address"] = address
+        # Workers of a cluster started elsewhere do not inherit this process's environment (W&B's
+        # cache folders excepted: they are paths on this machine).
+        cache_vars = ("WANDB_CACHE_DIR", "WANDB_DATA_DIR", "WANDB_ARTIFACT_DIR")
+        init_kwargs["runtime_env"] = {"env_vars": {k: v for k, v in env.items() if k not in cache_vars}}
     else:
         temp = _private_dirs(plan.out)["temp"]
         temp.mkdir(parents=True, exist_ok=True)
