@@ -174,6 +174,20 @@ def test_resume_command_repeats_the_options_resume_checks(tmp_path):
     sweep.check_out_dir(replanned, resume=True)
 
 
+def test_a_trial_bigger_than_the_machine_is_an_error_before_anything_is_written(tmp_path):
+    out = tmp_path / "out"
+    plan = sweep.plan_sweep("horizon", ["countdown"], "paper", out=out)  # 8 CPUs and a GPU per trial
+    with pytest.raises(ValueError, match="asks for 8 CPUs but this machine has 2"):
+        sweep.run_sweep(plan, num_cpus=2)
+    small = sweep.plan_sweep("horizon", ["countdown"], "paper", out=out, cpus_per_trial=1, gpus_per_trial=1)
+    import torch
+
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match="asks for 1 GPUs but this machine has 0"):
+            sweep.run_sweep(small, num_cpus=2)
+    assert not out.exists()
+
+
 def test_progress_table_counts_trials():
     from rich.console import Console
 

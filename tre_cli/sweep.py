@@ -854,6 +854,21 @@ def _short_temp_link(temp: Path) -> Optional[Path]:
     return link
 
 
+def check_local_resources(resources: Resources, num_cpus: Optional[int] = None) -> None:
+    """A trial that asks for more than this machine has would wait forever in Ray's queue: say so now."""
+    cpus = num_cpus or os.cpu_count() or 1
+    if resources.cpu > cpus:
+        raise ValueError(f"each trial asks for {resources.cpu:g} CPUs but this machine has {cpus}; "
+                         "pass --cpus-per-trial (or --preset smoke), or join a cluster with --address")
+    if resources.gpu > 0:
+        import torch
+
+        gpus = torch.cuda.device_count()
+        if resources.gpu > gpus:
+            raise ValueError(f"each trial asks for {resources.gpu:g} GPUs but this machine has {gpus}; "
+                             "pass --gpus-per-trial 0 (or --preset smoke), or join a cluster with --address")
+
+
 def _storage(plan: SweepPlan, storage: Optional[str]) -> str:
     """Tune's storage_path: local (default <out>/ray), a shared directory, or a cloud URI."""
     if storage is None:
@@ -877,6 +892,8 @@ def run_sweep(
     console = console or Console(stderr=True)
     check_out_dir(plan, resume)
     fail_once = fail_once_from_env()
+    if address is None:
+        check_local_resources(plan.resources, num_cpus)
     started = time.monotonic()
 
     plan.out.mkdir(parents=True, exist_ok=True)
