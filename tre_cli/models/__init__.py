@@ -8,6 +8,7 @@ names the model and says how to pass a local path.
 
 from __future__ import annotations
 
+import json
 import os
 import threading
 from pathlib import Path
@@ -145,12 +146,31 @@ def load_tokenizer(name_or_path: str | os.PathLike):
     from transformers import AutoTokenizer
 
     path = resolve_model(name_or_path)
-    tokenizer = AutoTokenizer.from_pretrained(str(path))
+    if _saved_as_generic_fast_tokenizer(path):
+        # transformers picks a tokenizer class from the model type (qwen2 -> Qwen2Tokenizer, which
+        # rebuilds its own pre-tokenizer and so changes the ids of a tokenizer saved as a plain
+        # fast tokenizer, like the testbed's): load what was saved instead.
+        from transformers import PreTrainedTokenizerFast
+
+        tokenizer = PreTrainedTokenizerFast.from_pretrained(str(path))
+    else:
+        tokenizer = AutoTokenizer.from_pretrained(str(path))
     if tokenizer.pad_token_id is None:
         if tokenizer.eos_token_id is None:
             raise ValueError(f"tokenizer of {name_or_path!r} has neither a pad nor an EOS token")
         tokenizer.pad_token = tokenizer.eos_token
     return tokenizer
+
+
+def _saved_as_generic_fast_tokenizer(path: Path) -> bool:
+    config = Path(path) / "tokenizer_config.json"
+    if not config.is_file() or not (Path(path) / "tokenizer.json").is_file():
+        return False
+    try:
+        saved_class = json.loads(config.read_text()).get("tokenizer_class")
+    except (OSError, ValueError):
+        return False
+    return saved_class in ("TokenizersBackend", "PreTrainedTokenizerFast")
 
 
 def load_policy(

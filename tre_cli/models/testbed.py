@@ -31,9 +31,7 @@ import torch
 TESTBED_VERSION = 1
 THINK_OPEN, THINK_CLOSE, ANSWER_OPEN, ANSWER_CLOSE = "<think>", "</think>", "<answer>", "</answer>"
 PAD_TOKEN, CHAT_START, CHAT_END = "<|endoftext|>", "<|im_start|>", "<|im_end|>"
-QWEN2_PRETOKENIZE_REGEX = (
-    r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"""
-)
+TESTBED_PRETOKENIZE_REGEX = r""" ?[0-9]|[0-9]| ?[A-Za-z]+| ?[^\sA-Za-z0-9]+|\s+"""
 CHAT_TEMPLATE = (
     "{% for message in messages %}"
     "{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n' }}"
@@ -54,7 +52,7 @@ TESTBED_SPEC: dict[str, Any] = {
     "sft_problems": 6000,
     # Copying the prompt's numbers appears suddenly (an induction-head phase change) after about
     # 150-250 steps; the rest of the budget makes the copies reliable at temperature 1.0.
-    "steps": 900,
+    "steps": 600,
     "batch_size": 32,
     "lr": 5e-3,
     "warmup_steps": 50,
@@ -139,13 +137,15 @@ def build_tokenizer(corpus: Iterable[str], vocab_size: int):
     from transformers import PreTrainedTokenizerFast
 
     core = Tokenizer(models.BPE())
-    # Qwen2's own pre-tokenizer (digits one by one): transformers loads a qwen2 model's tokenizer
-    # as Qwen2Tokenizer, which rebuilds this pipeline whatever tokenizer.json says, so anything
-    # else would tokenize differently after a save and load.
+    # GPT-2-like pieces, except that a number is spelled digit by digit, each digit carrying the
+    # space before it: every number shares the same twenty tokens, and the model learns to copy
+    # the prompt's numbers in ~150 steps (with Qwen2's rule, where a space is a token of its own,
+    # or with whole numbers as tokens, it had not after 600-900). tre's load_tokenizer loads it
+    # as saved (AutoTokenizer would impose Qwen2's pre-tokenizer on a qwen2 model).
     core.normalizer = normalizers.NFC()
     core.pre_tokenizer = pre_tokenizers.Sequence(
         [
-            pre_tokenizers.Split(Regex(QWEN2_PRETOKENIZE_REGEX), behavior="isolated", invert=False),
+            pre_tokenizers.Split(Regex(TESTBED_PRETOKENIZE_REGEX), behavior="isolated", invert=False),
             pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
         ]
     )
@@ -332,10 +332,10 @@ def build_testbed(out_dir: str | os.PathLike, log=None, measure: bool = True, **
 
 
 def _check_reloaded_tokenizer(out: Path, built, texts: Sequence[str]) -> None:
-    """The tokenizer as AutoTokenizer loads it must give the ids the model was trained on."""
-    from transformers import AutoTokenizer
+    """The tokenizer as tre loads it must give the ids the model was trained on."""
+    from tre_cli.models import load_tokenizer
 
-    loaded = AutoTokenizer.from_pretrained(str(out))
+    loaded = load_tokenizer(out)
     for text in texts:
         if loaded(text, add_special_tokens=False)["input_ids"] != built(text, add_special_tokens=False)["input_ids"]:
             raise RuntimeError(f"testbed tokenizer changes when reloaded ({type(loaded).__name__}) on {text!r}")
