@@ -37,6 +37,7 @@ import dataclasses
 import json
 import math
 import os
+import sys
 import secrets
 import threading
 import time
@@ -906,10 +907,20 @@ def run_sweep(
     env = _common_env(plan.out)
     if address is None:
         env.update(_local_ray_env(plan.out))
+    ray_was_imported = "ray" in sys.modules
     os.environ.update(env)  # before ray is imported: workers of a local cluster inherit it
 
     import ray
     from ray import tune
+
+    if ray_was_imported and address is None:
+        # Something imported ray earlier in this process (vLLM does), so its cached config and
+        # token loader still hold the auth mode of that import while the cluster we start reads
+        # ours from the environment: refresh both, as ray's own auth setup does.
+        from ray._raylet import AuthenticationTokenLoader, Config
+
+        Config.initialize("")
+        AuthenticationTokenLoader.instance().reset_cache()
 
     link = None
     init_kwargs: Dict[str, Any] = dict(include_dashboard=False, log_to_driver=False, configure_logging=True,
