@@ -670,11 +670,10 @@ def with_overrides(config: RunConfig, values: Mapping[str, Any]) -> RunConfig:
     return _build(_merge([_flatten(to_dict(config), "config"), _overrides_layer(values, "override")]))
 
 
-def dump_yaml(config: RunConfig, path: Union[str, Path]) -> Path:
-    """Write config as YAML atomically (a partial config.yaml never exists)."""
+def atomic_write_text(path: Union[str, Path], text: str) -> Path:
+    """Write a file so that readers see the old content or the new, never a part."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    text = yaml.safe_dump(to_dict(config), sort_keys=False, default_flow_style=False)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
         with os.fdopen(fd, "w", encoding="utf-8") as handle:
@@ -686,6 +685,11 @@ def dump_yaml(config: RunConfig, path: Union[str, Path]) -> Path:
         Path(tmp).unlink(missing_ok=True)
         raise
     return path
+
+
+def dump_yaml(config: RunConfig, path: Union[str, Path]) -> Path:
+    """Write config as YAML atomically (a partial config.yaml never exists)."""
+    return atomic_write_text(path, yaml.safe_dump(to_dict(config), sort_keys=False, default_flow_style=False))
 
 
 def load_run_config(path: Union[str, Path]) -> RunConfig:

@@ -38,7 +38,7 @@ from pathlib import Path
 from typing import Any, Dict, Iterator, List, Mapping, Optional, Tuple, Union
 
 from tre_cli import __version__
-from tre_cli.config import RunConfig, dump_yaml, read_yaml_file, to_dict, with_overrides
+from tre_cli.config import RunConfig, atomic_write_text, dump_yaml, read_yaml_file, to_dict, with_overrides
 
 try:  # fcntl is POSIX-only; O_APPEND alone keeps appends whole on local Linux filesystems.
     import fcntl
@@ -60,23 +60,6 @@ PathLike = Union[str, Path]
 
 
 # --------------------------------------------------------------------------- atomic file helpers
-
-
-def atomic_write_text(path: PathLike, text: str) -> Path:
-    """Write a file so that readers see the old content or the new, never a part."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as handle:
-            handle.write(text)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
 
 
 @contextlib.contextmanager
