@@ -7,33 +7,19 @@ import json
 import pytest
 import torch
 
+from fixtures_models import QUICK_TESTBED, quick_testbed  # noqa: F401 - a fixture
 from tre_cli.models import ValueModel, load_critic, load_policy, load_tokenizer, resolve_model
 from tre_cli.models import testbed
 
-# A testbed small enough to build in a few seconds; head_dim 32 as vLLM's CPU backend needs.
-TINY = dict(
-    hidden_size=64,
-    num_attention_heads=2,
-    num_key_value_heads=1,
-    intermediate_size=128,
-    num_hidden_layers=2,
-    sft_problems=200,
-    steps=8,
-    batch_size=8,
-    warmup_steps=2,
-)
-
 
 @pytest.fixture(scope="module")
-def tiny_dir(tmp_path_factory):
-    out = tmp_path_factory.mktemp("tiny") / "model"
-    testbed.build_testbed(out, measure=False, **TINY)
-    return out
+def tiny_dir(quick_testbed):
+    return quick_testbed
 
 
 def test_tiny_testbed_builds_and_loads(tiny_dir):
     card = json.loads((tiny_dir / "testbed.json").read_text())
-    assert card["spec"]["steps"] == TINY["steps"]
+    assert card["spec"]["steps"] == QUICK_TESTBED["steps"]
     assert card["spec"]["hidden_size"] // card["spec"]["num_attention_heads"] == 32
     model = load_policy(tiny_dir)
     tokenizer = load_tokenizer(tiny_dir)
@@ -98,12 +84,12 @@ def test_build_refuses_bad_settings(tmp_path):
     (tmp_path / "c").mkdir()
     (tmp_path / "c" / "x").write_text("x")
     with pytest.raises(FileExistsError, match="not empty"):
-        testbed.build_testbed(tmp_path / "c", **TINY)
+        testbed.build_testbed(tmp_path / "c", **QUICK_TESTBED)
 
 
 def test_ensure_testbed_builds_once_into_the_cache(tmp_path, monkeypatch):
     monkeypatch.setenv("TRE_CACHE_DIR", str(tmp_path))
-    spec = {**testbed.TESTBED_SPEC, **TINY, "eval_problems": 4}
+    spec = {**testbed.TESTBED_SPEC, **QUICK_TESTBED, "eval_problems": 4}
     path = testbed.ensure_testbed(spec=spec)
     assert path.parent == tmp_path and path.name.startswith("testbed-")
     card = json.loads((path / "testbed.json").read_text())

@@ -5,29 +5,16 @@ from __future__ import annotations
 import pytest
 import torch
 
+from fixtures_models import quick_testbed  # noqa: F401 - a fixture
 from tre_cli.models import load_policy, load_tokenizer
-from tre_cli.models import testbed
 from tre_cli.rollout import Rollout, get_engine, response_logprobs_from_logits
 from tre_cli.rollout.hf import HFEngine, sample_tokens
 
-TINY = dict(
-    hidden_size=64,
-    num_attention_heads=2,
-    num_key_value_heads=1,
-    intermediate_size=128,
-    num_hidden_layers=2,
-    sft_problems=200,
-    steps=8,
-    batch_size=8,
-    warmup_steps=2,
-)
 
 
 @pytest.fixture(scope="module")
-def tiny_dir(tmp_path_factory):
-    out = tmp_path_factory.mktemp("tiny") / "model"
-    testbed.build_testbed(out, measure=False, **TINY)
-    return out
+def tiny_dir(quick_testbed):
+    return quick_testbed
 
 
 @pytest.fixture(scope="module")
