@@ -144,12 +144,37 @@ def _reset_rss_peak() -> None:
         f.write("5")
 
 
+def time_and_peak(fn, repeats: int, cuda: bool, after_warmup=None) -> tuple[float, int]:
+    """Best wall time of `fn` over `repeats` calls (after one warm-up call, then `after_warmup`,
+    e.g. dropping the gradient it left) and how far memory peaked above what was in use before
+    them: the device allocator on CUDA, else the peak resident set (VmHWM, reset first)."""
+    sync = torch.cuda.synchronize if cuda else (lambda: None)
+    fn()
+    sync()
+    if after_warmup is not None:
+        after_warmup()
+    if cuda:
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+    else:
+        base = _rss_now_bytes()
+        _reset_rss_peak()
+    times = []
+    for _ in range(repeats):
+        sync()
+        t0 = time.perf_counter()
+        fn()
+        sync()
+        times.append(time.perf_counter() - t0)
+    peak = torch.cuda.max_memory_allocated() if cuda else _rss_peak_bytes()
+    return min(times), peak - base
+
+
 def measure_one(impl: str, stat: str, n: int, vocab: int, device: str, dtype: str, repeats: int) -> dict:
     torch.manual_seed(0)
     dt = getattr(torch, dtype)
     logits, tokens = make_logits(n, vocab, device, dt)
     cuda = device.startswith("cuda")
-    sync = torch.cuda.synchronize if cuda else (lambda: None)
     logit_bytes = logits.numel() * logits.element_size()
     if impl == "floor":
         grad = torch.empty_like(logits)
@@ -163,26 +188,11 @@ def measure_one(impl: str, stat: str, n: int, vocab: int, device: str, dtype: st
             out.float().sum().backward()
 
     try:
-        fn()  # warm-up
-        sync()
-        if cuda:
-            torch.cuda.reset_peak_memory_stats()
-            base = torch.cuda.memory_allocated()
-        else:
-            if impl != "floor":
-                logits.grad = None
-            base = _rss_now_bytes()
-            _reset_rss_peak()
-        times = []
-        for _ in range(repeats):
-            sync()
-            t0 = time.perf_counter()
-            fn()
-            sync()
-            times.append(time.perf_counter() - t0)
-        peak = torch.cuda.max_memory_allocated() if cuda else _rss_peak_bytes()
-        # Beyond the logits (already in `base`) and one gradient-sized buffer.
-        extra = max(0, peak - base - (0 if impl == "floor" else logit_bytes))
+        # The warm-up's gradient would count in the base: drop it.
+        seconds, grown = time_and_peak(fn, repeats, cuda, after_warmup=lambda: setattr(logits, "grad", None))
+        # Beyond the logits (already in the base) and one gradient-sized buffer.
+        extra = max(0, grown - (0 if impl == "floor" else logit_bytes))
+        times = [seconds]
         status = "ok"
     except torch.OutOfMemoryError:
         times, extra, status = [float("nan")], float("nan"), "oom"

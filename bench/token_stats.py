@@ -72,7 +72,6 @@ def measure_one(impl, source, n, vocab, device, dtype, repeats, backward) -> dic
     logits, tokens = load_logits(source, n, vocab, device, dt)
     vocab = logits.shape[-1]
     cuda = device.startswith("cuda")
-    sync = torch.cuda.synchronize if cuda else (lambda: None)
     logit_bytes = logits.numel() * logits.element_size()
     if impl == "floor":
         grad = torch.empty_like(logits)
@@ -88,26 +87,11 @@ def measure_one(impl, source, n, vocab, device, dtype, repeats, backward) -> dic
             with torch.no_grad():
                 all_stats(impl, logits, tokens)
     try:
-        fn()  # warm-up (and compilation)
-        sync()
-        if cuda:
-            torch.cuda.reset_peak_memory_stats()
-            base = torch.cuda.memory_allocated()
-        else:
-            if impl != "floor":
-                logits.grad = None
-            base = L._rss_now_bytes()
-            L._reset_rss_peak()
-        times = []
-        for _ in range(repeats):
-            sync()
-            t0 = time.perf_counter()
-            fn()
-            sync()
-            times.append(time.perf_counter() - t0)
-        peak = torch.cuda.max_memory_allocated() if cuda else L._rss_peak_bytes()
+        # One warm-up call (and compilation); its gradient would count in the base: drop it.
+        seconds, grown = L.time_and_peak(fn, repeats, cuda, after_warmup=lambda: setattr(logits, "grad", None))
+        times = [seconds]
         grad_buf = logit_bytes if (backward and impl != "floor") else 0
-        extra, status = max(0, peak - base - grad_buf) / 2**20, "ok"
+        extra, status = max(0, grown - grad_buf) / 2**20, "ok"
     except torch.OutOfMemoryError:
         times, extra, status = [math.nan], math.nan, "oom"
     row = {"impl": impl, "source": source, "n": n, "vocab": vocab, "device": device, "dtype": dtype,
