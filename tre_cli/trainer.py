@@ -19,7 +19,6 @@ from __future__ import annotations
 import json
 import math
 import random
-import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -40,6 +39,7 @@ from tre_cli.losses import selectors
 from tre_cli.losses.ppo import aggregate_share, gae, masked_mean, place_terminal_reward, policy_loss, value_loss, whiten
 from tre_cli.losses.registry import REGULARIZERS, get_method
 from tre_cli.losses.stats import token_stats
+from tre_cli.rollout.base import position_ids_from_mask
 from tre_cli.tracking import RunResult, Tracker, atomic_dir, open_run_dir
 
 # on_step(step, metrics, checkpoint_dir or None): how a sweep trial hears about progress.
@@ -89,7 +89,6 @@ def encode_prompt(task, example: dict, tokenizer, max_prompt_length: int) -> Lis
 
 def build(config: RunConfig) -> Parts:
     from tre_cli.models import load_critic, load_policy, load_tokenizer, resolve_model
-    from tre_cli.rollout import get_engine
     from tre_cli.tasks import get_task
 
     device = resolve_device(config.run.device)
@@ -105,12 +104,7 @@ def build(config: RunConfig) -> Parts:
     policy = load_policy(model_path, dtype=dtype, device=device, gradient_checkpointing=checkpointing)
     critic = load_critic(resolve_model(config.model.critic_name or config.model.name), dtype=dtype,
                          device=device, gradient_checkpointing=checkpointing)
-    engine_options = {"model": policy} if config.rollout.engine == "hf" else {
-        "gpu_memory_utilization": config.rollout.gpu_memory_utilization,
-        "kv_cache_memory_bytes": config.rollout.kv_cache_memory_bytes,
-    }
-    engine = get_engine(config.rollout.engine, model_path, tokenizer, device=device, dtype=dtype,
-                        seed=config.run.seed, **engine_options)
+    engine = make_engine(config, model_path, tokenizer, device, dtype, policy)
     actor_opt = torch.optim.AdamW(policy.parameters(), lr=config.ppo.actor_lr, weight_decay=0.0)
     critic_opt = torch.optim.AdamW(critic.parameters(), lr=config.ppo.critic_lr, weight_decay=0.0)
     warmup = int(config.ppo.critic_warmup_ratio * config.ppo.steps)
@@ -121,6 +115,20 @@ def build(config: RunConfig) -> Parts:
     test_prompts = [encode_prompt(task, ex, tokenizer, config.ppo.max_prompt_length) for ex in test]
     return Parts(config, device, task, tokenizer, policy, critic, engine, actor_opt, critic_opt, critic_sched,
                  train, test, test_prompts, max_new_tokens)
+
+
+def make_engine(config: RunConfig, model_path, tokenizer, device: str, dtype: str, policy=None):
+    """The configured rollout engine: `hf` samples from `policy` itself; `vllm` loads its own copy
+    of the weights (synced from the trainer after every update)."""
+    from tre_cli.rollout import get_engine
+
+    if config.rollout.engine == "hf":
+        options = {"model": policy}
+    else:
+        options = {"gpu_memory_utilization": config.rollout.gpu_memory_utilization,
+                   "kv_cache_memory_bytes": config.rollout.kv_cache_memory_bytes}
+    return get_engine(config.rollout.engine, model_path, tokenizer, device=device, dtype=dtype,
+                      seed=config.run.seed, **options)
 
 
 def step_examples(train: Sequence[dict], step: int, per_step: int, seed: int) -> List[dict]:
@@ -144,7 +152,7 @@ def _model_inputs(rollout, rows: torch.Tensor, response_width: int, device: str)
     prompt_width = rollout.prompt_ids.shape[1]
     ids = torch.cat([rollout.prompt_ids[rows], rollout.response_ids[rows, :response_width]], dim=1)
     mask = torch.cat([rollout.prompt_mask[rows], rollout.response_mask[rows, :response_width]], dim=1)
-    positions = (mask.cumsum(-1) - 1).clamp(min=0)
+    positions = position_ids_from_mask(mask)
     return {"input_ids": ids.to(device), "attention_mask": mask.to(device), "position_ids": positions.to(device),
             "prompt_width": prompt_width}
 
@@ -457,7 +465,6 @@ def evaluate_model(config: RunConfig, console=None) -> RunResult:
     from rich.console import Console
 
     from tre_cli.models import load_policy, load_tokenizer, resolve_model
-    from tre_cli.rollout import get_engine
     from tre_cli.tasks import get_task
 
     console = console or Console(stderr=True)
@@ -469,13 +476,8 @@ def evaluate_model(config: RunConfig, console=None) -> RunResult:
     model_path = resolve_model(config.model.name)
     tokenizer = load_tokenizer(model_path)
     dtype = resolve_dtype(config.model.dtype, device)
-    if config.rollout.engine == "hf":
-        engine = get_engine("hf", model_path, tokenizer, device=device, dtype=dtype, seed=config.run.seed,
-                            model=load_policy(model_path, dtype=dtype, device=device))
-    else:
-        engine = get_engine("vllm", model_path, tokenizer, device=device, dtype=dtype, seed=config.run.seed,
-                            gpu_memory_utilization=config.rollout.gpu_memory_utilization,
-                            kv_cache_memory_bytes=config.rollout.kv_cache_memory_bytes)
+    policy = load_policy(model_path, dtype=dtype, device=device) if config.rollout.engine == "hf" else None
+    engine = make_engine(config, model_path, tokenizer, device, dtype, policy)
     prompts = [encode_prompt(task, ex, tokenizer, config.ppo.max_prompt_length) for ex in test]
     if config.rollout.max_new_tokens is None:
         raise ValueError("rollout.max_new_tokens is not set (the task overlay should set it)")
