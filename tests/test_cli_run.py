@@ -9,7 +9,6 @@ import re
 import pytest
 from typer.testing import CliRunner
 
-from fixtures_models import tiny_testbed  # noqa: F401 - a fixture
 from tre_cli.cli import app
 
 runner = CliRunner()

@@ -7,7 +7,7 @@ import json
 import pytest
 import torch
 
-from fixtures_models import QUICK_TESTBED, quick_testbed  # noqa: F401 - a fixture
+from fixtures_models import QUICK_TESTBED
 from tre_cli.models import ValueModel, load_critic, load_policy, load_tokenizer, resolve_model
 from tre_cli.models import testbed
 

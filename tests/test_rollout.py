@@ -5,7 +5,6 @@ from __future__ import annotations
 import pytest
 import torch
 
-from fixtures_models import quick_testbed  # noqa: F401 - a fixture
 from tre_cli.models import load_policy, load_tokenizer
 from tre_cli.rollout import Rollout, get_engine, response_logprobs_from_logits
 from tre_cli.rollout.hf import HFEngine, sample_tokens

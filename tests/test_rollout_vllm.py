@@ -20,7 +20,6 @@ except Exception as error:  # ImportError, or a broken CUDA-only dependency
         allow_module_level=True,
     )
 
-from fixtures_models import quick_testbed  # noqa: F401 - a fixture
 from tre_cli.models import load_policy, load_tokenizer
 from tre_cli.rollout import get_engine, response_logprobs_from_logits
 from tre_cli.rollout.hf import HFEngine

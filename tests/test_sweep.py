@@ -15,7 +15,6 @@ import pytest
 import yaml
 from typer.testing import CliRunner
 
-from fixtures_models import tiny_testbed  # noqa: F401 - a fixture
 from tre_cli import sweep
 from tre_cli.cli import app
 from tre_cli.tracking import read_jsonl, read_results

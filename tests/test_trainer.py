@@ -7,7 +7,6 @@ import math
 
 import pytest
 
-from fixtures_models import tiny_testbed  # noqa: F401 - a fixture
 from tre_cli import trainer
 from tre_cli.config import resolve
 from tre_cli.losses.registry import METHODS

@@ -1,0 +1,3 @@
+"""Fixtures every test module may use (defined in fixtures_models.py)."""
+
+from fixtures_models import quick_testbed, tiny_testbed  # noqa: F401 - fixtures
