@@ -74,6 +74,25 @@ def test_signed_sum_solution_is_a_correct_answer():
     assert testbed.signed_sum_solution([2, 3, 7], 100) is None
     for example, response in testbed.sft_pairs(50, seed=3):
         assert score(response, example["nums"], example["target"]) == 1.0
+        assert not testbed.has_answer_slip(response)
+
+
+def test_warm_start_slips_are_the_given_fraction_and_cost_the_whole_reward():
+    from tre_cli.tasks.countdown import score
+
+    pairs = testbed.sft_pairs(400, seed=5, think="equation", slips=0.5)
+    slipped = [(example, response) for example, response in pairs if testbed.has_answer_slip(response)]
+    assert 160 <= len(slipped) <= 240  # Binomial(400, 0.5): 5 standard deviations either side
+    for example, response in slipped:
+        assert response.endswith(f" = {example['target']}</answer>")
+        assert score(response, example["nums"], example["target"]) == 0.0
+        # Without the slip the same answer is right: the slip alone costs the reward.
+        fixed = response.replace(f" = {example['target']}</answer>", "</answer>")
+        assert score(fixed, example["nums"], example["target"]) == 1.0
+    # The same problems and answers as without slips: only the answers' form changes.
+    clean = testbed.sft_pairs(400, seed=5, think="equation", slips=0.0)
+    assert [e for e, _ in clean] == [e for e, _ in pairs]
+    assert not any(testbed.has_answer_slip(response) for _, response in clean)
 
 
 def test_build_refuses_bad_settings(tmp_path):
@@ -93,7 +112,7 @@ def test_ensure_testbed_builds_once_into_the_cache(tmp_path, monkeypatch):
     path = testbed.ensure_testbed(spec=spec)
     assert path.parent == tmp_path and path.name.startswith("testbed-")
     card = json.loads((path / "testbed.json").read_text())
-    assert 0.0 <= card["countdown_reward_t1"] <= 1.0
+    assert 0.0 <= card["countdown_reward_t1"] <= 1.0 and 0.0 <= card["answer_slip_rate_t1"] <= 1.0
     stamp = (path / "config.json").stat().st_mtime_ns
     assert testbed.ensure_testbed(spec=spec) == path
     assert (path / "config.json").stat().st_mtime_ns == stamp  # cached, not rebuilt

@@ -161,6 +161,25 @@ def test_finish_is_explicit_and_idempotent(tmp_path):
             tracker.finish("done")
 
 
+def test_the_step_0_eval_is_a_baseline_not_a_result(tmp_path):
+    """eval.before_train logs the starting model at step 0; a run's final and best scores are its
+    own, but for `tre eval` (method "base") step 0 is the whole result."""
+    with Tracker(_config(), tmp_path / "run") as tracker:
+        tracker.log_eval(step=0, score=0.9, metric="pass@1", n_prompts=4, n_samples=1)
+        tracker.log_eval(step=1, score=0.2, metric="pass@1", n_prompts=4, n_samples=1)
+        tracker.log_eval(step=2, score=0.1, metric="pass@1", n_prompts=4, n_samples=1)
+        result = tracker.finish("finished", steps_done=2)
+    assert (result.final_eval, result.best_eval) == (0.1, 0.2)
+    with Tracker(_config(), tmp_path / "only-start") as tracker:
+        tracker.log_eval(step=0, score=0.9, metric="pass@1", n_prompts=4, n_samples=1)
+        result = tracker.finish("interrupted", steps_done=0)
+    assert (result.final_eval, result.best_eval) == (None, None)
+    with Tracker(_config(), tmp_path / "base") as tracker:
+        tracker.log_eval(step=0, score=0.4, metric="pass@1", n_prompts=4, n_samples=1)
+        result = tracker.finish("finished", steps_done=0, method="base")
+    assert (result.final_eval, result.best_eval) == (0.4, 0.4)
+
+
 # --------------------------------------------------------------------------- resume
 
 

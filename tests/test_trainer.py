@@ -97,6 +97,35 @@ def test_resume_after_interruption_matches_an_uninterrupted_run(tiny_testbed, tm
     a, b = _metrics(whole), _metrics(cut)
     assert [r["step"] for r in b] == [1, 2, 3, 4]
     assert [_stable(r) for r in a] == [_stable(r) for r in b]
+    # The smoke preset evaluates before training too: step 0 once, then the end.
+    evals_a, evals_b = _evals(whole), _evals(cut)
+    assert [r["step"] for r in evals_b] == [0, 4]
+    assert [_stable(r) for r in evals_a] == [_stable(r) for r in evals_b]
+
+
+def _evals(run_dir):
+    return [json.loads(line) for line in (run_dir / "eval.jsonl").read_text().splitlines()]
+
+
+def test_eval_before_training_is_step_0_and_not_a_result(tiny_testbed, tmp_path):
+    cut = tmp_path / "cut"
+
+    def stop_at_once(step, metrics, checkpoint):
+        raise KeyboardInterrupt  # after step 1, before any checkpoint (save_every 2)
+
+    with pytest.raises(KeyboardInterrupt):
+        trainer.run(_config(tiny_testbed, cut, steps=2), on_step=stop_at_once)
+    assert [r["step"] for r in _evals(cut)] == [0]
+    interrupted = json.loads((cut / "result.json").read_text())
+    assert interrupted["final_eval"] is None and interrupted["best_eval"] is None
+    resumed = trainer.run(_config(tiny_testbed, tmp_path / "ignored", steps=2, extra=[f"run.resume={cut}"]))
+    evals = _evals(cut)
+    assert [r["step"] for r in evals] == [0, 2]  # the starting model is not evaluated twice
+    assert resumed.final_eval == evals[-1]["eval/score"] == resumed.best_eval
+
+    off = tmp_path / "off"
+    trainer.run(_config(tiny_testbed, off, steps=1, extra=["eval.before_train=false"]))
+    assert [r["step"] for r in _evals(off)] == [1]
 
 
 def test_step_examples_continue_across_epochs():

@@ -201,6 +201,9 @@ class EvalConfig:
 
     # Evaluate every this many steps; 0 = only at the end (the end is always evaluated).
     every: int = 50
+    # Also evaluate the starting model, logged as step 0 of eval.jsonl (verl's val_before_train).
+    # It is the baseline a run's curve starts from; final and best eval scores leave it out.
+    before_train: bool = False
     n_samples: int = 8
     temperature: float = 1.0
     top_p: float = 0.7
@@ -273,18 +276,19 @@ PRESETS: Mapping[str, Mapping[str, Any]] = {
     "smoke": {
         "model": {"name": "testbed"},
         "ppo": {
-            "prompts_per_step": 8,
+            "prompts_per_step": 16,
             "rollouts_per_prompt": 4,
             "mini_batch_prompts": 4,
             "micro_batch_tokens": 4096,
-            "steps": 20,
+            "steps": 30,
             "max_prompt_length": 256,
-            # The paper's 1e-6 / 1e-5 barely move a tiny model in 20 steps.
-            "actor_lr": 1e-5,
-            "critic_lr": 1e-4,
+            # The paper's 1e-6 / 1e-5 barely move a 1M-parameter model in 30 steps; 1e-4 lets the
+            # testbed unlearn its answer slip within the run, 3e-4 collapses it.
+            "actor_lr": 1e-4,
+            "critic_lr": 1e-3,
         },
         "rollout": {"engine": "hf", "max_new_tokens": 48},
-        "eval": {"every": 10, "limit": 32, "n_samples": 2},
+        "eval": {"every": 10, "limit": 128, "n_samples": 2, "before_train": True},
         "run": {"save_every": 10, "keep_last": 1},
     },
     # The paper's setup (Table 2 and Section 4), written out so it does not drift with the defaults.

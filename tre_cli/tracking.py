@@ -372,7 +372,9 @@ class Tracker:
         else:
             self.run_dir = open_run_dir(self._requested_dir)
             self.truncate_after(self.resume_step)
-            self._last_step = self._last_eval_step = self.resume_step
+            self._last_step = self.resume_step
+            evals = read_jsonl(self.run_dir.eval_file)
+            self._last_eval_step = max((int(record["step"]) for record in evals), default=None)
         self._start_wandb()
         return self
 
@@ -436,6 +438,10 @@ class Tracker:
             # W&B merges values logged at the current step, so this may follow log() for the same step.
             self._wandb_run.log(numbers_, step=int(step))
 
+    def has_eval(self, step: int) -> bool:
+        """Whether eval.jsonl holds a record for `step`."""
+        return any(int(record["step"]) == step for record in read_jsonl(self.run_dir.eval_file))
+
     def truncate_after(self, step: int) -> None:
         """Drop metrics and eval records after `step` (resuming from the checkpoint of `step`)."""
         dropped = truncate_jsonl_after(self.run_dir.metrics_file, step)
@@ -462,6 +468,8 @@ class Tracker:
             raise ValueError(f"status must be one of {', '.join(STATUSES)}, got {status!r}")
         try:
             evals = read_jsonl(self.run_dir.eval_file)
+            if method != "base":  # step 0 of a training run is the starting model (eval.before_train)
+                evals = [record for record in evals if record["step"] > 0]
             scores = [record["eval/score"] for record in evals if not math.isnan(record["eval/score"])]
             final = max(evals, key=lambda record: record["step"]) if evals else None
             if steps_done is None:
@@ -552,7 +560,7 @@ def wandb_run_to_run(run: Any, metric_keys: Tuple[str, ...] = ("actor/p_max",)) 
         for row in run.scan_history(keys=["_step", *metric_keys])
     ] if metric_keys else []
     evals = [{"step": int(row["_step"]), "eval/score": row["eval/score"]} for row in run.scan_history(keys=["_step", "eval/score"])]
-    scores = [record["eval/score"] for record in evals if isinstance(record["eval/score"], numbers.Real)]
+    scores = [record["eval/score"] for record in evals if isinstance(record["eval/score"], numbers.Real) and record["step"] > 0]
     section = lambda name: config.get(name) if isinstance(config.get(name), Mapping) else {}  # noqa: E731
     result = {
         "run_dir": run.url,

@@ -534,6 +534,9 @@ def run(config: RunConfig, on_step: Optional[StepCallback] = None, console=None)
         cfg = parts.config = tracker.config
         steps = cfg.ppo.steps
         step = start - 1
+        if cfg.eval.before_train and start == 1 and not tracker.has_eval(0):
+            evaluated = run_eval(parts, 0, tracker)
+            console.print(f"step {0:>4}/{steps}  [bold]eval {evaluated.metric} {evaluated.score:.3f}[/] (before training)")
         bar = _progress_bar(console, steps, start - 1)
         try:
             for step in range(start, steps + 1):

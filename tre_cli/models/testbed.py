@@ -8,8 +8,20 @@ Recipe (every number lives in TESTBED_SPEC, whose hash names the cache directory
    form: the numbers in the prompt's order, each added or subtracted, the reasoning being that
    equation with its value ("<think>98 - 54 - 6 + 34 = 72</think> <answer>98 - 54 - 6 + 34</answer>").
    About 40% of Countdown problems have such a solution. The model learns to copy the numbers
-   and a rough sense of which signs fit, not exact arithmetic, so its reward at temperature 1.0
-   is above 0 and far below 1, which leaves PPO room to improve it.
+   and a rough sense of which signs fit, not exact arithmetic.
+4. In half of the warm-start answers the teacher slips: it writes the equation's value inside the
+   answer tag ("<answer>98 - 54 - 6 + 34 = 72</answer>"), which the scorer rejects, as real
+   instruct models often do early in Countdown RL. The testbed starts with a Countdown reward of
+   about 0.09 at temperature 1.0 and slips in about 45% of its answers; without the slip it would
+   score about 0.17.
+
+Why the slip: PPO cannot teach a 1M-parameter model arithmetic within a CPU-sized run (runs of 150
+steps without it moved the reward from 0.10 to 0.13), but unlearning a habit that costs reward
+whenever the answer is otherwise right is a credit-assignment problem it solves in tens of steps.
+With the smoke preset (30 steps x 64 samples, actor lr 1e-4, about a minute) the slip rate falls
+to about 5% and the reward roughly doubles for every method, so a smoke run shows learning and
+its curves differ by method. Exploration beyond that (finding sign patterns the model rarely
+samples) is what the slower, real-model runs are for.
 """
 
 from __future__ import annotations
@@ -60,6 +72,9 @@ TESTBED_SPEC: dict[str, Any] = {
     # What goes between <think> and </think>: "steps" (the running totals) or "equation" (the
     # answer's expression = target, a much shorter thing to learn).
     "think": "equation",
+    # The fraction of warm-start answers written "<answer>EXPR = target</answer>", a slip the
+    # scorer gives 0 (see the module docstring).
+    "slips": 0.5,
 }
 
 
@@ -100,9 +115,14 @@ def signed_sum_solution(nums: Sequence[int], target: int) -> tuple[str, str] | N
     return ", ".join(steps), expression
 
 
-def sft_pairs(count: int, seed: int, think: str = "steps") -> list[tuple[dict, str]]:
-    """`count` (problem, response) pairs over problems that have a signed-sum solution."""
+def sft_pairs(count: int, seed: int, think: str = "steps", slips: float = 0.0) -> list[tuple[dict, str]]:
+    """`count` (problem, response) pairs over problems that have a signed-sum solution.
+
+    In a fraction `slips` of them (drawn at random) the teacher writes the equation's value inside
+    the answer tag, "<answer>98 - 54 - 6 + 34 = 72</answer>", which the Countdown scorer rejects.
+    """
     countdown = _countdown()
+    slip_rng = random.Random(seed * 7919 + 1)
     pairs: list[tuple[dict, str]] = []
     batch = 0
     while len(pairs) < count:
@@ -114,7 +134,10 @@ def sft_pairs(count: int, seed: int, think: str = "steps") -> list[tuple[dict, s
             reasoning, expression = solved
             if think == "equation":
                 reasoning = f"{expression} = {row['target']}"
-            response = f"{THINK_OPEN}{reasoning}{THINK_CLOSE} {ANSWER_OPEN}{expression}{ANSWER_CLOSE}"
+            answer = expression
+            if slips > 0 and slip_rng.random() < slips:
+                answer = f"{expression} = {row['target']}"
+            response = f"{THINK_OPEN}{reasoning}{THINK_CLOSE} {ANSWER_OPEN}{answer}{ANSWER_CLOSE}"
             pairs.append(({"nums": row["nums"], "target": row["target"]}, response))
             if len(pairs) == count:
                 break
@@ -257,8 +280,15 @@ def supervised_warm_start(model, sequences, spec: dict, pad_id: int, log=None) -
     return losses
 
 
-def measure_countdown_reward(model, tokenizer, problems: int, seed: int, max_new_tokens: int = 64) -> float:
-    """Mean Countdown reward of one sample per problem at temperature 1.0 (the paper's setting)."""
+def has_answer_slip(response: str) -> bool:
+    """Whether the response's answer carries the slip the warm start teaches: "EXPR = value"."""
+    answer = _countdown().extract_answer(response)
+    return answer is not None and "=" in answer
+
+
+def measure_countdown_reward(model, tokenizer, problems: int, seed: int, max_new_tokens: int = 64) -> tuple[float, float]:
+    """(mean Countdown reward, fraction of answers with the slip) of one sample per problem at
+    temperature 1.0 (the paper's setting)."""
     from tre_cli.rollout.hf import HFEngine
 
     countdown = _countdown()
@@ -267,7 +297,8 @@ def measure_countdown_reward(model, tokenizer, problems: int, seed: int, max_new
     engine = HFEngine(model=model, tokenizer=tokenizer, device="cpu", seed=seed)
     rollout = engine.generate(prompts, n=1, max_new_tokens=max_new_tokens, temperature=1.0, top_p=1.0)
     scores = [countdown.score(text, row["nums"], row["target"]) for text, row in zip(rollout.texts, rows)]
-    return sum(scores) / len(scores)
+    slips = [has_answer_slip(text) for text in rollout.texts]
+    return sum(scores) / len(scores), sum(slips) / len(slips)
 
 
 # ----------------------------------------------------------------------------- build and cache
@@ -297,7 +328,7 @@ def build_testbed(out_dir: str | os.PathLike, log=None, measure: bool = True, **
     torch.manual_seed(spec["seed"])
     if spec["think"] not in ("steps", "equation"):
         raise ValueError(f"testbed think must be 'steps' or 'equation', got {spec['think']!r}")
-    pairs = sft_pairs(spec["sft_problems"], spec["seed"], spec["think"])
+    pairs = sft_pairs(spec["sft_problems"], spec["seed"], spec["think"], spec["slips"])
     tokenizer = build_tokenizer(tokenizer_corpus(pairs), spec["vocab_size"])
     sequences = []
     for example, response in pairs:
@@ -318,7 +349,8 @@ def build_testbed(out_dir: str | os.PathLike, log=None, measure: bool = True, **
     }
     if measure:
         # A seed far from the SFT seeds, so these problems are (almost surely) unseen.
-        card["countdown_reward_t1"] = measure_countdown_reward(model, tokenizer, spec["eval_problems"], 987_654_321)
+        reward, slip_rate = measure_countdown_reward(model, tokenizer, spec["eval_problems"], 987_654_321)
+        card["countdown_reward_t1"], card["answer_slip_rate_t1"] = reward, slip_rate
         card["measure_seconds"] = round(time.perf_counter() - started - train_seconds, 1)
     out.mkdir(parents=True, exist_ok=True)
     model.generation_config.eos_token_id = tokenizer.eos_token_id
