@@ -77,8 +77,8 @@ def test_plan_resolves_every_trial_with_its_grid_values_seeds_and_sets(tmp_path)
     by_name = {p.trial.name: p for p in plan.trials}
     ent = by_name["countdown-T64-ent-a0.0001-s7"].config
     assert (ent.method.name, ent.method.alpha, ent.rollout.max_new_tokens, ent.run.seed) == ("ent", 0.0001, 64, 7)
-    assert ent.model.name == "testbed" and ent.ppo.steps == 6 and ent.ppo.clip == 0.3
-    assert ent.task.options["train_size"] == 256
+    assert ent.model.name == "testbed" and ent.ppo.steps == 20 and ent.ppo.clip == 0.3
+    assert ent.task.options["train_size"] == 512
     assert ent.run.out == str(out.absolute() / "runs" / "countdown-T64-ent-a0.0001-s7")
     assert ent.run.wandb.group == "horizon" and ent.run.wandb.mode == "offline"
     assert by_name["countdown-T32-vanilla-s0"].config.method.name == "vanilla"
