@@ -19,7 +19,7 @@ Why the slip: PPO cannot teach a 1M-parameter model arithmetic within a CPU-size
 steps without it moved the reward from 0.10 to 0.13), but unlearning a habit that costs reward
 whenever the answer is otherwise right is a credit-assignment problem it solves in tens of steps.
 With the smoke preset (30 steps x 64 samples, actor lr 1e-4, about a minute) the slip rate falls
-to about 5% and the reward roughly doubles for every method, so a smoke run shows learning and
+to about 4% and the reward nearly doubles for every method, so a smoke run shows learning and
 its curves differ by method. Exploration beyond that (finding sign patterns the model rarely
 samples) is what the slower, real-model runs are for.
 """
