@@ -31,3 +31,18 @@ def quick_testbed(tmp_path_factory):
     out = tmp_path_factory.mktemp("quick-testbed") / "model"
     build_testbed(out, measure=False, **QUICK_TESTBED)
     return out
+
+
+@pytest.fixture(scope="session")
+def quick_tokenizer(quick_testbed):
+    from tre_cli.models import load_tokenizer
+
+    return load_tokenizer(quick_testbed)
+
+
+@pytest.fixture(scope="session")
+def quick_policy(quick_testbed):
+    """Shared by the rollout modules: tests may switch its mode but must not change its weights."""
+    from tre_cli.models import load_policy
+
+    return load_policy(quick_testbed)

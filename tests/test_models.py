@@ -12,17 +12,12 @@ from tre_cli.models import ValueModel, load_critic, load_policy, load_tokenizer,
 from tre_cli.models import testbed
 
 
-@pytest.fixture(scope="module")
-def tiny_dir(quick_testbed):
-    return quick_testbed
-
-
-def test_tiny_testbed_builds_and_loads(tiny_dir):
-    card = json.loads((tiny_dir / "testbed.json").read_text())
+def test_tiny_testbed_builds_and_loads(quick_testbed):
+    card = json.loads((quick_testbed / "testbed.json").read_text())
     assert card["spec"]["steps"] == QUICK_TESTBED["steps"]
     assert card["spec"]["hidden_size"] // card["spec"]["num_attention_heads"] == 32
-    model = load_policy(tiny_dir)
-    tokenizer = load_tokenizer(tiny_dir)
+    model = load_policy(quick_testbed)
+    tokenizer = load_tokenizer(quick_testbed)
     assert model.config.model_type == "qwen2"
     assert model.config.vocab_size >= len(tokenizer)
     assert model.config.eos_token_id == tokenizer.eos_token_id
@@ -31,8 +26,8 @@ def test_tiny_testbed_builds_and_loads(tiny_dir):
     assert model(input_ids=ids).logits.shape == (1, ids.shape[1], model.config.vocab_size)
 
 
-def test_tokenizer_roundtrip_and_chat_template(tiny_dir):
-    tokenizer = load_tokenizer(tiny_dir)
+def test_tokenizer_roundtrip_and_chat_template(quick_testbed):
+    tokenizer = load_tokenizer(quick_testbed)
     text = "<think>98 + 34 = 132, 132 - 54 = 78</think> <answer>98 + 34 - 54</answer>"
     ids = tokenizer(text, add_special_tokens=False)["input_ids"]
     assert tokenizer.decode(ids) == text
@@ -53,10 +48,10 @@ def test_tokenizer_roundtrip_and_chat_template(tiny_dir):
     assert tokenizer.decode(prompt_ids + ids + [tokenizer.eos_token_id], skip_special_tokens=True).endswith(text)
 
 
-def test_countdown_prompt_renders_with_testbed_tokenizer(tiny_dir):
+def test_countdown_prompt_renders_with_testbed_tokenizer(quick_testbed):
     from tre_cli.tasks import get_task
 
-    tokenizer = load_tokenizer(tiny_dir)
+    tokenizer = load_tokenizer(quick_testbed)
     prompt = get_task("countdown").render({"nums": [3, 5, 7], "target": 22}, tokenizer)
     assert prompt.startswith("<|im_start|>user\nUsing the numbers [3, 5, 7]")
     ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
@@ -151,9 +146,9 @@ def test_hub_id_without_network_fails_fast(tmp_path, monkeypatch):
     assert time.perf_counter() - started < 10
 
 
-def test_critic_values_shape_and_training(tiny_dir):
+def test_critic_values_shape_and_training(quick_testbed):
     torch.manual_seed(0)
-    critic = load_critic(tiny_dir)
+    critic = load_critic(quick_testbed)
     assert isinstance(critic, ValueModel)
     input_ids = torch.randint(3, 100, (3, 7))
     attention_mask = torch.ones_like(input_ids)
@@ -175,11 +170,11 @@ def test_critic_values_shape_and_training(tiny_dir):
     assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in critic.backbone.parameters())
 
 
-def test_gradient_checkpointing_gives_the_same_gradients(tiny_dir):
+def test_gradient_checkpointing_gives_the_same_gradients(quick_testbed):
     input_ids = torch.randint(3, 100, (2, 9))
     grads = []
     for checkpointing in (False, True):
-        model = load_policy(tiny_dir, gradient_checkpointing=checkpointing)
+        model = load_policy(quick_testbed, gradient_checkpointing=checkpointing)
         model.train()
         model(input_ids=input_ids, labels=input_ids).loss.backward()
         grads.append(model.model.embed_tokens.weight.grad.clone())

@@ -5,25 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from tre_cli.models import load_policy, load_tokenizer
+from tre_cli.models import load_policy
 from tre_cli.rollout import Rollout, get_engine, response_logprobs_from_logits
 from tre_cli.rollout.hf import HFEngine, sample_tokens
-
-
-
-@pytest.fixture(scope="module")
-def tiny_dir(quick_testbed):
-    return quick_testbed
-
-
-@pytest.fixture(scope="module")
-def tokenizer(tiny_dir):
-    return load_tokenizer(tiny_dir)
-
-
-@pytest.fixture(scope="module")
-def policy(tiny_dir):
-    return load_policy(tiny_dir)
 
 
 def prompts_of(tokenizer, texts):
@@ -33,9 +17,9 @@ def prompts_of(tokenizer, texts):
 PROMPT_TEXTS = ["Using the numbers [3, 5, 7]", "<answer>", "create an equation that equals 42. You can use"]
 
 
-def test_layout_masks_and_grouping(tiny_dir, tokenizer, policy):
-    engine = get_engine("hf", tiny_dir, tokenizer, model=policy, seed=1)
-    prompts = prompts_of(tokenizer, PROMPT_TEXTS)
+def test_layout_masks_and_grouping(quick_testbed, quick_tokenizer, quick_policy):
+    engine = get_engine("hf", quick_testbed, quick_tokenizer, model=quick_policy, seed=1)
+    prompts = prompts_of(quick_tokenizer, PROMPT_TEXTS)
     rollout = engine.generate(prompts, n=4, max_new_tokens=12, temperature=1.0)
     assert isinstance(rollout, Rollout)
     assert rollout.num_samples == 12
@@ -51,43 +35,43 @@ def test_layout_masks_and_grouping(tiny_dir, tokenizer, policy):
         assert 1 <= length <= 12
         # Right padding: tokens first, then pads with mask 0 and log-prob 0.
         assert rollout.response_mask[row].tolist() == [1] * length + [0] * (rollout.response_ids.shape[1] - length)
-        assert (rollout.response_ids[row, length:] == tokenizer.pad_token_id).all()
+        assert (rollout.response_ids[row, length:] == quick_tokenizer.pad_token_id).all()
         assert (rollout.logprobs[row, length:] == 0).all()
         assert (rollout.logprobs[row, :length] <= 0).all()
         tokens = rollout.response_ids[row, :length].tolist()
-        eos_positions = [i for i, t in enumerate(tokens) if t == tokenizer.eos_token_id]
+        eos_positions = [i for i, t in enumerate(tokens) if t == quick_tokenizer.eos_token_id]
         # EOS, when sampled, is the last response token and inside the mask.
         assert eos_positions in ([], [length - 1])
         assert bool(rollout.finished[row]) == (eos_positions == [length - 1])
         if not rollout.finished[row]:
             assert length == 12
-        assert rollout.texts[row] == tokenizer.decode(tokens, skip_special_tokens=True)
+        assert rollout.texts[row] == quick_tokenizer.decode(tokens, skip_special_tokens=True)
     inputs = rollout.model_inputs()
     assert inputs["input_ids"].shape == (12, width + rollout.response_ids.shape[1])
     assert inputs["position_ids"][0, -1] == rollout.attention_mask[0].sum() - 1
 
 
-def test_stops_at_eos(tiny_dir, tokenizer):
+def test_stops_at_eos(quick_testbed, quick_tokenizer):
     """A model that always prefers EOS: every sample is exactly [EOS], finished, masked in."""
-    model = load_policy(tiny_dir)
+    model = load_policy(quick_testbed)
     bias = torch.zeros(model.config.vocab_size)
-    bias[tokenizer.eos_token_id] = 50.0
+    bias[quick_tokenizer.eos_token_id] = 50.0
     model.lm_head.register_forward_hook(lambda module, inputs, output: output + bias)
-    engine = HFEngine(model, tokenizer, seed=0)
-    rollout = engine.generate(prompts_of(tokenizer, PROMPT_TEXTS), n=2, max_new_tokens=8)
+    engine = HFEngine(model, quick_tokenizer, seed=0)
+    rollout = engine.generate(prompts_of(quick_tokenizer, PROMPT_TEXTS), n=2, max_new_tokens=8)
     assert rollout.response_ids.shape == (6, 1)
-    assert (rollout.response_ids[:, 0] == tokenizer.eos_token_id).all()
+    assert (rollout.response_ids[:, 0] == quick_tokenizer.eos_token_id).all()
     assert rollout.response_mask.tolist() == [[1]] * 6
     assert rollout.finished.all()
     assert rollout.texts == [""] * 6
     assert torch.allclose(rollout.logprobs, torch.zeros(6, 1), atol=1e-6)
 
 
-def test_seeded_and_reproducible(tiny_dir, tokenizer, policy):
-    prompts = prompts_of(tokenizer, PROMPT_TEXTS)
-    first = HFEngine(policy, tokenizer, seed=7).generate(prompts, n=3, max_new_tokens=10)
-    again = HFEngine(policy, tokenizer, seed=7).generate(prompts, n=3, max_new_tokens=10)
-    other = HFEngine(policy, tokenizer, seed=8).generate(prompts, n=3, max_new_tokens=10)
+def test_seeded_and_reproducible(quick_testbed, quick_tokenizer, quick_policy):
+    prompts = prompts_of(quick_tokenizer, PROMPT_TEXTS)
+    first = HFEngine(quick_policy, quick_tokenizer, seed=7).generate(prompts, n=3, max_new_tokens=10)
+    again = HFEngine(quick_policy, quick_tokenizer, seed=7).generate(prompts, n=3, max_new_tokens=10)
+    other = HFEngine(quick_policy, quick_tokenizer, seed=8).generate(prompts, n=3, max_new_tokens=10)
     assert torch.equal(first.response_ids, again.response_ids)
     assert torch.equal(first.logprobs, again.logprobs)
     assert not torch.equal(first.response_ids, other.response_ids)
@@ -96,29 +80,29 @@ def test_seeded_and_reproducible(tiny_dir, tokenizer, policy):
 
 
 @pytest.mark.parametrize("temperature", [1.0, 0.7])
-def test_logprobs_equal_a_full_forward(tiny_dir, tokenizer, policy, temperature):
-    engine = HFEngine(policy, tokenizer, seed=3)
-    prompts = prompts_of(tokenizer, PROMPT_TEXTS)
+def test_logprobs_equal_a_full_forward(quick_testbed, quick_tokenizer, quick_policy, temperature):
+    engine = HFEngine(quick_policy, quick_tokenizer, seed=3)
+    prompts = prompts_of(quick_tokenizer, PROMPT_TEXTS)
     rollout = engine.generate(prompts, n=3, max_new_tokens=16, temperature=temperature)
     with torch.no_grad():
-        logits = policy(**rollout.model_inputs()).logits
+        logits = quick_policy(**rollout.model_inputs()).logits
     recomputed = response_logprobs_from_logits(
         logits, rollout.response_ids, rollout.prompt_ids.shape[1], temperature
     ) * rollout.response_mask
     assert torch.allclose(rollout.logprobs, recomputed, atol=1e-4), (rollout.logprobs - recomputed).abs().max()
 
 
-def test_static_cache_path_matches_dynamic(tiny_dir, tokenizer, policy):
+def test_static_cache_path_matches_dynamic(quick_testbed, quick_tokenizer, quick_policy):
     """The CUDA decoding path (static cache, full-width mask) run eagerly on CPU."""
-    prompts = prompts_of(tokenizer, PROMPT_TEXTS)
-    dynamic = HFEngine(policy, tokenizer, seed=5).generate(prompts, n=2, max_new_tokens=10)
-    static = HFEngine(policy, tokenizer, seed=5, static_cache=True, compile=False).generate(
+    prompts = prompts_of(quick_tokenizer, PROMPT_TEXTS)
+    dynamic = HFEngine(quick_policy, quick_tokenizer, seed=5).generate(prompts, n=2, max_new_tokens=10)
+    static = HFEngine(quick_policy, quick_tokenizer, seed=5, static_cache=True, compile=False).generate(
         prompts, n=2, max_new_tokens=10
     )
     assert torch.equal(dynamic.response_ids, static.response_ids)
     assert torch.allclose(dynamic.logprobs, static.logprobs, atol=1e-4)
     # A second call reuses the (reset) cache: same results as a fresh dynamic engine's second call.
-    engines = [HFEngine(policy, tokenizer, seed=9), HFEngine(policy, tokenizer, seed=9, static_cache=True)]
+    engines = [HFEngine(quick_policy, quick_tokenizer, seed=9), HFEngine(quick_policy, quick_tokenizer, seed=9, static_cache=True)]
     rollouts = [[e.generate(prompts, n=2, max_new_tokens=10) for _ in range(2)] for e in engines]
     assert len(engines[1]._static_caches) == 1
     assert torch.equal(rollouts[0][1].response_ids, rollouts[1][1].response_ids)
@@ -136,16 +120,16 @@ def test_top_p_sampling_keeps_the_nucleus():
     assert torch.bincount(tokens, minlength=4)[3] > 0
 
 
-def test_generation_restores_training_mode(tiny_dir, tokenizer, policy):
-    policy.train()
-    HFEngine(policy, tokenizer).generate(prompts_of(tokenizer, ["hi"]), n=1, max_new_tokens=2)
-    assert policy.training
-    policy.eval()
+def test_generation_restores_training_mode(quick_testbed, quick_tokenizer, quick_policy):
+    quick_policy.train()
+    HFEngine(quick_policy, quick_tokenizer).generate(prompts_of(quick_tokenizer, ["hi"]), n=1, max_new_tokens=2)
+    assert quick_policy.training
+    quick_policy.eval()
 
 
-def test_bad_arguments_are_clear(tiny_dir, tokenizer, policy):
-    engine = HFEngine(policy, tokenizer)
-    prompt = prompts_of(tokenizer, ["hi"])
+def test_bad_arguments_are_clear(quick_testbed, quick_tokenizer, quick_policy):
+    engine = HFEngine(quick_policy, quick_tokenizer)
+    prompt = prompts_of(quick_tokenizer, ["hi"])
     with pytest.raises(ValueError, match="temperature"):
         engine.generate(prompt, n=1, max_new_tokens=4, temperature=0.0)
     with pytest.raises(ValueError, match="top_p"):
@@ -155,12 +139,12 @@ def test_bad_arguments_are_clear(tiny_dir, tokenizer, policy):
     with pytest.raises(ValueError, match="positions"):
         engine.generate(prompt, n=1, max_new_tokens=10_000)
     with pytest.raises(ValueError, match="unknown rollout engine"):
-        get_engine("sglang", tiny_dir, tokenizer)
+        get_engine("sglang", quick_testbed, quick_tokenizer)
 
 
-def test_engine_loads_the_model_when_not_given(tiny_dir, tokenizer):
-    engine = get_engine("hf", tiny_dir, tokenizer, seed=0)
-    rollout = engine.generate(prompts_of(tokenizer, ["hi"]), n=2, max_new_tokens=3)
+def test_engine_loads_the_model_when_not_given(quick_testbed, quick_tokenizer):
+    engine = get_engine("hf", quick_testbed, quick_tokenizer, seed=0)
+    rollout = engine.generate(prompts_of(quick_tokenizer, ["hi"]), n=2, max_new_tokens=3)
     assert rollout.num_samples == 2
     # sync_weights with a state dict loads it into the engine's own module.
     state = {k: torch.zeros_like(v) for k, v in engine.model.state_dict().items()}
