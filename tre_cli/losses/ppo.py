@@ -129,19 +129,10 @@ def aggregate(
     its tokens) is left out of the mean. An empty mask gives 0 with a graph (zero gradients).
     """
     w = _as_weights(mask, per_token)
-    if mode == "token-mean":
-        return _safe_div((per_token * w).sum(), w.sum())
-    if mode == "seq-mean-token-sum-norm":
-        if horizon is None or horizon <= 0:
-            raise ValueError(f"aggregation 'seq-mean-token-sum-norm' needs a positive horizon, got {horizon!r}")
-        return (per_token * w).sum() / horizon
-    if mode in ("seq-mean-token-sum", "seq-mean-token-mean"):
-        seq_sum = (per_token * w).sum(dim=-1)
-        seq_len = w.sum(dim=-1)
-        seq_loss = seq_sum if mode == "seq-mean-token-sum" else _safe_div(seq_sum, seq_len)
-        has_tokens = (seq_len > 0).to(per_token.dtype)
-        return _safe_div((seq_loss * has_tokens).sum(), has_tokens.sum())
-    raise ValueError(f"unknown loss aggregation mode {mode!r}; choose one of: {', '.join(AGG_MODES)}")
+    # An empty mask leaves a sum over nothing (0): dividing by 1 keeps the 0 and its graph.
+    tokens = w.sum().clamp(min=1.0)
+    seqs = (w.sum(dim=-1) > 0).to(per_token.dtype).sum().clamp(min=1.0)
+    return _reduce(per_token, w, mode, tokens, seqs, horizon)
 
 
 def aggregate_share(
@@ -153,8 +144,14 @@ def aggregate_share(
     of a split add up to the aggregate of the whole, so gradient accumulation is exact: a
     micro-batch with long responses weighs by its tokens, not by its count of sequences."""
     w = _as_weights(mask, per_token)
+    return _reduce(per_token, w, mode, max(float(total_tokens), 1.0), max(float(total_seqs), 1.0), horizon)
+
+
+def _reduce(per_token: torch.Tensor, w: torch.Tensor, mode: str, tokens, seqs, horizon: Optional[int]) -> torch.Tensor:
+    """The modes of `aggregate` and `aggregate_share`, given the token and sequence counts (>= 1)
+    to divide by: the batch's own, or a whole mini-batch's."""
     if mode == "token-mean":
-        return (per_token * w).sum() / max(float(total_tokens), 1.0)
+        return (per_token * w).sum() / tokens
     if mode == "seq-mean-token-sum-norm":
         if horizon is None or horizon <= 0:
             raise ValueError(f"aggregation 'seq-mean-token-sum-norm' needs a positive horizon, got {horizon!r}")
@@ -163,7 +160,7 @@ def aggregate_share(
         seq_sum = (per_token * w).sum(dim=-1)
         if mode == "seq-mean-token-mean":
             seq_sum = _safe_div(seq_sum, w.sum(dim=-1))
-        return seq_sum.sum() / max(float(total_seqs), 1.0)
+        return seq_sum.sum() / seqs
     raise ValueError(f"unknown loss aggregation mode {mode!r}; choose one of: {', '.join(AGG_MODES)}")
 
 
