@@ -6,7 +6,7 @@ TORCH_PIN := torch==2.13.0
 
 .PHONY: test test-kernels demo bench clean
 
-$(VENV)/.installed: pyproject.toml
+$(VENV)/.installed: pyproject.toml setup.py
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet "$(TORCH_PIN)"
@@ -32,7 +32,7 @@ test: $(VENV)/.installed $(VENV)/.vllm
 # have triton (vLLM's CPU build breaks with it). About 2 min to create, under a minute to test.
 KVENV := .venv-kernel
 
-$(KVENV)/.installed: pyproject.toml
+$(KVENV)/.installed: pyproject.toml setup.py
 	$(PYTHON) -m venv $(KVENV)
 	$(KVENV)/bin/python -m pip install --quiet --upgrade pip
 	$(KVENV)/bin/python -m pip install --quiet "$(TORCH_PIN)"

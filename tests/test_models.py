@@ -16,6 +16,7 @@ def test_tiny_testbed_builds_and_loads(quick_testbed):
     card = json.loads((quick_testbed / "testbed.json").read_text())
     assert card["spec"]["steps"] == QUICK_TESTBED["steps"]
     assert card["spec"]["hidden_size"] // card["spec"]["num_attention_heads"] == 32
+    assert card["final_loss"] < card["first_loss"] - 0.5  # the warm start learns even in 8 steps
     model = load_policy(quick_testbed)
     tokenizer = load_tokenizer(quick_testbed)
     assert model.config.model_type == "qwen2"
@@ -112,6 +113,53 @@ def test_ensure_testbed_builds_once_into_the_cache(tmp_path, monkeypatch):
     assert testbed.ensure_testbed(spec=spec) == path
     assert (path / "config.json").stat().st_mtime_ns == stamp  # cached, not rebuilt
     assert [p.name for p in tmp_path.iterdir() if p.is_dir()] == [path.name]  # no staging left
+
+
+def test_testbed_resolves_to_the_shipped_copy_without_building(tmp_path, monkeypatch):
+    monkeypatch.setenv("TRE_CACHE_DIR", str(tmp_path / "cache"))
+    path = resolve_model("testbed")
+    assert path == testbed.SHIPPED_DIR
+    assert not (tmp_path / "cache").exists()  # nothing built, nothing cached
+    card = testbed.verify_testbed(path)
+    assert card["spec_hash"] == testbed.spec_hash(testbed.TESTBED_SPEC)  # shipped from today's recipe
+    assert card["spec"] == testbed.TESTBED_SPEC
+    # The shipped model is the one the smoke runs and the learning test were measured on: a
+    # reward above zero and below its ceiling, and the slip PPO unlearns.
+    assert 0.05 <= card["countdown_reward_t1"] <= 0.3 and card["answer_slip_rate_t1"] >= 0.2
+    policy = load_policy("testbed")
+    assert sum(p.numel() for p in policy.parameters()) == card["parameters"]
+
+
+def test_an_altered_testbed_is_refused(tmp_path):
+    import shutil
+
+    copy = tmp_path / "testbed"
+    shutil.copytree(testbed.SHIPPED_DIR, copy)
+    testbed.verify_testbed(copy)
+    weights = copy / "model.safetensors"
+    data = bytearray(weights.read_bytes())
+    data[-1] ^= 1
+    weights.write_bytes(bytes(data))
+    with pytest.raises(ValueError, match="checksum mismatch"):
+        testbed.verify_testbed(copy)
+    (copy / testbed.CHECKSUMS).unlink()
+    with pytest.raises(ValueError, match="no SHA256SUMS"):
+        testbed.verify_testbed(copy)
+
+
+def test_ship_replaces_a_shipped_copy_only_with_a_build_of_todays_recipe(tmp_path):
+    import shutil
+
+    build = tmp_path / "build"
+    shutil.copytree(testbed.SHIPPED_DIR, build)
+    target = testbed.ship(build, target=tmp_path / "shipped")
+    assert testbed.verify_testbed(target)["spec_hash"] == testbed.spec_hash(testbed.TESTBED_SPEC)
+    assert not (tmp_path / "shipped.new").exists()
+    card = json.loads((build / "testbed.json").read_text())
+    (build / "testbed.json").write_text(json.dumps({**card, "spec_hash": "0" * 12}))
+    with pytest.raises(ValueError, match="not built from today's TESTBED_SPEC"):
+        testbed.ship(build, target=tmp_path / "shipped")
+    testbed.verify_testbed(target)  # the earlier copy is untouched
 
 
 def test_missing_local_path_is_one_clear_line(tmp_path):

@@ -67,8 +67,10 @@ PathLike = Union[str, Path]
 
 
 def sweeps_dir() -> Path:
-    """The repository's sweeps/ folder (beside tasks/)."""
-    return Path(__file__).resolve().parent.parent / "sweeps"
+    """The sweeps/ folder: the checkout's, or the copy an installed wheel carries."""
+    from tre_cli.resources import data_dir
+
+    return data_dir("sweeps")
 
 
 def available_sweeps() -> List[str]:
@@ -766,16 +768,6 @@ class SweepOutcome:
     wall_s: float = 0.0
 
 
-def _ensure_local_models(plan: SweepPlan, console) -> None:
-    """Build the testbed once here, so that parallel trials do not each wait on its lock."""
-    if any(p.config.model.name == "testbed" or p.config.model.critic_name == "testbed" for p in plan.trials):
-        from tre_cli.models.testbed import ensure_testbed, testbed_dir
-
-        if not (testbed_dir() / "config.json").exists():
-            console.print("building the testbed model once (cached for later runs)...")
-        ensure_testbed()
-
-
 def _private_dirs(out: Path) -> Dict[str, Path]:
     base = out / ".ray"
     return {"base": base, "temp": base / "tmp", "token": base / "auth_token", "wandb": base / "wandb"}
@@ -902,7 +894,6 @@ def run_sweep(
         from tre_cli.tracking import atomic_write_text
 
         atomic_write_text(plan.out / SWEEP_FILE, json.dumps(plan.manifest(), indent=2) + "\n")
-    _ensure_local_models(plan, console)
 
     env = _common_env(plan.out)
     if address is None:

@@ -1,9 +1,9 @@
 """Policy, critic and tokenizer from a hub id, a local directory, or the built-in `testbed`.
 
-Local first, network last: a name that is a directory is used as is; `testbed` is built and
-cached on first use; anything else is a hub id, taken from the local hub cache when it is there
-and downloaded only when the hub answers within a few seconds. Every failure is one line that
-names the model and says how to pass a local path.
+Local first, network last: a name that is a directory is used as is; `testbed` is the copy that
+ships with the package (tre_cli/models/testbed_weights/); anything else is a hub id, taken from
+the local hub cache when it is there and downloaded only when the hub answers within a few
+seconds. Every failure is one line that names the model and says how to pass a local path.
 """
 
 from __future__ import annotations
@@ -99,16 +99,16 @@ def _unreachable(name: str, why: str) -> ValueError:
 def resolve_model(name_or_path: str | os.PathLike) -> Path:
     """The local directory holding the model called `name_or_path`.
 
-    `testbed` builds (once) and returns the cached built-in model; an existing directory is
+    `testbed` is the shipped built-in model (checksums verified); an existing directory is
     returned as is; anything else is a hub id, taken from the hub cache or downloaded.
     """
     name = str(name_or_path).strip()
     if not name:
         raise ValueError("model name is empty; pass a hub id, a local path or 'testbed'")
     if name == TESTBED_NAME:
-        from tre_cli.models.testbed import ensure_testbed
+        from tre_cli.models.testbed import shipped_testbed
 
-        return ensure_testbed()
+        return shipped_testbed()
     path = Path(name).expanduser()
     if path.is_dir():
         if not (path / "config.json").exists():
