@@ -53,7 +53,7 @@ CHAT_TEMPLATE = (
 
 TESTBED_SPEC: dict[str, Any] = {
     "version": TESTBED_VERSION,
-    "seed": 0,
+    "seed": 1,
     "vocab_size": 384,  # BPE target; the embedding is padded to a multiple of 64
     "hidden_size": 128,
     "num_hidden_layers": 4,
@@ -68,7 +68,7 @@ TESTBED_SPEC: dict[str, Any] = {
     "batch_size": 32,
     "lr": 5e-3,
     "warmup_steps": 50,
-    "eval_problems": 128,
+    "eval_problems": 512,
     # What goes between <think> and </think>: "steps" (the running totals) or "equation" (the
     # answer's expression = target, a much shorter thing to learn).
     "think": "equation",
