@@ -125,7 +125,7 @@ def test_testbed_resolves_to_the_shipped_copy_without_building(tmp_path, monkeyp
     assert card["spec"] == testbed.TESTBED_SPEC
     # The shipped model is the one the smoke runs and the learning test were measured on: a
     # reward above zero and below its ceiling, and the slip PPO unlearns.
-    assert 0.05 <= card["countdown_reward_t1"] <= 0.3 and card["answer_slip_rate_t1"] >= 0.2
+    assert 0.03 <= card["countdown_reward_t1"] <= 0.3 and card["answer_slip_rate_t1"] >= 0.2
     policy = load_policy("testbed")
     assert sum(p.numel() for p in policy.parameters()) == card["parameters"]
 
