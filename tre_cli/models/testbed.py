@@ -11,16 +11,19 @@ Recipe (every number lives in TESTBED_SPEC, whose hash names the cache directory
    and a rough sense of which signs fit, not exact arithmetic.
 4. In half of the warm-start answers the teacher slips: it writes the equation's value inside the
    answer tag ("<answer>98 - 54 - 6 + 34 = 72</answer>"), which the scorer rejects, as real
-   instruct models often do early in Countdown RL. The testbed starts with a Countdown reward of
-   about 0.09 at temperature 1.0 and slips in about 45% of its answers; without the slip it would
-   score about 0.17.
+   instruct models often do early in Countdown RL.
+
+The shipped copy (testbed_weights/, built from this recipe with seed 1 on an AVX2 machine) has a
+Countdown reward of 0.051 at temperature 1.0 on 512 held-out problems and slips in 46% of its
+answers. A rebuild on another processor is another model: 600 steps at lr 5e-3 amplify the
+different summation order of other kernels (seed 0 gave 0.098 on an AVX-512 machine and 0.023 on
+an AVX2 one). That is why the package ships the weights instead of building them on first use.
 
 Why the slip: PPO cannot teach a 1M-parameter model arithmetic within a CPU-sized run (runs of 150
 steps without it moved the reward from 0.10 to 0.13), but unlearning a habit that costs reward
 whenever the answer is otherwise right is a credit-assignment problem it solves in tens of steps.
-With the smoke preset (30 steps x 64 samples, actor lr 1e-4, about a minute) the slip rate falls
-to about 4% and the reward nearly doubles for every method, so a smoke run shows learning and
-its curves differ by method. Exploration beyond that (finding sign patterns the model rarely
+With the smoke preset (30 steps x 64 samples, actor lr 1e-4) the slip rate falls and the reward
+rises for every method, so a smoke run shows learning (tests/test_learning.py). Exploration beyond that (finding sign patterns the model rarely
 samples) is what the slower, real-model runs are for.
 """
 
