@@ -39,6 +39,7 @@ from tre_cli.losses import selectors
 from tre_cli.losses.ppo import aggregate_share, gae, masked_mean, place_terminal_reward, policy_loss, value_loss, whiten
 from tre_cli.losses.registry import REGULARIZERS, get_method
 from tre_cli.losses.stats import token_stats
+from tre_cli.models.precision import autocast_for
 from tre_cli.rollout.base import position_ids_from_mask
 from tre_cli.tracking import RunResult, Tracker, atomic_dir, open_run_dir
 
@@ -89,6 +90,8 @@ def encode_prompt(task, example: dict, tokenizer, max_prompt_length: int) -> Lis
 
 def build(config: RunConfig) -> Parts:
     from tre_cli.models import load_critic, load_policy, load_tokenizer, resolve_model
+    from tre_cli.models import resolve_dtype as resolve_torch_dtype
+    from tre_cli.models.precision import training_precision
     from tre_cli.tasks import get_task
 
     device = resolve_device(config.run.device)
@@ -101,9 +104,11 @@ def build(config: RunConfig) -> Parts:
         raise ValueError(f"task {config.task.name!r} has no training examples")
     model_path = resolve_model(config.model.name)
     tokenizer = load_tokenizer(model_path)
-    policy = load_policy(model_path, dtype=dtype, device=device, gradient_checkpointing=checkpointing)
-    critic = load_critic(resolve_model(config.model.critic_name or config.model.name), dtype=dtype,
-                         device=device, gradient_checkpointing=checkpointing)
+    # issue 11: fp32 masters (parameters, gradients, optimizer state), forwards in `dtype` (autocast).
+    precision = training_precision(resolve_torch_dtype(dtype, device), device)
+    policy = load_policy(model_path, device=device, gradient_checkpointing=checkpointing, precision=precision)
+    critic = load_critic(resolve_model(config.model.critic_name or config.model.name), device=device,
+                         gradient_checkpointing=checkpointing, precision=precision)
     engine = make_engine(config, model_path, tokenizer, device, dtype, policy)
     actor_opt = torch.optim.AdamW(policy.parameters(), lr=config.ppo.actor_lr, weight_decay=0.0)
     critic_opt = torch.optim.AdamW(critic.parameters(), lr=config.ppo.critic_lr, weight_decay=0.0)
@@ -161,8 +166,9 @@ def _response_logits(policy, inputs: dict, response_width: int) -> torch.Tensor:
     """Logits [b, R, V] that predict the response tokens, computing the LM head on those positions only."""
     start = inputs["prompt_width"] - 1
     keep = torch.arange(start, start + response_width, device=inputs["input_ids"].device)
-    out = policy(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"],
-                 position_ids=inputs["position_ids"], logits_to_keep=keep, use_cache=False)
+    with autocast_for(policy):  # issue 11: the compute dtype over fp32 masters; statistics stay outside
+        out = policy(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"],
+                     position_ids=inputs["position_ids"], logits_to_keep=keep, use_cache=False)
     return out.logits
 
 
@@ -366,7 +372,7 @@ def train_step(parts: Parts, step: int) -> Dict[str, float]:
     update_metrics = ppo_update(parts, rollout, batch, step)
     timings["timing/update_s"] = time.perf_counter() - t
     t = time.perf_counter()
-    parts.engine.sync_weights(parts.policy.state_dict() if cfg.rollout.engine != "hf" else None)
+    parts.engine.sync_weights(parts.policy.state_dict())  # issue 11: each engine casts/skips as it needs
     timings["timing/sync_s"] = time.perf_counter() - t
     timings["timing/step_s"] = time.perf_counter() - t0
 
@@ -432,7 +438,7 @@ def load_checkpoint(parts: Parts, path: Path) -> int:
     parts.critic_opt.load_state_dict(saved["critic_opt"])
     parts.critic_sched.load_state_dict(saved["critic_sched"])
     _set_rng_state(parts, saved["rng"])
-    parts.engine.sync_weights(parts.policy.state_dict() if parts.config.rollout.engine != "hf" else None)
+    parts.engine.sync_weights(parts.policy.state_dict())  # issue 11: each engine casts/skips as it needs
     return int(json.loads((path / "state.json").read_text())["step"])
 
 

@@ -23,6 +23,7 @@ from typing import Sequence
 
 import torch
 
+from tre_cli.models.precision import engine_state_dict
 from tre_cli.rollout.base import Rollout, RolloutEngine, assemble_rollout, check_generate_args, eos_token_ids_of
 
 CPU_KV_CACHE_BYTES = 512 * 2**20
@@ -86,6 +87,7 @@ class VLLMEngine(RolloutEngine):
             else:
                 kv_cache_memory_bytes = CPU_KV_CACHE_BYTES
         torch_dtype = resolve_dtype(dtype, self.device)
+        self.dtype = torch_dtype
         self.sleep_level = int(sleep_level)
         self.asleep = False
         self.seed = int(seed)
@@ -164,13 +166,14 @@ class VLLMEngine(RolloutEngine):
         )
 
     def sync_weights(self, state_dict=None) -> None:
-        """Load the trainer's weights (a state dict with the checkpoint's names) into the engine."""
+        """Load the trainer's weights (a state dict with the checkpoint's names) into the engine,
+        cast to the engine's dtype (the compute dtype; the trainer's masters are fp32)."""
         if state_dict is None:
             return
         if self.asleep:
             self.wake()
         # A list, not a generator: the RPC may look at the weights more than once.
-        weights = [(name, tensor.detach()) for name, tensor in _items(state_dict)]
+        weights = list(engine_state_dict(_items(state_dict), self.dtype))
         self.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": weights})
         self.llm.reset_prefix_cache()
 
