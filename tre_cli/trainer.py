@@ -41,6 +41,7 @@ from tre_cli.losses.registry import REGULARIZERS, get_method
 from tre_cli.losses.stats import token_stats
 from tre_cli.models.precision import autocast_for
 from tre_cli.rollout.base import position_ids_from_mask
+from tre_cli.rollout.context import check_model_context
 from tre_cli.tracking import RunResult, Tracker, atomic_dir, open_run_dir
 
 # on_step(step, metrics, checkpoint_dir or None): how a sweep trial hears about progress.
@@ -103,6 +104,8 @@ def build(config: RunConfig) -> Parts:
     if not train:
         raise ValueError(f"task {config.task.name!r} has no training examples")
     model_path = resolve_model(config.model.name)
+    # issue 11: the model must hold prompt + T positions; checked before any model is loaded.
+    check_model_context(model_path, config.ppo.max_prompt_length, config.rollout.max_new_tokens, config.model.name)
     tokenizer = load_tokenizer(model_path)
     # issue 11: fp32 masters (parameters, gradients, optimizer state), forwards in `dtype` (autocast).
     precision = training_precision(resolve_torch_dtype(dtype, device), device)
@@ -127,11 +130,14 @@ def make_engine(config: RunConfig, model_path, tokenizer, device: str, dtype: st
     of the weights (synced from the trainer after every update)."""
     from tre_cli.rollout import get_engine
 
+    # issue 11: vLLM's context is prompt + T (eval: its own T), never a fixed cap.
+    max_model_len = check_model_context(model_path, config.ppo.max_prompt_length, config.rollout.max_new_tokens,
+                                        config.model.name)
     if config.rollout.engine == "hf":
         options = {"model": policy}
     else:
         options = {"gpu_memory_utilization": config.rollout.gpu_memory_utilization,
-                   "kv_cache_memory_bytes": config.rollout.kv_cache_memory_bytes}
+                   "kv_cache_memory_bytes": config.rollout.kv_cache_memory_bytes, "max_model_len": max_model_len}
     return get_engine(config.rollout.engine, model_path, tokenizer, device=device, dtype=dtype,
                       seed=config.run.seed, **options)
 

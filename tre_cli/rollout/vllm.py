@@ -25,10 +25,10 @@ import torch
 
 from tre_cli.models.precision import engine_state_dict
 from tre_cli.rollout.base import Rollout, RolloutEngine, assemble_rollout, check_generate_args, eos_token_ids_of
+from tre_cli.rollout.context import model_context_length
 
 CPU_KV_CACHE_BYTES = 512 * 2**20
 GPU_KV_CACHE_FRACTION = 0.2  # of the device's memory; the rest is the trainer's
-DEFAULT_MAX_MODEL_LEN = 4096
 
 log = logging.getLogger(__name__)
 
@@ -78,8 +78,9 @@ class VLLMEngine(RolloutEngine):
 
         config = AutoConfig.from_pretrained(str(path))
         self.eos_token_ids = eos_token_ids_of(tokenizer, config)
+        # The trainer passes prompt + T (tre_cli.rollout.context); None: the model's own context.
         if max_model_len is None:
-            max_model_len = min(int(getattr(config, "max_position_embeddings", DEFAULT_MAX_MODEL_LEN)), DEFAULT_MAX_MODEL_LEN)
+            max_model_len = model_context_length(path)
         if kv_cache_memory_bytes is None:
             if self.on_gpu:
                 total = torch.cuda.get_device_properties(self.device).total_memory
@@ -99,7 +100,7 @@ class VLLMEngine(RolloutEngine):
             skip_tokenizer_init=True,
             dtype=str(torch_dtype).replace("torch.", ""),
             seed=self.seed,
-            max_model_len=int(max_model_len),
+            max_model_len=int(max_model_len) if max_model_len is not None else None,
             max_num_seqs=int(max_num_seqs),
             kv_cache_memory_bytes=int(kv_cache_memory_bytes),
             enforce_eager=not self.on_gpu,
