@@ -146,7 +146,11 @@ class PPOConfig:
     lam: float = 1.0
     # Whiten advantages over the step's response tokens, as the released code (verl's GAE) does.
     whiten_advantages: bool = True
+    # issue 11: > 0 adds kl_coef * KL(pi || pi_ref) to the actor loss against a frozen copy of the
+    # starting policy (verl's actor.use_kl_loss); 0 (the paper) loads no reference model.
     kl_coef: float = 0.0
+    # The per-token KL estimator (tre_cli/losses/kl.py); verl's default is low_var_kl (Schulman's k3).
+    kl_loss_type: Literal["low_var_kl", "k1", "abs", "mse"] = "low_var_kl"
     loss_agg: Literal["token-mean", "seq-mean-token-sum", "seq-mean-token-mean"] = "token-mean"
     max_grad_norm: float = 1.0
     # The paper: MATH 300, Countdown 400, HH 300; task overlays set theirs.

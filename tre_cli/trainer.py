@@ -36,9 +36,11 @@ from tre_cli.config import (
 )
 from tre_cli.evaluation import default_metric, evaluate
 from tre_cli.losses import selectors
+from tre_cli.losses.kl import kl_estimate
 from tre_cli.losses.ppo import aggregate_share, gae, masked_mean, place_terminal_reward, policy_loss, value_loss, whiten
 from tre_cli.losses.registry import REGULARIZERS, get_method
 from tre_cli.losses.stats import token_stats
+from tre_cli.models.modes import set_training
 from tre_cli.models.precision import autocast_for
 from tre_cli.rollout.base import position_ids_from_mask
 from tre_cli.rollout.context import check_model_context
@@ -66,6 +68,8 @@ class Parts:
     test: List[dict]
     test_prompts: List[List[int]]
     max_new_tokens: int
+    # issue 11: the frozen starting policy for ppo.kl_coef > 0 (verl's use_kl_loss); None at kl_coef 0 (the paper).
+    reference: Optional[torch.nn.Module] = None
 
 
 # ------------------------------------------------------------------------------------ building
@@ -112,6 +116,9 @@ def build(config: RunConfig) -> Parts:
     policy = load_policy(model_path, device=device, gradient_checkpointing=checkpointing, precision=precision)
     critic = load_critic(resolve_model(config.model.critic_name or config.model.name), device=device,
                          gradient_checkpointing=checkpointing, precision=precision)
+    # issue 11: a frozen copy of the starting weights, computed like the policy, only when a KL loss is asked for.
+    reference = (load_policy(model_path, device=device, precision=precision).requires_grad_(False)
+                 if config.ppo.kl_coef > 0 else None)
     engine = make_engine(config, model_path, tokenizer, device, dtype, policy)
     actor_opt = torch.optim.AdamW(policy.parameters(), lr=config.ppo.actor_lr, weight_decay=0.0)
     critic_opt = torch.optim.AdamW(critic.parameters(), lr=config.ppo.critic_lr, weight_decay=0.0)
@@ -122,7 +129,7 @@ def build(config: RunConfig) -> Parts:
         raise ValueError("rollout.max_new_tokens is not set (the task overlay should set it)")
     test_prompts = [encode_prompt(task, ex, tokenizer, config.ppo.max_prompt_length) for ex in test]
     return Parts(config, device, task, tokenizer, policy, critic, engine, actor_opt, critic_opt, critic_sched,
-                 train, test, test_prompts, max_new_tokens)
+                 train, test, test_prompts, max_new_tokens, reference=reference)
 
 
 def make_engine(config: RunConfig, model_path, tokenizer, device: str, dtype: str, policy=None):
@@ -201,6 +208,7 @@ def _score_rollout(parts: Parts, rollout) -> Dict[str, torch.Tensor]:
     width = rollout.response_ids.shape[1]
     old_logprob = torch.zeros(n, width)
     old_values = torch.zeros(n, width)
+    ref_logprob = torch.zeros(n, width)
     lengths = rollout.response_lengths
     rows = torch.arange(n)
     for chunk, r_width in _micro_batches(rows, lengths, rollout.prompt_ids.shape[1], cfg.ppo.micro_batch_tokens):
@@ -210,8 +218,15 @@ def _score_rollout(parts: Parts, rollout) -> Dict[str, torch.Tensor]:
                             temperature=rollout.temperature)
         old_logprob[chunk, :r_width] = stats.logprob.float().cpu()
         old_values[chunk, :r_width] = _response_values(parts.critic, inputs, r_width).float().cpu()
+        if parts.reference is not None:  # issue 11: the reference policy's log-probs, once per step as verl
+            ref_logprob[chunk, :r_width] = token_stats(_response_logits(parts.reference, inputs, r_width),
+                                                       rollout.response_ids[chunk, :r_width].to(parts.device),
+                                                       temperature=rollout.temperature).logprob.float().cpu()
     mask = rollout.response_mask.float()
-    return {"old_logprob": old_logprob * mask, "old_values": old_values * mask}
+    scored = {"old_logprob": old_logprob * mask, "old_values": old_values * mask}
+    if parts.reference is not None:
+        scored["ref_logprob"] = ref_logprob * mask
+    return scored
 
 
 class _Mean:
@@ -262,6 +277,7 @@ def ppo_update(parts: Parts, rollout, batch: Dict[str, torch.Tensor], step: int)
             kept_total = float(sum(k.sum() for k in kept)) if kept is not None else None
             parts.actor_opt.zero_grad(set_to_none=True)
             parts.critic_opt.zero_grad(set_to_none=True)
+            set_training(True, parts.policy, parts.critic)  # issue 11: checkpointing runs in training mode only
             for i, (chunk, r_width) in enumerate(micro):
                 inputs = _model_inputs(rollout, chunk, r_width, parts.device)
                 dev = parts.device
@@ -287,6 +303,11 @@ def ppo_update(parts: Parts, rollout, batch: Dict[str, torch.Tensor], step: int)
                     bonus = getattr(stats, bonus_field)
                     reg = aggregate_share(bonus, mask, mode, total_tokens, total_seqs, cfg.rollout.max_new_tokens)
                     loss = loss - alpha * reg
+                if parts.reference is not None:  # issue 11: + kl_coef * KL(pi || pi_ref), verl's use_kl_loss
+                    kld = kl_estimate(stats.logprob, batch["ref_logprob"][chunk, :r_width].to(dev), cfg.ppo.kl_loss_type)
+                    loss = loss + cfg.ppo.kl_coef * aggregate_share(kld, mask, mode, total_tokens, total_seqs,
+                                                                    cfg.rollout.max_new_tokens)
+                    meter.add("actor/kl_loss", masked_mean(kld.detach(), mask), float(mask.sum()))
                 loss.backward()
                 # Critic.
                 values = _response_values(parts.critic, inputs, r_width)
@@ -319,6 +340,7 @@ def ppo_update(parts: Parts, rollout, batch: Dict[str, torch.Tensor], step: int)
                 parts.actor_opt.step()
             if torch.isfinite(critic_norm):
                 parts.critic_opt.step()
+            set_training(False, parts.policy, parts.critic)  # issue 11: no-grad passes and sampling in eval mode
     metrics = meter.result()
     metrics["actor/lr"] = parts.actor_opt.param_groups[0]["lr"]
     metrics["critic/lr"] = parts.critic_opt.param_groups[0]["lr"]
