@@ -39,7 +39,7 @@ import yaml
 from tre_cli.losses.registry import METHODS
 
 # Every method parameter any method may have; which ones a method has is METHODS[name].defaults.
-METHOD_PARAMS = ("alpha", "k", "p", "released_code_compat", "top_ratio", "scope", "ratio", "beta")
+METHOD_PARAMS = ("alpha", "k", "p", "released_code_compat", "top_ratio", "scope", "ratio", "beta", "count_rounding")
 
 
 def _key_error(key: str, message: str) -> ValueError:
@@ -86,9 +86,13 @@ class MethodConfig:
     p: Optional[float] = None  # TRE-P nucleus mass
     released_code_compat: Optional[bool] = None  # TRE-P: reproduce the released code's top-256 cap and bf16 cumsum
     top_ratio: Optional[float] = None  # Forking-Tokens: fraction of highest-entropy tokens kept
-    scope: Optional[Literal["micro-batch", "global"]] = None  # Forking-Tokens: where the top fraction is taken
+    # issue 11: Forking-Tokens / KL-Cov select within groups of ppo.selection_group_size sequences
+    # ("group", the released code's per-GPU micro-batch) or over the whole mini-batch ("global").
+    scope: Optional[Literal["group", "global"]] = None
     ratio: Optional[float] = None  # KL-Cov: fraction of tokens penalised
     beta: Optional[float] = None  # KL-Cov: penalty coefficient
+    # issue 11: Forking-Tokens' count of kept tokens: "ceil" (the released code) or "floor".
+    count_rounding: Optional[Literal["ceil", "floor"]] = None
 
     def __post_init__(self) -> None:
         if self.name not in METHODS:
@@ -136,6 +140,10 @@ class PPOConfig:
     # (padded) tokens; a longer sequence goes alone. A token budget rather than a sequence count
     # because response lengths vary by 100x within a step (MATH: up to 8,192).
     micro_batch_tokens: int = 16384
+    # issue 11: sequences per Forking-Tokens / KL-Cov selection group (method.scope=group), the
+    # released scripts' per-GPU micro-batch; independent of micro_batch_tokens (a memory knob).
+    # Task overlays set the released 1.5B values: MATH 8, Countdown 16, HH 16.
+    selection_group_size: int = 16
     epochs: int = 1
     clip: float = 0.2
     # Dual-clip bound c for negative advantages; None disables it.
@@ -161,7 +169,8 @@ class PPOConfig:
         for name in ("actor_lr", "critic_lr", "clip", "max_grad_norm"):
             _require(getattr(self, name) > 0, f"ppo.{name}", "must be > 0", getattr(self, name))
         _require(0 <= self.critic_warmup_ratio < 1, "ppo.critic_warmup_ratio", "must be in [0, 1)", self.critic_warmup_ratio)
-        for name in ("prompts_per_step", "rollouts_per_prompt", "mini_batch_prompts", "micro_batch_tokens", "epochs", "steps", "max_prompt_length"):
+        for name in ("prompts_per_step", "rollouts_per_prompt", "mini_batch_prompts", "micro_batch_tokens", "epochs", "steps",
+                     "max_prompt_length", "selection_group_size"):
             _require(getattr(self, name) >= 1, f"ppo.{name}", "must be >= 1", getattr(self, name))
         if self.prompts_per_step % self.mini_batch_prompts:
             raise _key_error(

@@ -37,6 +37,7 @@ from tre_cli.config import (
 from tre_cli.evaluation import default_metric, evaluate
 from tre_cli.losses import selectors
 from tre_cli.losses.kl import kl_estimate
+from tre_cli.losses.selection_groups import forking_tokens_in_groups, kl_cov_in_groups, selection_groups
 from tre_cli.losses.ppo import aggregate_share, gae, masked_mean, place_terminal_reward, policy_loss, value_loss, whiten
 from tre_cli.losses.registry import REGULARIZERS, get_method
 from tre_cli.losses.stats import token_stats
@@ -273,7 +274,10 @@ def ppo_update(parts: Parts, rollout, batch: Dict[str, torch.Tensor], step: int)
             mb_mask = mask_all[rows]
             total_tokens = float(mb_mask.sum())
             total_seqs = float((mb_mask.sum(-1) > 0).sum())
-            kept = _forking_masks(parts, rollout, micro, params) if method.selector == "forking-tokens" else None
+            # issue 11: selections in fixed groups of sequences, seeded by run, step, epoch and mini-batch.
+            group_gen = torch.Generator().manual_seed(cfg.run.seed * 1_000_003 + step * 7919 + _epoch * 131 + mb_start)
+            selected = _selection_masks(parts, rollout, batch, micro, method.selector, params, group_gen) if method.selector else None
+            kept = selected if method.selector == "forking-tokens" else None
             kept_total = float(sum(k.sum() for k in kept)) if kept is not None else None
             parts.actor_opt.zero_grad(set_to_none=True)
             parts.critic_opt.zero_grad(set_to_none=True)
@@ -295,7 +299,7 @@ def ppo_update(parts: Parts, rollout, batch: Dict[str, torch.Tensor], step: int)
                 if method.selector == "forking-tokens":
                     agg_mask, agg_total = kept[i].to(dev).float(), kept_total
                 elif method.selector == "kl-cov":
-                    chosen = selectors.kl_cov_penalty_mask(adv, stats.logprob, mask, ratio=float(params["ratio"]))
+                    chosen = selected[i].to(dev)  # issue 11: chosen per selection group, not per micro-batch
                     per_token = selectors.kl_cov_loss(per_token, stats.logprob, old_lp, chosen, beta=float(params["beta"]))
                     meter.add("actor/klcov_selected_frac", chosen.float().sum() / mask.sum().clamp(min=1), float(mask.sum()))
                 loss = aggregate_share(per_token, agg_mask, mode, agg_total, total_seqs, cfg.rollout.max_new_tokens)
@@ -349,23 +353,35 @@ def ppo_update(parts: Parts, rollout, batch: Dict[str, torch.Tensor], step: int)
 
 
 @torch.no_grad()
-def _forking_masks(parts: Parts, rollout, micro, params) -> List[torch.Tensor]:
-    """Forking-Tokens' kept tokens for each micro-batch of a mini-batch. Micro-batch scope (the
-    released code) ranks within each micro-batch; global scope ranks the whole mini-batch (a
-    no-grad forward first). Both use the current policy's entropies, before this update."""
-    entropies, masks = [], []
+def _selection_masks(parts: Parts, rollout, batch, micro, selector: str, params, generator) -> List[torch.Tensor]:
+    """issue 11: the Forking-Tokens kept tokens or KL-Cov penalised tokens of each micro-batch of a
+    mini-batch, chosen within groups of ppo.selection_group_size sequences (scope "group", the
+    released code's per-GPU micro-batch) or over the whole mini-batch (scope "global"); never per
+    micro-batch, which is a memory knob. Scores come from a no-grad pass of the current policy
+    (it does not change within a mini-batch) over all the mini-batch's sequences first."""
+    rows = torch.cat([chunk for chunk, _ in micro])
+    width = max(r_width for _, r_width in micro)
+    entropy, logprob = torch.zeros(len(rows), width), torch.zeros(len(rows), width)
+    offset = 0
     for chunk, r_width in micro:
         inputs = _model_inputs(rollout, chunk, r_width, parts.device)
         logits = _response_logits(parts.policy, inputs, r_width)
-        entropies.append(token_stats(logits, temperature=rollout.temperature).entropy.cpu())
-        masks.append(rollout.response_mask[chunk, :r_width].float())
-    ratio, scope = float(params["top_ratio"]), params["scope"]
-    if scope == "micro-batch":
-        return [selectors.forking_tokens_mask(e, m, ratio, "micro-batch") for e, m in zip(entropies, masks)]
-    flat_e = torch.cat([e.reshape(-1) for e in entropies])
-    flat_m = torch.cat([m.reshape(-1) for m in masks])
-    threshold = selectors.entropy_threshold(flat_e, flat_m, ratio)
-    return [selectors.forking_tokens_mask(e, m, ratio, "global", threshold=threshold) for e, m in zip(entropies, masks)]
+        stats = token_stats(logits, rollout.response_ids[chunk, :r_width].to(parts.device), temperature=rollout.temperature)
+        entropy[offset:offset + len(chunk), :r_width] = stats.entropy.float().cpu()
+        logprob[offset:offset + len(chunk), :r_width] = stats.logprob.float().cpu()
+        offset += len(chunk)
+    mask = rollout.response_mask[rows, :width].float()
+    group_size = parts.config.ppo.selection_group_size if params["scope"] == "group" else None
+    groups = selection_groups(len(rows), group_size, generator)
+    if selector == "forking-tokens":
+        chosen = forking_tokens_in_groups(entropy, mask, groups, float(params["top_ratio"]), params["count_rounding"])
+    else:
+        chosen = kl_cov_in_groups(batch["advantages"][rows, :width], logprob, mask, groups, float(params["ratio"]))
+    out, offset = [], 0
+    for chunk, r_width in micro:
+        out.append(chosen[offset:offset + len(chunk), :r_width])
+        offset += len(chunk)
+    return out
 
 
 def train_step(parts: Parts, step: int) -> Dict[str, float]:
