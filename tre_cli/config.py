@@ -61,9 +61,14 @@ class ModelConfig:
     gradient_checkpointing: Union[bool, Literal["auto"]] = "auto"
     # The critic's base model; None = the same as `name` (as in the paper).
     critic_name: Optional[str] = None
+    # issue 11: std of the value head's initial weights; None = the model's initializer_range
+    # (0.02 for Qwen2.5), as the released code; tre used 1e-3 before (a critic starting near V = 0).
+    value_head_init_std: Optional[float] = None
 
     def __post_init__(self) -> None:
         _require(bool(self.name.strip()), "model.name", "must not be empty", self.name)
+        if self.value_head_init_std is not None:
+            _require(self.value_head_init_std > 0, "model.value_head_init_std", "must be > 0 (or null)", self.value_head_init_std)
 
 
 @dataclass(frozen=True)
@@ -132,6 +137,12 @@ class PPOConfig:
     critic_lr: float = 1e-5
     # The critic's learning rate ramps up linearly over this fraction of the steps.
     critic_warmup_ratio: float = 0.05
+    # issue 11: "released" i / w (the first step at lr 0, verl) or "shifted" (i + 1) / (w + 1) (tre before).
+    critic_warmup_ramp: Literal["released", "shifted"] = "released"
+    # issue 11: AdamW weight decay of actor and critic (the released code: verl's 0.01; tre used 0).
+    weight_decay: float = 0.01
+    # issue 11: factor of the critic's squared error (the released code: 1.0; 0.5 is TRL's, tre before).
+    critic_loss_coef: float = 1.0
     prompts_per_step: int = 512
     rollouts_per_prompt: int = 8
     # One optimizer update per mini-batch of prompts (with all their rollouts): 512 / 64 = 8 per step.
@@ -166,8 +177,9 @@ class PPOConfig:
     max_prompt_length: int = 1024
 
     def __post_init__(self) -> None:
-        for name in ("actor_lr", "critic_lr", "clip", "max_grad_norm"):
+        for name in ("actor_lr", "critic_lr", "clip", "max_grad_norm", "critic_loss_coef"):
             _require(getattr(self, name) > 0, f"ppo.{name}", "must be > 0", getattr(self, name))
+        _require(self.weight_decay >= 0, "ppo.weight_decay", "must be >= 0", self.weight_decay)
         _require(0 <= self.critic_warmup_ratio < 1, "ppo.critic_warmup_ratio", "must be in [0, 1)", self.critic_warmup_ratio)
         for name in ("prompts_per_step", "rollouts_per_prompt", "mini_batch_prompts", "micro_batch_tokens", "epochs", "steps",
                      "max_prompt_length", "selection_group_size"):
@@ -323,6 +335,10 @@ PRESETS: Mapping[str, Mapping[str, Any]] = {
             "kl_coef": 0.0,
             "loss_agg": "token-mean",
             "max_prompt_length": 1024,
+            # issue 11: the released code's optimizer and critic details (README: "Released configuration").
+            "weight_decay": 0.01,
+            "critic_loss_coef": 1.0,
+            "critic_warmup_ramp": "released",
         },
         "rollout": {"engine": "vllm", "temperature": 1.0, "top_p": 1.0},
         "eval": {"n_samples": 8, "temperature": 1.0, "top_p": 0.7, "limit": None},

@@ -45,6 +45,7 @@ from tre_cli.models.modes import set_training
 from tre_cli.models.precision import autocast_for
 from tre_cli.rollout.base import position_ids_from_mask
 from tre_cli.rollout.context import check_model_context
+from tre_cli.schedules import critic_warmup_factor
 from tre_cli.tracking import RunResult, Tracker, atomic_dir, open_run_dir
 
 # on_step(step, metrics, checkpoint_dir or None): how a sweep trial hears about progress.
@@ -116,15 +117,17 @@ def build(config: RunConfig) -> Parts:
     precision = training_precision(resolve_torch_dtype(dtype, device), device)
     policy = load_policy(model_path, device=device, gradient_checkpointing=checkpointing, precision=precision)
     critic = load_critic(resolve_model(config.model.critic_name or config.model.name), device=device,
-                         gradient_checkpointing=checkpointing, precision=precision)
+                         gradient_checkpointing=checkpointing, precision=precision,
+                         value_head_std=config.model.value_head_init_std)  # issue 11: None = the model's initializer_range
     # issue 11: a frozen copy of the starting weights, computed like the policy, only when a KL loss is asked for.
     reference = (load_policy(model_path, device=device, precision=precision).requires_grad_(False)
                  if config.ppo.kl_coef > 0 else None)
     engine = make_engine(config, model_path, tokenizer, device, dtype, policy)
-    actor_opt = torch.optim.AdamW(policy.parameters(), lr=config.ppo.actor_lr, weight_decay=0.0)
-    critic_opt = torch.optim.AdamW(critic.parameters(), lr=config.ppo.critic_lr, weight_decay=0.0)
-    warmup = int(config.ppo.critic_warmup_ratio * config.ppo.steps)
-    critic_sched = torch.optim.lr_scheduler.LambdaLR(critic_opt, lambda i: min(1.0, (i + 1) / (warmup + 1)))
+    # issue 11: AdamW weight decay and the critic's warm-up ramp as named options (defaults: the released code).
+    actor_opt = torch.optim.AdamW(policy.parameters(), lr=config.ppo.actor_lr, weight_decay=config.ppo.weight_decay)
+    critic_opt = torch.optim.AdamW(critic.parameters(), lr=config.ppo.critic_lr, weight_decay=config.ppo.weight_decay)
+    warmup, ramp = int(config.ppo.critic_warmup_ratio * config.ppo.steps), config.ppo.critic_warmup_ramp
+    critic_sched = torch.optim.lr_scheduler.LambdaLR(critic_opt, lambda i: critic_warmup_factor(i, warmup, ramp))
     max_new_tokens = config.rollout.max_new_tokens
     if max_new_tokens is None:
         raise ValueError("rollout.max_new_tokens is not set (the task overlay should set it)")
@@ -316,7 +319,8 @@ def ppo_update(parts: Parts, rollout, batch: Dict[str, torch.Tensor], step: int)
                 # Critic.
                 values = _response_values(parts.critic, inputs, r_width)
                 vl = value_loss(values, batch["old_values"][chunk, :r_width].to(dev),
-                                batch["returns"][chunk, :r_width].to(dev), mask, clip=cfg.ppo.value_clip)
+                                batch["returns"][chunk, :r_width].to(dev), mask, clip=cfg.ppo.value_clip,
+                                scale=cfg.ppo.critic_loss_coef)  # issue 11: released 1.0 (no 0.5)
                 aggregate_share(vl.per_token, mask, mode, total_tokens, total_seqs, cfg.rollout.max_new_tokens).backward()
                 # Metrics, weighted by tokens.
                 w = float(mask.sum())
