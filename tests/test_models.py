@@ -196,14 +196,14 @@ def test_hub_id_without_network_fails_fast(tmp_path, monkeypatch):
 
 def test_critic_values_shape_and_training(quick_testbed):
     torch.manual_seed(0)
-    critic = load_critic(quick_testbed)
+    critic = load_critic(quick_testbed, value_head_std=1e-3)
     assert isinstance(critic, ValueModel)
     input_ids = torch.randint(3, 100, (3, 7))
     attention_mask = torch.ones_like(input_ids)
     attention_mask[0, :2] = 0
     values = critic(input_ids, attention_mask)
     assert values.shape == (3, 7) and values.dtype == torch.float32
-    assert values.abs().max() < 0.5  # small head: the critic starts near zero
+    assert values.abs().max() < 0.5  # a small head: the critic starts near zero
     target = torch.ones(3, 7)
     optimizer = torch.optim.Adam(critic.parameters(), lr=1e-2)
     first = None
@@ -216,6 +216,22 @@ def test_critic_values_shape_and_training(quick_testbed):
     assert loss.item() < 0.1 * first
     # Gradients reach the backbone, not just the head.
     assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in critic.backbone.parameters())
+
+
+def test_value_head_init_defaults_to_the_models_initializer_range(quick_testbed):
+    """The released code's head: transformers' token-classification init, N(0, initializer_range^2)
+    weights and a zero bias, no dropout (verl sets it to 0)."""
+    torch.manual_seed(0)
+    critic = load_critic(quick_testbed)
+    std = critic.config.initializer_range
+    weight = critic.value_head.weight
+    assert weight.shape[1] >= 64 and abs(weight.std().item() - std) < 0.3 * std
+    assert torch.equal(critic.value_head.bias, torch.zeros(1))
+    assert not any(isinstance(m, torch.nn.Dropout) and m.p > 0 for m in critic.modules())
+    small = load_critic(quick_testbed, value_head_std=1e-3)
+    assert small.value_head.weight.std().item() < 2e-3
+    with pytest.raises(ValueError, match="init std"):
+        load_critic(quick_testbed, value_head_std=0.0)
 
 
 def test_gradient_checkpointing_gives_the_same_gradients(quick_testbed):
