@@ -44,6 +44,8 @@ from typing import Any, Iterable, Sequence
 import torch
 
 TESTBED_VERSION = 1
+# The held-out problems (and sampling seed) of the card's reward and slip rate; far from the SFT seeds.
+SLIP_EVAL_SEED = 987_654_321
 THINK_OPEN, THINK_CLOSE, ANSWER_OPEN, ANSWER_CLOSE = "<think>", "</think>", "<answer>", "</answer>"
 PAD_TOKEN, CHAT_START, CHAT_END = "<|endoftext|>", "<|im_start|>", "<|im_end|>"
 TESTBED_PRETOKENIZE_REGEX = r""" ?[0-9]|[0-9]| ?[A-Za-z]+| ?[^\sA-Za-z0-9]+|\s+"""
@@ -360,7 +362,7 @@ def build_testbed(out_dir: str | os.PathLike, log=None, measure: bool = True, **
     }
     if measure:
         # A seed far from the SFT seeds, so these problems are (almost surely) unseen.
-        reward, slip_rate = measure_countdown_reward(model, tokenizer, spec["eval_problems"], 987_654_321)
+        reward, slip_rate = measure_countdown_reward(model, tokenizer, spec["eval_problems"], SLIP_EVAL_SEED)
         card["countdown_reward_t1"], card["answer_slip_rate_t1"] = reward, slip_rate
         card["measure_seconds"] = round(time.perf_counter() - started - train_seconds, 1)
     out.mkdir(parents=True, exist_ok=True)
