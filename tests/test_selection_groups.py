@@ -149,7 +149,15 @@ def test_a_forking_tokens_step_is_the_same_for_any_micro_batch_budget(quick_test
         results.append((metrics, {k: v.clone() for k, v in parts.policy.state_dict().items()}))
     (m1, w1), (m2, w2) = results
     assert math.isclose(m1["actor/forking_kept_frac"], m2["actor/forking_kept_frac"], rel_tol=1e-6)
-    assert all(torch.allclose(w1[k], w2[k], atol=1e-6) for k in w1)
+    for key in ("actor/pg_loss", "actor/entropy", "actor/p_max", "critic/vf_loss"):
+        assert math.isclose(m1[key], m2[key], rel_tol=1e-4, abs_tol=1e-7), (key, m1[key], m2[key])
+    # Adam's first step moves every weight by about lr x sign(gradient): where a gradient is ~0, the
+    # order of the micro-batch sums can flip its sign, so a few weights may differ by up to 2 lr.
+    # A different selection would change the gradient everywhere.
+    lr = parts.config.ppo.actor_lr
+    diffs = torch.cat([(w1[k] - w2[k]).abs().flatten() for k in w1])
+    assert float(diffs.max()) <= 2.5 * lr
+    assert float((diffs > 1e-6).float().mean()) < 0.01, float((diffs > 1e-6).float().mean())
 
 
 def test_task_overlays_set_the_released_group_sizes():
