@@ -98,7 +98,7 @@ def read_local_rows(source: str | Path, split: str) -> list[dict]:
 
 def read_hub_rows(hub_id: str, hub_split: str, split: str, start: int, stop: int | None, shuffle_seed) -> list[dict]:
     """Rows [start, stop) of a hub split, shuffled first when a seed is given."""
-    hint = f"pass a local file with --set task.{split}_source=PATH (.jsonl or .parquet)"
+    hint = f"pass a local file with --set task.options.{split}_source=PATH (.jsonl or .parquet)"
     try:
         import datasets
     except ImportError:
@@ -140,7 +140,7 @@ def load_split_rows(
     offset = options[f"{split}_offset"] or 0
     if source is None:
         if generator is None:
-            raise ValueError(f"no {split}_source given; pass --set task.{split}_source=PATH")
+            raise ValueError(f"no {split}_source given; pass --set task.options.{split}_source=PATH")
         total = offset + (count if count is not None else 0)
         return generator(total)[offset:]
     if is_local_source(source):
@@ -155,7 +155,7 @@ def render_user_prompt(user_text: str, tokenizer, template: str) -> str:
     if template == "raw":
         return f"User: {user_text}\nAssistant:"
     if tokenizer is None or not getattr(tokenizer, "chat_template", None):
-        raise ValueError("the tokenizer has no chat template; use --set task.template=raw for a base model")
+        raise ValueError("the tokenizer has no chat template; use --set task.options.template=raw for a base model")
     return tokenizer.apply_chat_template(
         [{"role": "user", "content": user_text}], tokenize=False, add_generation_prompt=True
     )

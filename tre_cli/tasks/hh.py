@@ -73,7 +73,7 @@ class RewardModelScorer:
             first = str(error).strip().splitlines()[0][:200] if str(error).strip() else type(error).__name__
             raise ValueError(
                 f"cannot load reward model {self.model_name!r} ({first}); pass a local folder with "
-                "--set task.reward_model=PATH (make one with `tre rm train`)"
+                "--set task.options.reward_model=PATH (make one with `tre rm train`)"
             ) from None
         if model.config.num_labels != 1:
             raise ValueError(f"reward model {self.model_name!r} has {model.config.num_labels} labels; a scalar RM has 1")
@@ -139,5 +139,5 @@ class HHTask(Task):
         if len(responses) != len(examples):
             raise ValueError(f"{len(responses)} responses for {len(examples)} examples")
         if self._scorer is None:
-            raise ValueError("task 'hh' needs a reward model: --set task.reward_model=PATH (train one with `tre rm train`)")
+            raise ValueError("task 'hh' needs a reward model: --set task.options.reward_model=PATH (train one with `tre rm train`)")
         return self._scorer.score([e["prompt"] for e in examples], [str(r) for r in responses])
