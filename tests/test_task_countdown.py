@@ -99,6 +99,8 @@ RULE_CASES = [
     ("within 1e-5 only", "ordinary", wrap("7 / 2 + 10"), [7, 2, 10], 13, 0, 0, None),
 ]
 CASE_IDS = [case[0] for case in RULE_CASES]
+# tre's reading before it followed the released code at the edges.
+LENIENT = CountdownRules(trailing_whitespace="any", repeated_blocks="last", answer_newlines="space")
 
 
 @pytest.mark.parametrize("case", RULE_CASES, ids=CASE_IDS)
@@ -131,9 +133,8 @@ def test_defaults_are_the_released_code_except_the_loopholes():
 
 
 def test_the_old_tre_reading_is_one_set_of_options():
-    lenient = CountdownRules(trailing_whitespace="any", repeated_blocks="last", answer_newlines="space")
-    assert score("preamble " + wrap(E) + "  \n", N, T, rules=lenient) == 1.0
-    assert score("<think>x</think><answer>1+2+3</answer><think>y</think><answer>6 - 1 - 2 - 3</answer>", [6, 1, 2, 3], 0, rules=lenient) == 1.0
+    assert score("preamble " + wrap(E) + "  \n", N, T, rules=LENIENT) == 1.0
+    assert score("<think>x</think><answer>1+2+3</answer><think>y</think><answer>6 - 1 - 2 - 3</answer>", [6, 1, 2, 3], 0, rules=LENIENT) == 1.0
 
 
 def test_format_score_option():
@@ -248,6 +249,10 @@ HOSTILE = {
     "10 MB of tags": "<think>" * 700_000 + "</answer>" * 400_000,
     "10 MB of think tags then an answer": "<think>" + "</think> " * 1_000_000 + "<answer>1+1</answer>",
     "10 MB of whitespace after the answer": wrap("1+2") + " " * 10_000_000,
+    "10 MB of whitespace after </think>": "<think>a</think>" + " " * 10_000_000 + "x<answer>1+2</answer>",
+    "many think blocks and whitespace": ("<think>a</think>" + " " * 50) * 150_000 + "</answer>",
+    "1M answer tags": "<answer>" * 1_000_000 + "</answer>",
+    "1M think/answer pairs": "<think>" + "</think><answer>" * 600_000 + "</answer>",
     "5000 nested parentheses": wrap("(" * 5000 + "1+2" + ")" * 5000),
     "5000 unbalanced parentheses": wrap("(" * 5000 + "1+2"),
     "5000 unary minus": wrap("-" * 5000 + "3 + 1"),
@@ -270,7 +275,7 @@ HOSTILE = {
 }
 
 
-@pytest.mark.parametrize("rules", [CountdownRules(), CountdownRules(loopholes=True)], ids=["default", "loopholes"])
+@pytest.mark.parametrize("rules", [CountdownRules(), CountdownRules(loopholes=True), LENIENT], ids=["default", "loopholes", "lenient"])
 @pytest.mark.parametrize("name", list(HOSTILE))
 def test_hostile_input_returns_a_float_fast(name, rules):
     start = time.perf_counter()

@@ -209,7 +209,7 @@ def test_hub_id_offline_names_the_id_and_the_local_path_option(tmp_path):
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120)
     assert result.returncode != 0
     last = result.stderr.strip().splitlines()[-1]
-    assert "no-such-org/no-such-math" in last and "task.train_source=PATH" in last
+    assert "no-such-org/no-such-math" in last and "task.options.train_source=PATH" in last
 
 
 def test_math_verify_judge_and_its_timeout():

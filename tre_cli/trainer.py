@@ -89,8 +89,9 @@ def _seed_everything(seed: int) -> None:
 
 
 def encode_prompt(task, example: dict, tokenizer, max_prompt_length: int) -> List[int]:
-    """The rendered prompt's ids, keeping the last max_prompt_length tokens (the question's end
-    and the assistant header matter most)."""
+    """The rendered prompt's ids. Prompts longer than max_prompt_length were dropped when the
+    task was loaded (tasks.base.fit_prompts) unless task.options.overlong_prompts=truncate_left,
+    which keeps the last max_prompt_length tokens (the question's end and the assistant header)."""
     ids = tokenizer(task.render(example, tokenizer), add_special_tokens=False)["input_ids"]
     return list(ids[-max_prompt_length:])
 
@@ -99,12 +100,13 @@ def build(config: RunConfig) -> Parts:
     from tre_cli.models import load_critic, load_policy, load_tokenizer, resolve_model
     from tre_cli.models import resolve_dtype as resolve_torch_dtype
     from tre_cli.models.precision import training_precision
-    from tre_cli.tasks import get_task
+    from tre_cli.tasks import task_for_run
+    from tre_cli.tasks.base import fit_prompts
 
     device = resolve_device(config.run.device)
     dtype = resolve_dtype(config.model.dtype, device)
     checkpointing = resolve_gradient_checkpointing(config.model.gradient_checkpointing, device)
-    task = get_task(config.task.name, **config.task.options)
+    task = task_for_run(config.task.name, config.task.options, config.model.name)
     train = task.load("train")
     test = task.load("test", limit=config.eval.limit)
     if not train:
@@ -113,6 +115,8 @@ def build(config: RunConfig) -> Parts:
     # issue 11: the model must hold prompt + T positions; checked before any model is loaded.
     check_model_context(model_path, config.ppo.max_prompt_length, config.rollout.max_new_tokens, config.model.name)
     tokenizer = load_tokenizer(model_path)
+    fitted = fit_prompts(task, tokenizer, config.ppo.max_prompt_length, {"train": train, "test": test})
+    train, test = fitted["train"], fitted["test"]
     # issue 11: fp32 masters (parameters, gradients, optimizer state), forwards in `dtype` (autocast).
     precision = training_precision(resolve_torch_dtype(dtype, device), device)
     policy = load_policy(model_path, device=device, gradient_checkpointing=checkpointing, precision=precision)
@@ -519,16 +523,18 @@ def evaluate_model(config: RunConfig, console=None) -> RunResult:
     from rich.console import Console
 
     from tre_cli.models import load_policy, load_tokenizer, resolve_model
-    from tre_cli.tasks import get_task
+    from tre_cli.tasks import task_for_run
+    from tre_cli.tasks.base import fit_prompts
 
     console = console or Console(stderr=True)
     _quiet_transformers()
     device = resolve_device(config.run.device)
     _seed_everything(config.run.seed)
-    task = get_task(config.task.name, **config.task.options)
+    task = task_for_run(config.task.name, config.task.options, config.model.name)
     test = task.load("test", limit=config.eval.limit)
     model_path = resolve_model(config.model.name)
     tokenizer = load_tokenizer(model_path)
+    test = fit_prompts(task, tokenizer, config.ppo.max_prompt_length, {"test": test})["test"]
     dtype = resolve_dtype(config.model.dtype, device)
     policy = load_policy(model_path, dtype=dtype, device=device) if config.rollout.engine == "hf" else None
     engine = make_engine(config, model_path, tokenizer, device, dtype, policy)

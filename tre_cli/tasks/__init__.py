@@ -40,6 +40,13 @@ def get_task(name: str, **options) -> Task:
     return task_class(**options)
 
 
+def task_for_run(name: str, options: dict, policy_model: str) -> Task:
+    """The task a run of `policy_model` uses: built from its options and bound to the model (HH
+    picks that model's reward model). Bad options, or HH without a reward model for the model,
+    are a ValueError in one line, before anything is loaded."""
+    return get_task(name, **options).bind_model(policy_model)
+
+
 def overlay_path(name: str) -> Path:
     _check_name(name)
     path = data_dir("tasks") / f"{name}.yaml"
@@ -59,4 +66,4 @@ def task_overlay(name: str) -> dict:
     return data
 
 
-__all__ = ["TASKS", "Task", "get_task", "task_overlay", "overlay_path"]
+__all__ = ["TASKS", "Task", "get_task", "task_for_run", "task_overlay", "overlay_path"]
