@@ -248,7 +248,7 @@ HOSTILE = {
     "10 MB inside the answer": wrap("1+" * 5_000_000 + "1"),
     "10 MB of tags": "<think>" * 700_000 + "</answer>" * 400_000,
     "10 MB of think tags then an answer": "<think>" + "</think> " * 1_000_000 + "<answer>1+1</answer>",
-    "10 MB of whitespace after the answer": wrap("1+2") + " " * 10_000_000,
+    "10 MB of whitespace after the answer": wrap("1+1") + " " * 10_000_000,
     "10 MB of whitespace after </think>": "<think>a</think>" + " " * 10_000_000 + "x<answer>1+2</answer>",
     "many think blocks and whitespace": ("<think>a</think>" + " " * 50) * 150_000 + "</answer>",
     "1M answer tags": "<answer>" * 1_000_000 + "</answer>",
