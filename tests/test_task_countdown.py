@@ -44,7 +44,10 @@ def test_score_follows_the_released_rule(response, expected):
 
 def test_last_answer_counts_and_unary_minus_is_admitted():
     assert score(wrap("-(4 - 12) * 3 + 0 - 0", "t"), [4, 12, 3, 0, 0], 24) == 1.0
-    assert score("<think>x</think><answer>1+2+3</answer><think>y</think><answer>6 - 1 - 2 - 3</answer>", [6, 1, 2, 3], 0) == 1.0
+    assert (
+        score("<think>x</think><answer>1+2+3</answer><think>y</think><answer>6 - 1 - 2 - 3</answer>", [6, 1, 2, 3], 0)
+        == 1.0
+    )
 
 
 def test_division_is_exact_and_within_tolerance():
@@ -176,7 +179,11 @@ def test_task_loads_a_local_jsonl(tmp_path):
     path.write_text("\n".join(json.dumps({"nums": [1, 2, 3], "target": 6 + i}) for i in range(4)) + "\n")
     task = get_task("countdown", test_source=str(path), test_size=3)
     rows = task.load("test")
-    assert rows == [{"nums": [1, 2, 3], "target": 6}, {"nums": [1, 2, 3], "target": 7}, {"nums": [1, 2, 3], "target": 8}]
+    assert rows == [
+        {"nums": [1, 2, 3], "target": 6},
+        {"nums": [1, 2, 3], "target": 7},
+        {"nums": [1, 2, 3], "target": 8},
+    ]
 
 
 def test_raw_render_holds_the_paper_prompt():
@@ -219,6 +226,8 @@ def test_tre_data_countdown_is_registered_on_the_main_app(tmp_path):
     from tre_cli.cli import app
 
     out = tmp_path / "cd.jsonl"
-    result = CliRunner().invoke(app, ["data", "countdown", "--n", "3", "--seed", "1", "--split", "test", "--out", str(out)])
+    result = CliRunner().invoke(
+        app, ["data", "countdown", "--n", "3", "--seed", "1", "--split", "test", "--out", str(out)]
+    )
     assert result.exit_code == 0, result.output
     assert [json.loads(line) for line in out.read_text().splitlines()] == generate(3, 1, "test")

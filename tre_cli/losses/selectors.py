@@ -13,7 +13,9 @@ Shared rules (all selectors):
 
 from __future__ import annotations
 
-from typing import Optional
+from dataclasses import dataclass
+from typing import ClassVar, NamedTuple, Protocol
+from collections.abc import Sequence
 
 import torch
 
@@ -81,7 +83,7 @@ def forking_tokens_mask(
     mask: torch.Tensor,
     top_ratio: float = 0.2,
     scope: str = "micro-batch",
-    threshold: Optional[torch.Tensor | float] = None,
+    threshold: torch.Tensor | float | None = None,
 ) -> torch.Tensor:
     """Forking-Tokens selection: the bool [B, T] mask of the highest-entropy response tokens.
 
@@ -106,7 +108,9 @@ def forking_tokens_mask(
         raise ValueError(f"unknown forking-tokens scope {scope!r}; choose one of: {', '.join(FORKING_SCOPES)}")
     if scope == "micro-batch":
         if threshold is not None:
-            raise ValueError("forking-tokens scope 'micro-batch' selects within the micro-batch; do not pass a threshold")
+            raise ValueError(
+                "forking-tokens scope 'micro-batch' selects within the micro-batch; do not pass a threshold"
+            )
         return top_tokens_mask(entropy, mask, top_ratio)
     if threshold is None:
         raise ValueError("forking-tokens scope 'global' needs the mini-batch threshold from entropy_threshold()")
@@ -167,3 +171,89 @@ def kl_cov_loss(
         raise ValueError("pg_per_token, logprob, old_logprob and select_mask must have the same shape")
     penalty = beta * (logprob - old_logprob.detach()).abs()
     return torch.where(select_mask.bool(), pg_per_token + penalty, pg_per_token)
+
+
+# ---------------------------------------------------------------------------------------------
+# Selectors as strategies: what the actor loss (losses/actor.py) calls
+# ---------------------------------------------------------------------------------------------
+
+
+class Shaped(NamedTuple):
+    """A selector's say on one micro-batch's actor loss: the per-token surrogate, the mask and
+    the mini-batch total it is aggregated over, and the selector's metrics (detached, 0-dim)."""
+
+    per_token: torch.Tensor
+    mask: torch.Tensor
+    total: float
+    metrics: dict[str, torch.Tensor]
+
+
+class SelectionInput(Protocol):
+    """What a selector reads of a micro-batch (losses.actor.PPOBatch has it)."""
+
+    mask: torch.Tensor
+    old_logprob: torch.Tensor
+    advantages: torch.Tensor
+    tokens: float
+    selected: torch.Tensor | None
+    selected_total: float | None
+
+
+class TokenSelector(Protocol):
+    """A method's choice of tokens. `needs_entropies`: `choose` must run on the current policy's
+    entropies of every micro-batch before each update; its masks come back as `batch.selected`."""
+
+    needs_entropies: bool
+
+    def choose(self, entropies: Sequence[torch.Tensor], masks: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+        ...
+
+    def shape(self, per_token: torch.Tensor, logprob: torch.Tensor, batch: SelectionInput) -> Shaped:
+        ...
+
+
+@dataclass(frozen=True)
+class ForkingTokens:
+    """The policy-gradient loss averaged over the top `top_ratio` highest-entropy tokens only,
+    chosen before each update from the current policy's entropies (see `forking_tokens_mask`)."""
+
+    top_ratio: float = 0.2
+    scope: str = "micro-batch"
+    needs_entropies: ClassVar[bool] = True
+
+    def choose(self, entropies: Sequence[torch.Tensor], masks: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+        """The kept tokens of each micro-batch of a mini-batch. Micro-batch scope (the released
+        code) ranks within each micro-batch; global scope ranks the whole mini-batch."""
+        if self.scope == "micro-batch":
+            return [forking_tokens_mask(e, m, self.top_ratio, "micro-batch") for e, m in zip(entropies, masks)]
+        flat_e = torch.cat([e.reshape(-1) for e in entropies])
+        flat_m = torch.cat([m.reshape(-1) for m in masks])
+        threshold = entropy_threshold(flat_e, flat_m, self.top_ratio)
+        return [
+            forking_tokens_mask(e, m, self.top_ratio, "global", threshold=threshold) for e, m in zip(entropies, masks)
+        ]
+
+    def shape(self, per_token: torch.Tensor, logprob: torch.Tensor, batch: SelectionInput) -> Shaped:
+        kept = batch.selected
+        if kept is None or batch.selected_total is None:
+            raise ValueError("forking-tokens: the batch has no kept tokens; call choose() before the update")
+        kept_frac = kept.float().sum() / batch.mask.sum().clamp(min=1)
+        return Shaped(per_token, kept.float(), batch.selected_total, {"actor/forking_kept_frac": kept_frac})
+
+
+@dataclass(frozen=True)
+class KLCov:
+    """beta * |logp - logp_old| added on the top `ratio` tokens by cov(A, logp) of each micro-batch."""
+
+    ratio: float = 0.002
+    beta: float = 1.0
+    needs_entropies: ClassVar[bool] = False
+
+    def choose(self, entropies: Sequence[torch.Tensor], masks: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+        raise ValueError("kl-cov selects inside the loss, from the micro-batch's own log-probs")
+
+    def shape(self, per_token: torch.Tensor, logprob: torch.Tensor, batch: SelectionInput) -> Shaped:
+        chosen = kl_cov_penalty_mask(batch.advantages, logprob, batch.mask, ratio=self.ratio)
+        penalised = kl_cov_loss(per_token, logprob, batch.old_logprob, chosen, beta=self.beta)
+        selected_frac = chosen.float().sum() / batch.mask.sum().clamp(min=1)
+        return Shaped(penalised, batch.mask, batch.tokens, {"actor/klcov_selected_frac": selected_frac})

@@ -11,13 +11,15 @@ starves PPO. On CPU it runs eagerly with a dynamic cache.
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import torch
 
 from tre_cli.rollout.base import (
     Rollout,
-    RolloutEngine,
+    EngineBase,
+    Weights,
     assemble_rollout,
     check_generate_args,
     eos_token_ids_of,
@@ -47,18 +49,18 @@ def sample_tokens(
     return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
 
 
-class HFEngine(RolloutEngine):
+class HFEngine(EngineBase):
     name = "hf"
 
     def __init__(
         self,
-        model,
-        tokenizer,
+        model: torch.nn.Module,
+        tokenizer: Any,
         device: str | torch.device = "cpu",
         seed: int = 0,
         static_cache: bool | None = None,
         compile: bool | None = None,
-    ):
+    ) -> None:
         """`model` is the trainer's policy module itself, so no weight sync is ever needed."""
         self.model = model
         self.tokenizer = tokenizer
@@ -81,10 +83,13 @@ class HFEngine(RolloutEngine):
 
     # -- interface ---------------------------------------------------------------------------
 
-    def sync_weights(self, state_dict=None) -> None:
-        """The engine samples from the trainer's own module; a state dict is loaded into it."""
-        if state_dict is not None:
-            self.model.load_state_dict(state_dict, strict=False)
+    def sync_weights(self, weights: Weights = None) -> None:
+        """Nothing to do when `weights` is the module the engine samples from (the trainer's
+        policy); another module's weights, or a state dict, are loaded into that module."""
+        if weights is None or weights is self.model:
+            return
+        state_dict = weights.state_dict() if isinstance(weights, torch.nn.Module) else weights
+        self.model.load_state_dict(state_dict, strict=False)
 
     @torch.no_grad()
     def generate(

@@ -19,11 +19,12 @@ import logging
 import os
 import random
 from pathlib import Path
-from typing import Sequence
+from typing import Any
+from collections.abc import Sequence
 
 import torch
 
-from tre_cli.rollout.base import Rollout, RolloutEngine, assemble_rollout, check_generate_args, eos_token_ids_of
+from tre_cli.rollout.base import EngineBase, Rollout, Weights, assemble_rollout, check_generate_args, eos_token_ids_of
 
 CPU_KV_CACHE_BYTES = 512 * 2**20
 GPU_KV_CACHE_FRACTION = 0.2  # of the device's memory; the rest is the trainer's
@@ -45,23 +46,23 @@ def import_vllm():
     return vllm
 
 
-class VLLMEngine(RolloutEngine):
+class VLLMEngine(EngineBase):
     name = "vllm"
 
     def __init__(
         self,
         model_path: str | os.PathLike,
-        tokenizer,
+        tokenizer: Any,
         device: str | torch.device = "cpu",
-        dtype=None,
+        dtype: Any = None,
         seed: int = 0,
         kv_cache_memory_bytes: int | None = None,
         max_model_len: int | None = None,
         max_num_seqs: int = 256,
         enable_prefix_caching: bool = True,
         sleep_level: int = 1,
-        **llm_options,
-    ):
+        **llm_options: Any,
+    ) -> None:
         from tre_cli.models import resolve_dtype, resolve_model
 
         vllm = import_vllm()
@@ -78,7 +79,9 @@ class VLLMEngine(RolloutEngine):
         config = AutoConfig.from_pretrained(str(path))
         self.eos_token_ids = eos_token_ids_of(tokenizer, config)
         if max_model_len is None:
-            max_model_len = min(int(getattr(config, "max_position_embeddings", DEFAULT_MAX_MODEL_LEN)), DEFAULT_MAX_MODEL_LEN)
+            max_model_len = min(
+                int(getattr(config, "max_position_embeddings", DEFAULT_MAX_MODEL_LEN)), DEFAULT_MAX_MODEL_LEN
+            )
         if kv_cache_memory_bytes is None:
             if self.on_gpu:
                 total = torch.cuda.get_device_properties(self.device).total_memory
@@ -163,10 +166,12 @@ class VLLMEngine(RolloutEngine):
             prompts, n, responses, logprobs, self.eos_token_ids, self.pad_token_id, self.tokenizer, temperature
         )
 
-    def sync_weights(self, state_dict=None) -> None:
-        """Load the trainer's weights (a state dict with the checkpoint's names) into the engine."""
-        if state_dict is None:
+    def sync_weights(self, weights: Weights = None) -> None:
+        """Load the trainer's weights (its policy module, or a state dict with the checkpoint's
+        names) into the engine: it holds its own copy, so every update needs this."""
+        if weights is None:
             return
+        state_dict = weights.state_dict() if isinstance(weights, torch.nn.Module) else weights
         if self.asleep:
             self.wake()
         # A list, not a generator: the RPC may look at the weights more than once.
