@@ -114,7 +114,8 @@ def _write(path: Path, content: dict) -> Path:
 def test_grid_values_reach_the_config_as_they_are(tmp_path):
     """No text in between: a float stays that float (1e-05 has no YAML 1.1 float spelling), a
     string that YAML would read as a bool stays a string."""
-    content = {**MINIMAL, "variants": {"tiny": {"method": "ent", "alpha": 1e-05}, "far": {"method": "ent", "alpha": 3e-12}},
+    variants = {"tiny": {"method": "ent", "alpha": 1e-05}, "far": {"method": "ent", "alpha": 3e-12}}
+    content = {**MINIMAL, "variants": variants,
                "set": {"run.wandb.project": "off", "eval.limit": None, "task.options": {"train_size": 16}}}
     plan = sweep.plan_sweep(_write(tmp_path / "s.yaml", content), out=tmp_path / "out")
     by_variant = {p.trial.variant: p for p in plan.trials}

@@ -12,7 +12,6 @@ import json
 import os
 import threading
 from pathlib import Path
-from typing import Any
 
 import torch
 from torch import nn
@@ -248,13 +247,6 @@ def load_critic(
     return ValueModel(backbone, value_head_std=value_head_std)
 
 
-def model_summary(model: nn.Module) -> dict[str, Any]:
-    return {
-        "parameters": sum(p.numel() for p in model.parameters()),
-        "dtype": str(next(model.parameters()).dtype).replace("torch.", ""),
-    }
-
-
 __all__ = [
     "TESTBED_NAME",
     "ValueModel",
@@ -263,7 +255,6 @@ __all__ = [
     "load_critic",
     "load_policy",
     "load_tokenizer",
-    "model_summary",
     "resolve_dtype",
     "resolve_model",
 ]

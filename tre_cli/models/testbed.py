@@ -36,7 +36,8 @@ import shutil
 import tempfile
 import time
 from pathlib import Path
-from typing import Any, Iterable, Sequence
+from typing import Any
+from collections.abc import Iterable, Sequence
 
 import torch
 
@@ -286,7 +287,9 @@ def has_answer_slip(response: str) -> bool:
     return answer is not None and "=" in answer
 
 
-def measure_countdown_reward(model, tokenizer, problems: int, seed: int, max_new_tokens: int = 64) -> tuple[float, float]:
+def measure_countdown_reward(
+    model, tokenizer, problems: int, seed: int, max_new_tokens: int = 64
+) -> tuple[float, float]:
     """(mean Countdown reward, fraction of answers with the slip) of one sample per problem at
     temperature 1.0 (the paper's setting)."""
     from tre_cli.rollout.hf import HFEngine

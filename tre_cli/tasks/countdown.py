@@ -15,7 +15,8 @@ from __future__ import annotations
 import hashlib
 import random
 from fractions import Fraction
-from typing import Any, Mapping, Sequence
+from typing import Any
+from collections.abc import Mapping, Sequence
 
 from tre_cli.tasks.base import Task, load_split_rows, render_user_prompt, resolve_options
 

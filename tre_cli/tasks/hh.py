@@ -9,7 +9,8 @@ reward trainer renders a training pair, so training and scoring see the same tex
 from __future__ import annotations
 
 import threading
-from typing import Any, Mapping, Sequence
+from typing import Any
+from collections.abc import Mapping, Sequence
 
 from tre_cli.tasks.base import Task, load_split_rows, render_user_prompt, resolve_options
 
@@ -76,7 +77,9 @@ class RewardModelScorer:
                 "--set task.reward_model=PATH (make one with `tre rm train`)"
             ) from None
         if model.config.num_labels != 1:
-            raise ValueError(f"reward model {self.model_name!r} has {model.config.num_labels} labels; a scalar RM has 1")
+            raise ValueError(
+                f"reward model {self.model_name!r} has {model.config.num_labels} labels; a scalar RM has 1"
+            )
         if tokenizer.pad_token is None:
             tokenizer.pad_token = tokenizer.eos_token
         # Sequence-classification heads read the last non-pad token, so they need the pad id.
@@ -120,7 +123,9 @@ class HHTask(Task):
         super().__init__(name="hh", options=resolve_options("hh", options, DEFAULT_OPTIONS))
         model = self.options["reward_model"]
         self._scorer = (
-            RewardModelScorer(model, self.options["rm_max_length"], self.options["rm_batch_size"], self.options["rm_device"])
+            RewardModelScorer(
+                model, self.options["rm_max_length"], self.options["rm_batch_size"], self.options["rm_device"]
+            )
             if model
             else None
         )
@@ -139,5 +144,7 @@ class HHTask(Task):
         if len(responses) != len(examples):
             raise ValueError(f"{len(responses)} responses for {len(examples)} examples")
         if self._scorer is None:
-            raise ValueError("task 'hh' needs a reward model: --set task.reward_model=PATH (train one with `tre rm train`)")
+            raise ValueError(
+                "task 'hh' needs a reward model: --set task.reward_model=PATH (train one with `tre rm train`)"
+            )
         return self._scorer.score([e["prompt"] for e in examples], [str(r) for r in responses])
