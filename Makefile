@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 TORCH_PIN := torch==2.13.0
 
-.PHONY: test test-kernels demo bench clean
+.PHONY: test lint test-kernels demo bench clean
 
 $(VENV)/.installed: pyproject.toml setup.py
 	$(PYTHON) -m venv $(VENV)
@@ -24,7 +24,11 @@ $(VENV)/.vllm: $(VENV)/.installed
 		$(PY) -m pip uninstall --quiet -y torchvision torchaudio torchcodec triton; }
 	touch $@
 
-test: $(VENV)/.installed $(VENV)/.vllm
+# ruff (pyflakes, pycodestyle at 120 columns, pyupgrade; settings in pyproject.toml).
+lint: $(VENV)/.installed
+	$(PY) -m ruff check tre_cli tests bench
+
+test: lint $(VENV)/.installed $(VENV)/.vllm
 	$(PY) -m pytest -q
 	$(MAKE) test-kernels
 

@@ -104,8 +104,21 @@ def main(argv=None) -> dict:
         return {}
     rows = []
     for checkpointing in (False, True):
-        command = [sys.executable, os.path.abspath(__file__), "--child"] + (["--checkpointing"] if checkpointing else [])
-        for key in ("device", "dtype", "layers", "hidden", "heads", "kv_heads", "intermediate", "vocab", "batch", "seq"):
+        command = [sys.executable, os.path.abspath(__file__), "--child"] + (
+            ["--checkpointing"] if checkpointing else []
+        )
+        for key in (
+            "device",
+            "dtype",
+            "layers",
+            "hidden",
+            "heads",
+            "kv_heads",
+            "intermediate",
+            "vocab",
+            "batch",
+            "seq",
+        ):
             command += [f"--{key.replace('_', '-')}", str(getattr(args, key))]
         out = subprocess.run(command, check=True, capture_output=True, text=True).stdout
         rows.append(json.loads(out.strip().splitlines()[-1]))

@@ -113,8 +113,13 @@ def bf16_check(device: str, scratch: Path, tokenizer: Path) -> dict:
         metrics = trainer.train_step(parts, 1)
         after = {k: v.detach().clone() for k, v in parts.policy.state_dict().items()}
         grad = torch.cat([p.grad.reshape(-1).float() for p in parts.policy.parameters()])
-        runs[dtype] = dict(start=start, after=after, grad=grad, rollout=(metrics["reward/mean"], metrics["response/length_mean"]),
-                           param_dtypes=sorted({str(v.dtype) for v in after.values()}))
+        runs[dtype] = dict(
+            start=start,
+            after=after,
+            grad=grad,
+            rollout=(metrics["reward/mean"], metrics["response/length_mean"]),
+            param_dtypes=sorted({str(v.dtype) for v in after.values()}),
+        )
     bf, fp = runs["bf16"], runs["fp32"]
     cos = torch.nn.functional.cosine_similarity
     delta_bf = torch.cat([(bf["after"][k] - bf["start"][k]).reshape(-1) for k in bf["start"]])
@@ -132,7 +137,9 @@ def bf16_check(device: str, scratch: Path, tokenizer: Path) -> dict:
         "grad_cosine": float(cos(bf["grad"], fp["grad"], dim=0)),
         "grad_rel_diff": float((bf["grad"] - fp["grad"]).norm() / fp["grad"].norm()),
         "update_cosine": float(cos(delta_bf, delta_fp, dim=0)),
-        "moved_frac_stored_bf16_control": fraction_changed(before, {k: v.detach() for k, v in stored.state_dict().items()}),
+        "moved_frac_stored_bf16_control": fraction_changed(
+            before, {k: v.detach() for k, v in stored.state_dict().items()}
+        ),
     }
     result["passed"] = bool(result["moved_frac_bf16_compute"] >= 0.9 and result["grad_cosine"] >= 0.99
                             and result["master_dtypes"] == ["torch.float32"])
@@ -170,8 +177,14 @@ def ppo_step(device: str, scratch: Path, tokenizer: Path, dry_run: bool) -> dict
 def kernel_tests(timeout: float) -> dict:
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env["PYTHONPATH"] = str(ROOT) + os.pathsep + env.get("PYTHONPATH", "")
-    out = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", str(ROOT / "tests" / "test_kernels.py")],
-                         capture_output=True, text=True, env=env, cwd=str(ROOT), timeout=timeout)
+    out = subprocess.run(
+        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", str(ROOT / "tests" / "test_kernels.py")],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=str(ROOT),
+        timeout=timeout,
+    )
     lines = (out.stdout + out.stderr).strip().splitlines()
     summary = next((line for line in reversed(lines) if " passed" in line or " skipped" in line or " failed" in line
                     or " error" in line), lines[-1] if lines else "")
@@ -221,12 +234,16 @@ def _run(name: str, fn, summary: dict, deadline: float) -> None:
     started = time.perf_counter()
     try:
         result = fn(min(CAPS_S[name], left))
-        status = f"skipped: {result['skipped']}" if result.get("skipped") else ("ok" if result.get("passed") else "failed")
+        status = (
+            f"skipped: {result['skipped']}" if result.get("skipped") else ("ok" if result.get("passed") else "failed")
+        )
     except subprocess.TimeoutExpired:
         result, status = {}, "timed out"
     except Exception as error:  # recorded; the other checks still run
-        result = {"error": f"{type(error).__name__}: {error}".splitlines()[0][:300],
-                  "traceback_tail": traceback.format_exc().strip().splitlines()[-3:]}
+        result = {
+            "error": f"{type(error).__name__}: {error}".splitlines()[0][:300],
+            "traceback_tail": traceback.format_exc().strip().splitlines()[-3:],
+        }
         status = "error"
     summary["checks"][name] = {"status": status, "seconds": round(time.perf_counter() - started, 1), **result}
     print(f"{name:14} {summary['checks'][name]['seconds']:7.1f} s  {status}", flush=True)

@@ -75,7 +75,9 @@ def sort_based(logits, tokens, stat, k=2, p=0.99):
     size = mask.sum(-1)
     lq = torch.log_softmax(z.masked_fill(~mask, float("-inf")), -1)
     h = -(lq.exp() * lq.masked_fill(~mask, 0.0)).sum(-1)
-    scale = torch.where(size > 1, torch.log(torch.tensor(float(z.shape[-1]))) / torch.log(size.clamp(min=2).float()), 0.0)
+    scale = torch.where(
+        size > 1, torch.log(torch.tensor(float(z.shape[-1]))) / torch.log(size.clamp(min=2).float()), 0.0
+    )
     out = scale * h
     if stat == "all":
         out = out + -(prob * logp).sum(-1) + prob.max(-1).values + logp.gather(-1, tokens[:, None]).squeeze(-1)
@@ -100,7 +102,9 @@ def released_approach(logits, tokens, stat, k=2, p=0.99, top=256):
     size = keep.sum(-1)
     lq = torch.log_softmax(vals.masked_fill(~keep, float("-inf")), -1)
     h = -(lq.exp() * lq.masked_fill(~keep, 0.0)).sum(-1)
-    scale = torch.where(size > 1, torch.log(torch.tensor(float(z.shape[-1]))) / torch.log(size.clamp(min=2).float()), 0.0)
+    scale = torch.where(
+        size > 1, torch.log(torch.tensor(float(z.shape[-1]))) / torch.log(size.clamp(min=2).float()), 0.0
+    )
     return scale * h + 0.0 * (full_entropy + pmax)
 
 
@@ -253,8 +257,15 @@ def main() -> None:
                     continue
                 if impl == "ours":
                     ours_t = r["us_per_token"]
-                table.add_row(stat, impl, f"{r['us_per_token']:.2f}", f"{r['us_per_token'] / floor['us_per_token']:.1f}",
-                              f"{r['us_per_token'] / ours_t:.2f}" if ours_t else "-", f"{r['extra_mib']:.0f}", "ok")
+                table.add_row(
+                    stat,
+                    impl,
+                    f"{r['us_per_token']:.2f}",
+                    f"{r['us_per_token'] / floor['us_per_token']:.1f}",
+                    f"{r['us_per_token'] / ours_t:.2f}" if ours_t else "-",
+                    f"{r['extra_mib']:.0f}",
+                    "ok",
+                )
         console.print(table)
     if args.json:
         with open(args.json, "w") as f:

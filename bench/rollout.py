@@ -19,7 +19,9 @@ def countdown_prompts(tokenizer, count: int, seed: int) -> list[list[int]]:
     from tre_cli.tasks.countdown import generate
 
     task = get_task("countdown")
-    return [tokenizer(task.render(row, tokenizer), add_special_tokens=False)["input_ids"] for row in generate(count, seed)]
+    return [
+        tokenizer(task.render(row, tokenizer), add_special_tokens=False)["input_ids"] for row in generate(count, seed)
+    ]
 
 
 def time_engine(engine, prompts, n: int, max_new_tokens: int, repeats: int) -> dict:

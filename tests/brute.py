@@ -4,12 +4,11 @@ probability-sorted vocabulary. Slow on purpose; the tests compare the library ag
 from __future__ import annotations
 
 import math
-from typing import Optional
 
 import torch
 
 
-def row_stats(z: list[float], token: Optional[int], kind: Optional[str], k: int = 0, p: float = 0.0) -> dict:
+def row_stats(z: list[float], token: int | None, kind: str | None, k: int = 0, p: float = 0.0) -> dict:
     """Statistics of one row of logits `z` (python floats) by definition."""
     vocab = len(z)
     zmax = max(z)
@@ -57,14 +56,14 @@ def row_stats(z: list[float], token: Optional[int], kind: Optional[str], k: int 
     return out
 
 
-def stats(logits: torch.Tensor, tokens: Optional[torch.Tensor], kind: Optional[str], k: int = 0, p: float = 0.0):
+def stats(logits: torch.Tensor, tokens: torch.Tensor | None, kind: str | None, k: int = 0, p: float = 0.0):
     """Brute-force statistics of a [N, V] tensor, row by row."""
     rows = logits.detach().to(torch.float64).tolist()
     toks = tokens.tolist() if tokens is not None else [None] * len(rows)
     return [row_stats(z, t, kind, k, p) for z, t in zip(rows, toks)]
 
 
-def grad_of(logits: torch.Tensor, tokens: Optional[torch.Tensor], rows: list[dict], weights: dict) -> torch.Tensor:
+def grad_of(logits: torch.Tensor, tokens: torch.Tensor | None, rows: list[dict], weights: dict) -> torch.Tensor:
     """d/dlogits of sum_rows sum_stat weights[stat][row] * stat(row), in float64, by autograd on
     the textbook formulas with the brute-force region held fixed."""
     z = logits.detach().to(torch.float64).requires_grad_(True)

@@ -32,6 +32,8 @@ def _invoke(args):
         (["--device", "cuda"], "no CUDA device is available"),
         (["--model", "/no/such/model/dir"], "/no/such/model/dir"),
         (["--preset", "huge"], "unknown preset 'huge'"),
+        (["--method", "forking-tokens", "--set", "ppo.loss_agg=seq-mean-token-mean"],
+         "config key 'ppo.loss_agg' does not go with method 'forking-tokens'"),
     ],
 )
 def test_bad_input_is_one_line_and_writes_nothing(args, message, tmp_path):
@@ -93,7 +95,9 @@ def test_run_then_evaluate_its_checkpoint(tiny_testbed, tmp_path):
     assert result.exit_code == 0, result.stderr
     assert json.loads((out / "result.json").read_text())["status"] == "finished"
     ev = tmp_path / "eval"
-    result = _invoke(["eval", "--model", str(out), "--out", str(ev), *_sets(s for s in TINY_SETS if not s.startswith("ppo."))])
+    result = _invoke(
+        ["eval", "--model", str(out), "--out", str(ev), *_sets(s for s in TINY_SETS if not s.startswith("ppo."))]
+    )
     assert result.exit_code == 0, result.stderr
     record = json.loads((ev / "result.json").read_text())
     assert record["method"] == "base" and record["steps_done"] == 0 and record["final_eval"] is not None

@@ -18,7 +18,6 @@ from tre_cli.config import (
     parse_override,
     resolve,
     resolve_device,
-    resolve_dtype,
     resolve_gradient_checkpointing,
     to_dict,
     with_overrides,
@@ -77,7 +76,7 @@ def test_overlay_beats_dataclass_defaults():
 def test_overlay_beats_method_defaults():
     # A method parameter in a task overlay is unusual, but the layer order must still hold.
     cfg = _resolve(method="ent", task_overlay={"method": {"alpha": 0.01}})
-    assert cfg.method.alpha == 0.01
+    assert cfg.method.params["alpha"] == 0.01
 
 
 def test_preset_beats_overlay():
@@ -124,8 +123,14 @@ def test_the_overlay_follows_the_final_task_name(tmp_path):
     assert resolve(task_overlay=overlay_for).ppo.steps == 400
     assert resolve(config_file=path, task_overlay=overlay_for).ppo.steps == 300
     assert resolve(config_file=path, task="hh", task_overlay=overlay_for).ppo.steps == 200
-    assert resolve(config_file=path, task="countdown", overrides=["task.name=hh"], task_overlay=overlay_for).task.name == "hh"
-    assert resolve(config_file=path, task="countdown", overrides=["task.name=hh"], task_overlay=overlay_for).ppo.steps == 200
+    assert (
+        resolve(config_file=path, task="countdown", overrides=["task.name=hh"], task_overlay=overlay_for).task.name
+        == "hh"
+    )
+    assert (
+        resolve(config_file=path, task="countdown", overrides=["task.name=hh"], task_overlay=overlay_for).ppo.steps
+        == 200
+    )
 
 
 def test_an_overlay_may_not_rename_its_task():
@@ -140,7 +145,12 @@ def test_task_options_merge_key_by_key_across_layers(tmp_path):
         task_overlay={"task": {"options": {"source": "generated", "format_score": 0.0}}},
         overrides=["task.options.nested.b=3", "task.options.n_numbers=[3, 4]"],
     )
-    assert cfg.task.options == {"source": "generated", "format_score": 0.1, "nested": {"a": 1, "b": 3}, "n_numbers": [3, 4]}
+    assert cfg.task.options == {
+        "source": "generated",
+        "format_score": 0.1,
+        "nested": {"a": 1, "b": 3},
+        "n_numbers": [3, 4],
+    }
 
 
 def test_set_values_are_typed_against_their_key():
@@ -163,7 +173,7 @@ def test_set_values_are_typed_against_their_key():
 
 def test_mapping_overrides_for_programmatic_callers():
     cfg = _resolve(method="tre-p", overrides={"method.p": 0.9, "ppo.steps": 5, "task.options.seed": 3})
-    assert cfg.method.p == 0.9 and cfg.ppo.steps == 5 and cfg.task.options == {"seed": 3}
+    assert cfg.method.params["p"] == 0.9 and cfg.ppo.steps == 5 and cfg.task.options == {"seed": 3}
 
 
 # --------------------------------------------------------------------------- presets
@@ -205,7 +215,10 @@ def test_unknown_preset():
         ("run.wandb.mod=online", "unknown config key 'run.wandb.mod' (did you mean 'run.wandb.mode'?)"),
         ("eval.metrc=x", "unknown config key 'eval.metrc' (did you mean 'eval.metric'?)"),
         ("method.kk=2", "unknown config key 'method.kk' (did you mean 'method.k'?)"),
-        ("task.format_score=0.1", "unknown config key 'task.format_score' (task options are set as 'task.options.format_score')"),
+        (
+            "task.format_score=0.1",
+            "unknown config key 'task.format_score' (task options are set as 'task.options.format_score')",
+        ),
         ("zzz=1", "unknown config key 'zzz'"),
     ],
 )
@@ -271,7 +284,9 @@ def test_bad_types_name_the_key(item, message):
 
 
 def test_bad_type_in_a_file(tmp_path):
-    with pytest.raises(ValueError, match=r"config key 'eval.n_samples' expects an integer, got 'eight' \(in .*run.yaml\)"):
+    with pytest.raises(
+        ValueError, match=r"config key 'eval.n_samples' expects an integer, got 'eight' \(in .*run.yaml\)"
+    ):
         _resolve(config_file=_write(tmp_path, "eval:\n  n_samples: eight\n"))
     with pytest.raises(ValueError, match="config key 'model.name' expects a string, got 1.5"):
         _resolve(config_file=_write(tmp_path, "model:\n  name: 1.5\n"))
@@ -285,10 +300,22 @@ def test_bad_type_in_a_file(tmp_path):
         ("tre-k", "method.k=0", "config key 'method.k' must be an integer >= 1, got 0"),
         ("tre-k", "method.k=2.5", "config key 'method.k' expects an integer or null, got '2.5'"),
         ("ent", "method.alpha=-0.1", "config key 'method.alpha' must be >= 0, got -0.1"),
-        ("forking-tokens", "method.scope=per-gpu", "config key 'method.scope' expects one of 'group', 'global' or null, got 'per-gpu'"),
+        (
+            "forking-tokens",
+            "method.scope=per-gpu",
+            "config key 'method.scope' expects one of 'group', 'global' or null, got 'per-gpu'",
+        ),
         # issue 11: the old per-micro-batch scope is gone (the micro-batch is a memory knob).
-        ("forking-tokens", "method.scope=micro-batch", "config key 'method.scope' expects one of 'group', 'global' or null, got 'micro-batch'"),
-        ("forking-tokens", "method.count_rounding=round", "config key 'method.count_rounding' expects one of 'ceil', 'floor' or null, got 'round'"),
+        (
+            "forking-tokens",
+            "method.scope=micro-batch",
+            "config key 'method.scope' expects one of 'group', 'global' or null, got 'micro-batch'",
+        ),
+        (
+            "forking-tokens",
+            "method.count_rounding=round",
+            "config key 'method.count_rounding' expects one of 'ceil', 'floor' or null, got 'round'",
+        ),
         ("forking-tokens", "method.top_ratio=0", "config key 'method.top_ratio' must be in (0, 1], got 0.0"),
         ("kl-cov", "method.ratio=2", "config key 'method.ratio' must be in (0, 1], got 2.0"),
         ("kl-cov", "method.beta=-1", "config key 'method.beta' must be >= 0, got -1.0"),
@@ -301,16 +328,34 @@ def test_invalid_method_params(method, item, message):
 
 
 def test_p_equal_one_is_allowed():
-    assert _resolve(method="tre-p", overrides=["method.p=1"]).method.p == 1.0
+    assert _resolve(method="tre-p", overrides=["method.p=1"]).method.params["p"] == 1.0
 
 
 @pytest.mark.parametrize(
     "method, item, message",
     [
-        ("tre-p", "method.k=3", "config key 'method.k' is not a parameter of method 'tre-p' (its parameters: alpha, p, released_code_compat)"),
-        ("vanilla", "method.alpha=0.001", "config key 'method.alpha' is not a parameter of method 'vanilla' (its parameters: none)"),
-        ("kl-cov", "method.top_ratio=0.1", "config key 'method.top_ratio' is not a parameter of method 'kl-cov' (its parameters: ratio, beta, scope)"),
-        ("kl-cov", "method.count_rounding=floor", "config key 'method.count_rounding' is not a parameter of method 'kl-cov' (its parameters: ratio, beta, scope)"),
+        (
+            "tre-p",
+            "method.k=3",
+            "config key 'method.k' is not a parameter of method 'tre-p' "
+            "(its parameters: alpha, p, released_code_compat)",
+        ),
+        (
+            "vanilla",
+            "method.alpha=0.001",
+            "config key 'method.alpha' is not a parameter of method 'vanilla' (its parameters: none)",
+        ),
+        (
+            "kl-cov",
+            "method.top_ratio=0.1",
+            "config key 'method.top_ratio' is not a parameter of method 'kl-cov' (its parameters: ratio, beta, scope)",
+        ),
+        (
+            "kl-cov",
+            "method.count_rounding=floor",
+            "config key 'method.count_rounding' is not a parameter of method 'kl-cov' "
+            "(its parameters: ratio, beta, scope)",
+        ),
     ],
 )
 def test_params_the_method_does_not_have_are_rejected(method, item, message):
@@ -321,7 +366,7 @@ def test_params_the_method_does_not_have_are_rejected(method, item, message):
 
 def test_a_param_from_the_file_is_rejected_when_the_flag_switches_method(tmp_path):
     path = _write(tmp_path, "method:\n  name: tre-k\n  k: 5\n")
-    assert _resolve(config_file=path).method.k == 5
+    assert _resolve(config_file=path).method.params["k"] == 5
     with pytest.raises(ValueError, match="'method.k' is not a parameter of method 'tre-p'"):
         _resolve(config_file=path, method="tre-p")
 
@@ -334,7 +379,10 @@ def test_unknown_method():
 @pytest.mark.parametrize(
     "item, message",
     [
-        ("ppo.mini_batch_prompts=60", "config key 'ppo.mini_batch_prompts' (60) must divide ppo.prompts_per_step (512)"),
+        (
+            "ppo.mini_batch_prompts=60",
+            "config key 'ppo.mini_batch_prompts' (60) must divide ppo.prompts_per_step (512)",
+        ),
         ("ppo.actor_lr=0", "config key 'ppo.actor_lr' must be > 0, got 0.0"),
         ("ppo.critic_warmup_ratio=1", "config key 'ppo.critic_warmup_ratio' must be in [0, 1), got 1.0"),
         ("ppo.dual_clip_c=1", "config key 'ppo.dual_clip_c' must be > 1 (or null to disable), got 1.0"),
@@ -439,9 +487,12 @@ def test_cuda_requested_without_cuda():
 
 
 def test_dtype_and_checkpointing_auto():
+    from tre_cli.models import resolve_dtype
+
     assert resolve_device("cpu") == "cpu"
-    assert resolve_dtype("auto", "cuda") == "bfloat16" and resolve_dtype("auto", "cpu") == "float32"
-    assert resolve_dtype("fp16", "cpu") == "float16"
+    # The config's dtype names go to the models as they are ('auto' resolved there).
+    assert resolve_dtype("auto", "cuda") == torch.bfloat16 and resolve_dtype("auto", "cpu") == torch.float32
+    assert resolve_dtype("fp16", "cpu") == torch.float16
     assert resolve_gradient_checkpointing("auto", "cuda") is True
     assert resolve_gradient_checkpointing("auto", "cpu") is False
     assert resolve_gradient_checkpointing(True, "cpu") is True
@@ -465,3 +516,22 @@ def _overlay_exists(tasks_module, name: str) -> bool:
     except FileNotFoundError:
         return False
     return True
+
+
+def test_a_method_and_an_aggregation_that_do_not_go_together_fail_at_config_time():
+    with pytest.raises(ValueError, match="config key 'ppo.loss_agg' does not go with method 'forking-tokens'"):
+        _resolve(method="forking-tokens", overrides=["ppo.loss_agg=seq-mean-token-mean"])
+    assert (
+        _resolve(method="kl-cov", overrides=["ppo.loss_agg=seq-mean-token-mean"]).ppo.loss_agg == "seq-mean-token-mean"
+    )
+
+
+def test_method_config_is_the_name_and_every_parameter():
+    from tre_cli.config import MethodConfig
+
+    assert MethodConfig.of("tre-k", {"k": 4, "alpha": None}).params == {"alpha": 0.001, "k": 4}
+    assert MethodConfig() == MethodConfig.of("tre-p")
+    with pytest.raises(ValueError, match="needs every parameter"):
+        MethodConfig("tre-k", {"k": 4})
+    with pytest.raises(ValueError, match="config key 'method.beta' is not a parameter of method 'ent'"):
+        MethodConfig.of("ent", {"beta": 1.0})

@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from tre_cli import trainer
+from tre_cli.trainer.parts import make_engine
 from tre_cli.config import resolve
 from tre_cli.rollout.context import check_model_context, model_context_length, required_model_len
 
@@ -83,7 +84,7 @@ def test_vllm_gets_prompt_plus_t_as_its_context_beyond_4096(quick_testbed, quick
     model = _long_context_copy(quick_testbed, tmp_path / "model", 8192)
     config = _config(model, tmp_path / "run", 8, 4100, engine="vllm",
                      extra=[f"rollout.kv_cache_memory_bytes={64 * 2**20}"])
-    engine = trainer.make_engine(config, model, quick_tokenizer, "cpu", "float32")
+    engine = make_engine(config, model, quick_tokenizer, "cpu")
     try:
         assert engine.llm.llm_engine.model_config.max_model_len == 8 + 4100
         # Sequences past position 4,096 (generating all 4,100 tokens would take minutes on CPU):

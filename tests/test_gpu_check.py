@@ -31,7 +31,11 @@ def test_dry_run_writes_one_summary(tmp_path, capsys):
     summary = _gpu_check().main(["--dry-run", "--out", str(out), "--budget", "900"])
     assert json.loads(out.read_text()) == json.loads(json.dumps(summary, default=str))
     checks = summary["checks"]
-    assert summary["dry_run"] and summary["device"] == "cpu" and set(checks) == {"bf16_check", "ppo_step", "kernel_tests", "token_stats"}
+    assert (
+        summary["dry_run"]
+        and summary["device"] == "cpu"
+        and set(checks) == {"bf16_check", "ppo_step", "kernel_tests", "token_stats"}
+    )
     bf16 = checks["bf16_check"]
     assert bf16["status"] == "ok" and bf16["same_rollouts"] and bf16["master_dtypes"] == ["torch.float32"]
     assert bf16["moved_frac_bf16_compute"] >= 0.9 and bf16["moved_frac_stored_bf16_control"] < 0.1

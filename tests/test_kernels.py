@@ -20,7 +20,9 @@ from tre_cli.losses.stats import RegionSpec, TokenStats, token_stats
 
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 if not kernels_available():
-    pytestmark = pytest.mark.skip(reason="Triton is not importable here (make test-kernels builds .venv-kernel with it)")
+    pytestmark = pytest.mark.skip(
+        reason="Triton is not importable here (make test-kernels builds .venv-kernel with it)"
+    )
 elif not (INTERPRET or torch.cuda.is_available()):
     pytestmark = pytest.mark.skip(reason="no CUDA device and TRITON_INTERPRET is not 1")
 # The interpreter runs on host tensors.
@@ -145,7 +147,9 @@ def test_each_output_alone_has_the_right_gradient(field):
     rows = _brute(logits, tokens, ("p", 0.8))
     w = {field: torch.randn(6, generator=gen, dtype=torch.float64)}
     leaf = logits.to(DEVICE).clone().requires_grad_(True)
-    (getattr(_fused(leaf, tokens.to(DEVICE), RegionSpec.top_p(0.8)), field).double() * w[field].to(DEVICE)).sum().backward()
+    (
+        getattr(_fused(leaf, tokens.to(DEVICE), RegionSpec.top_p(0.8)), field).double() * w[field].to(DEVICE)
+    ).sum().backward()
     want = brute.grad_of(logits, tokens, rows, w)
     assert torch.allclose(leaf.grad.double().cpu(), want, atol=1e-5)
 

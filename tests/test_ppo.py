@@ -117,8 +117,9 @@ def one_token_case(logp_new, logp_old, adv, clip=0.2, c=3.0):
     lp = torch.tensor([[logp_new]], dtype=F64, requires_grad=True)
     out = policy_loss(lp, torch.tensor([[logp_old]], dtype=F64), torch.tensor([[adv]], dtype=F64),
                       torch.ones(1, 1), clip=clip, clip_ratio_c=c)
-    out.loss.backward()
-    return out, lp.grad.item()
+    loss = aggregate(out.per_token, torch.ones(1, 1))
+    loss.backward()
+    return out, loss, lp.grad.item()
 
 
 @pytest.mark.parametrize(
@@ -141,8 +142,8 @@ def one_token_case(logp_new, logp_old, adv, clip=0.2, c=3.0):
     ],
 )
 def test_dual_clip_single_token(ratio, adv, exp_loss, exp_grad, clipped, lower):
-    out, grad = one_token_case(math.log(ratio), 0.0, adv)
-    assert out.loss.item() == pytest.approx(exp_loss, abs=1e-12)
+    out, loss, grad = one_token_case(math.log(ratio), 0.0, adv)
+    assert loss.item() == pytest.approx(exp_loss, abs=1e-12)
     assert out.per_token.item() == pytest.approx(exp_loss, abs=1e-12)
     assert grad == pytest.approx(exp_grad, abs=1e-12)
     assert out.metrics["actor/pg_clipfrac"].item() == clipped
@@ -159,12 +160,13 @@ def test_dual_clip_batch_metrics_and_padding():
     out = policy_loss(logp, old, adv, mask)
     expected = torch.tensor([[-2.2, -2.4, 0.8], [3.0, -1.0, 21.0]], dtype=F64)
     torch.testing.assert_close(out.per_token, expected)
-    assert out.loss.item() == pytest.approx((-2.2 - 2.4 + 0.8 + 3.0 - 1.0) / 5)
+    loss = aggregate(out.per_token, mask)
+    assert loss.item() == pytest.approx((-2.2 - 2.4 + 0.8 + 3.0 - 1.0) / 5)
     assert out.metrics["actor/pg_clipfrac"].item() == pytest.approx(2 / 5)
     assert out.metrics["actor/pg_clipfrac_lower"].item() == pytest.approx(1 / 5)
     kl = -(math.log(1.1) + math.log(2.0) + math.log(0.5) + math.log(10.0)) / 5
     assert out.metrics["actor/ppo_kl"].item() == pytest.approx(kl)
-    out.loss.backward()
+    loss.backward()
     # Only the unclipped tokens (1.1 with A=2; 1.0 with A=1) carry gradient: d(-A r)/dlogp = -A r / n.
     torch.testing.assert_close(logp.grad, torch.tensor([[-2.2 / 5, 0, 0], [0, -1.0 / 5, 0]], dtype=F64))
     assert all(not v.requires_grad for v in out.metrics.values())
@@ -194,13 +196,14 @@ def test_policy_loss_matches_formula_on_random_inputs():
     ref = torch.maximum(l1, l2)
     ref = torch.where(adv < 0, torch.minimum(ref, -3.0 * adv), ref)
     torch.testing.assert_close(out.per_token, ref)
-    torch.testing.assert_close(out.loss, (ref * mask).sum() / mask.sum())
+    torch.testing.assert_close(aggregate(out.per_token, mask), (ref * mask).sum() / mask.sum())
     assert 0 < out.metrics["actor/pg_clipfrac"].item() < 1
 
 
 def test_policy_loss_extreme_ratio_stays_finite():
     out = policy_loss(torch.tensor([[0.0]]), torch.tensor([[-200.0]]), torch.tensor([[1.0]]), torch.ones(1, 1))
-    assert torch.isfinite(out.loss) and out.loss.item() == pytest.approx(-1.2)
+    loss = aggregate(out.per_token, torch.ones(1, 1))
+    assert torch.isfinite(loss) and loss.item() == pytest.approx(-1.2)
     assert out.metrics["actor/ppo_kl"].item() == -20.0
 
 
@@ -219,8 +222,9 @@ def test_policy_loss_rejects_bad_arguments():
 def test_policy_loss_empty_mask_is_zero_with_gradient():
     logp = torch.zeros(2, 3, requires_grad=True)
     out = policy_loss(logp, torch.zeros(2, 3), torch.ones(2, 3), torch.zeros(2, 3))
-    assert out.loss.item() == 0.0
-    out.loss.backward()
+    loss = aggregate(out.per_token, torch.zeros(2, 3))
+    assert loss.item() == 0.0
+    loss.backward()
     assert torch.all(logp.grad == 0)
     assert all(math.isfinite(v.item()) for v in out.metrics.values())
 
@@ -238,12 +242,11 @@ MASK = torch.tensor([[1, 1, 1, 0], [1, 0, 0, 0], [0, 1, 1, 1]])
         ("token-mean", (1 + 2 + 3 + 10 + 6 + 7 + 8) / 7),
         ("seq-mean-token-sum", (6 + 10 + 21) / 3),
         ("seq-mean-token-mean", (2 + 10 + 7) / 3),
-        ("seq-mean-token-sum-norm", (6 + 10 + 21) / 8),
     ],
 )
 def test_aggregate_modes_by_hand(mode, expected):
     x = LOSS.clone().requires_grad_()
-    out = aggregate(x, MASK, mode, horizon=8)
+    out = aggregate(x, MASK, mode)
     assert out.item() == pytest.approx(expected)
     out.backward()
     assert torch.all(x.grad[MASK == 0] == 0) and torch.all(x.grad[MASK == 1] > 0)
@@ -259,7 +262,7 @@ def test_aggregate_seq_mean_skips_empty_rows():
 @pytest.mark.parametrize("mode", AGG_MODES)
 def test_aggregate_empty_mask_is_zero_with_gradient(mode):
     x = LOSS.clone().requires_grad_()
-    out = aggregate(x, torch.zeros_like(MASK), mode, horizon=8)
+    out = aggregate(x, torch.zeros_like(MASK), mode)
     assert out.item() == 0.0
     out.backward()
     assert torch.all(x.grad == 0)
@@ -268,7 +271,7 @@ def test_aggregate_empty_mask_is_zero_with_gradient(mode):
 def test_aggregate_errors():
     with pytest.raises(ValueError, match="unknown loss aggregation mode 'token-sum'; choose one of: token-mean"):
         aggregate(LOSS, MASK, "token-sum")
-    with pytest.raises(ValueError, match="needs a positive horizon"):
+    with pytest.raises(ValueError, match="unknown loss aggregation mode 'seq-mean-token-sum-norm'"):
         aggregate(LOSS, MASK, "seq-mean-token-sum-norm")
     with pytest.raises(ValueError, match="mask shape"):
         aggregate(LOSS, MASK[:, :2], "token-mean")
@@ -295,9 +298,10 @@ def test_value_loss_clipping_by_hand():
     # token 3: padding (v=3 clipped to 0.5 -> 2.25), not counted
     expected = 0.5 * torch.tensor([[3.24, 2.25, 9.0, 2.25]], dtype=F64)
     torch.testing.assert_close(out.per_token, expected)
-    assert out.loss.item() == pytest.approx(0.5 * (3.24 + 2.25 + 9.0) / 3)
+    loss = aggregate(out.per_token, mask)
+    assert loss.item() == pytest.approx(0.5 * (3.24 + 2.25 + 9.0) / 3)
     assert out.metrics["critic/vf_clipfrac"].item() == pytest.approx(1 / 3)
-    out.loss.backward()
+    loss.backward()
     torch.testing.assert_close(v.grad, torch.tensor([[(0.2 - 2) / 3, 0.0, (-1 - 2) / 3, 0.0]], dtype=F64))
 
 
@@ -305,14 +309,14 @@ def test_value_loss_unclipped_and_aggregation_mode():
     v = torch.tensor([[1.0, 3.0], [0.0, 0.0]], dtype=F64)
     ret = torch.tensor([[0.0, 0.0], [2.0, 2.0]], dtype=F64)
     mask = torch.tensor([[1, 1], [1, 0]])
-    out = value_loss(v, torch.zeros_like(v), ret, mask, clip=None, agg="seq-mean-token-sum")
-    assert out.loss.item() == pytest.approx(((0.5 + 4.5) + 2.0) / 2)
+    out = value_loss(v, torch.zeros_like(v), ret, mask, clip=None)
+    assert aggregate(out.per_token, mask, "seq-mean-token-sum").item() == pytest.approx(((0.5 + 4.5) + 2.0) / 2)
     assert out.metrics["critic/vf_clipfrac"].item() == 0
     with pytest.raises(ValueError, match="value clip must be > 0"):
         value_loss(v, v, ret, mask, clip=0.0)
 
 
-@pytest.mark.parametrize("mode", ["token-mean", "seq-mean-token-sum", "seq-mean-token-mean", "seq-mean-token-sum-norm"])
+@pytest.mark.parametrize("mode", AGG_MODES)
 def test_aggregate_shares_of_a_split_add_up_to_the_whole(mode):
     from tre_cli.losses.ppo import aggregate_share
 
@@ -320,10 +324,10 @@ def test_aggregate_shares_of_a_split_add_up_to_the_whole(mode):
     per_token = torch.randn(7, 9, generator=gen, dtype=torch.float64, requires_grad=True)
     lengths = torch.tensor([9, 1, 4, 0, 6, 2, 8])
     mask = (torch.arange(9)[None, :] < lengths[:, None]).double()
-    whole = aggregate(per_token, mask, mode, horizon=12)
+    whole = aggregate(per_token, mask, mode)
     total_tokens, total_seqs = mask.sum(), (mask.sum(-1) > 0).sum()
     parts = [slice(0, 3), slice(3, 4), slice(4, 7)]
-    shared = sum(aggregate_share(per_token[s], mask[s], mode, total_tokens, total_seqs, horizon=12) for s in parts)
+    shared = sum(aggregate_share(per_token[s], mask[s], mode, total_tokens, total_seqs) for s in parts)
     assert torch.allclose(shared, whole)
     g_whole, = torch.autograd.grad(whole, per_token)
     g_shared, = torch.autograd.grad(shared, per_token)

@@ -46,13 +46,15 @@ def test_defaults_are_the_released_code(tmp_path):
     cfg = resolve(task="countdown", method="forking-tokens", check_device=False)
     assert cfg.ppo.weight_decay == 0.01 and cfg.ppo.critic_loss_coef == 1.0
     assert cfg.ppo.critic_warmup_ramp == "released" and cfg.model.value_head_init_std is None
-    assert cfg.method.count_rounding == "ceil" and cfg.method.scope == "group"
+    assert cfg.method.params["count_rounding"] == "ceil" and cfg.method.params["scope"] == "group"
     paper = resolve(task="math", method="tre-p", preset="paper", check_device=False)
     assert (paper.ppo.weight_decay, paper.ppo.critic_loss_coef, paper.ppo.critic_warmup_ramp) == (0.01, 1.0, "released")
-    for item, message in (("ppo.weight_decay=-1", "ppo.weight_decay' must be >= 0"),
-                          ("ppo.critic_loss_coef=0", "ppo.critic_loss_coef' must be > 0"),
-                          ("model.value_head_init_std=0", "model.value_head_init_std' must be > 0"),
-                          ("ppo.critic_warmup_ramp=cosine", "ppo.critic_warmup_ramp' expects one of 'released', 'shifted'")):
+    for item, message in (
+        ("ppo.weight_decay=-1", "ppo.weight_decay' must be >= 0"),
+        ("ppo.critic_loss_coef=0", "ppo.critic_loss_coef' must be > 0"),
+        ("model.value_head_init_std=0", "model.value_head_init_std' must be > 0"),
+        ("ppo.critic_warmup_ramp=cosine", "ppo.critic_warmup_ramp' expects one of 'released', 'shifted'"),
+    ):
         with pytest.raises(ValueError, match=message):
             resolve(task="countdown", overrides=[item], check_device=False)
 
@@ -72,9 +74,18 @@ def test_the_trainer_uses_them(quick_testbed, tmp_path):
     assert trainer.train_step(parts, 2)["critic/lr"] == parts.config.ppo.critic_lr
 
     torch.manual_seed(0)
-    old = trainer.build(_config(quick_testbed, tmp_path / "old", ["ppo.weight_decay=0", "ppo.critic_warmup_ramp=shifted",
-                                                                   "model.value_head_init_std=0.001",
-                                                                   "ppo.critic_loss_coef=0.5"]))
+    old = trainer.build(
+        _config(
+            quick_testbed,
+            tmp_path / "old",
+            [
+                "ppo.weight_decay=0",
+                "ppo.critic_warmup_ramp=shifted",
+                "model.value_head_init_std=0.001",
+                "ppo.critic_loss_coef=0.5",
+            ],
+        )
+    )
     assert [g["weight_decay"] for g in old.actor_opt.param_groups] == [0.0]
     assert old.critic.value_head.weight.std().item() < 2e-3
     assert trainer.train_step(old, 1)["critic/lr"] == 0.5 * old.config.ppo.critic_lr  # (0 + 1) / (1 + 1)

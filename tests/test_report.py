@@ -12,7 +12,7 @@ import math
 import statistics
 import xml.etree.ElementTree as ET
 from pathlib import Path
-from typing import Optional, Sequence
+from collections.abc import Sequence
 
 import pytest
 from typer.testing import CliRunner
@@ -35,10 +35,10 @@ def make_run(
     *,
     model: str = QWEN,
     max_new_tokens: int = 512,
-    params: Optional[dict] = None,
+    params: dict | None = None,
     p_max: Sequence[float] = (),
     metric: str = "pass@1",
-    name: Optional[str] = None,
+    name: str | None = None,
     status: str = "finished",
 ) -> Path:
     """One run directory under root (its store: root/results.jsonl), written by Tracker.
@@ -65,7 +65,16 @@ def make_run(
     return run_dir
 
 
-def make_base(root: Path, task: str, score: float, *, model: str = QWEN, max_new_tokens: int = 512, metric: str = "pass@1", method: str = "tre-p") -> Path:
+def make_base(
+    root: Path,
+    task: str,
+    score: float,
+    *,
+    model: str = QWEN,
+    max_new_tokens: int = 512,
+    metric: str = "pass@1",
+    method: str = "tre-p",
+) -> Path:
     """What `tre eval` of the untrained model records: a step-0 evaluation, a result labelled "base"."""
     cfg = from_dict({
         "model": {"name": model},
@@ -126,7 +135,10 @@ def _cells(table: rp.Table1):
 
 def test_table1_means_spreads_deltas_and_marks(small_set):
     table = rp.build_table1(records_of(small_set))
-    assert [(c.task, c.max_new_tokens, c.scale.factor) for c in table.columns] == [("countdown", 512, 100.0), ("hh", 1024, 1.0)]
+    assert [(c.task, c.max_new_tokens, c.scale.factor) for c in table.columns] == [
+        ("countdown", 512, 100.0),
+        ("hh", 1024, 1.0),
+    ]
     assert [row.method for row in table.rows] == ["base", "vanilla", "ent", "kl-cov", "tre-k", "tre-p"]
     cells = _cells(table)
 
@@ -176,7 +188,9 @@ def test_markdown_csv_latex(small_set):
     lines = md.splitlines()
     header = next(line for line in lines if line.startswith("| Method"))
     assert "Qwen2.5-1.5B-Instruct Countdown Pass@1 (%)" in header and "HH Reward" in header
-    row = {line.split("|")[1].strip(): line for line in lines if line.startswith("| ") and not line.startswith("| Method")}
+    row = {
+        line.split("|")[1].strip(): line for line in lines if line.startswith("| ") and not line.startswith("| Method")
+    }
     assert "| **68.00** ±2.00 (+6.00) n=3 |" in row["TRE-P"]
     assert "| <u>66.00</u> (+4.00) n=1 |" in row["TRE-K"]
     assert "62.00 [61.00, 63.00] (+0.00) n=2" in row["Ent"]
@@ -212,7 +226,10 @@ def test_main_variant_missing_falls_back_with_a_note(tmp_path):
     make_run(tmp_path, "tre-k", "countdown", 0, [0.6], params={"k": 5})
     table = rp.build_table1(records_of(tmp_path))
     assert _cells(table)[("tre-k", "countdown")].cell.params["k"] == 5
-    assert any("TRE-K (K=5) in Qwen2.5-1.5B-Instruct Countdown (its main variant TRE-K (K=2) has no runs)" in n for n in table.notes)
+    assert any(
+        "TRE-K (K=5) in Qwen2.5-1.5B-Instruct Countdown (its main variant TRE-K (K=2) has no runs)" in n
+        for n in table.notes
+    )
 
 
 def test_horizon_runs_stay_out_of_table1(tmp_path):
@@ -322,21 +339,42 @@ def figure_set(tmp_path_factory) -> Path:
         for t in horizons:
             make_run(root, "vanilla", task, 0, [0.3 + t / 2000], max_new_tokens=t, p_max=[0.6, 0.8, 0.9])
             for alpha in (0.01, 0.001):
-                make_run(root, "ent", task, 0, [0.3 + t / 2000 + (0.02 if t < 512 else -0.03) * alpha * 100], max_new_tokens=t, params={"alpha": alpha})
+                make_run(
+                    root,
+                    "ent",
+                    task,
+                    0,
+                    [0.3 + t / 2000 + (0.02 if t < 512 else -0.03) * alpha * 100],
+                    max_new_tokens=t,
+                    params={"alpha": alpha},
+                )
     big = 1024
     make_run(root, "vanilla", "math", 1, [0.8], max_new_tokens=big, p_max=[0.5, 0.7, 0.95])
     make_run(root, "vanilla", "countdown", 1, [0.55], p_max=[0.5, 0.7, 0.95])
     for k in (2, 5, 10):
-        make_run(root, "tre-k", "countdown", 0, [0.6 - k / 100], params={"k": k}, p_max=[0.6, 0.7, 0.7] if k == 2 else ())
+        make_run(
+            root, "tre-k", "countdown", 0, [0.6 - k / 100], params={"k": k}, p_max=[0.6, 0.7, 0.7] if k == 2 else ()
+        )
     for p in (0.9, 0.99):
-        make_run(root, "tre-p", "countdown", 0, [0.6 + p / 100], params={"p": p}, p_max=[0.6, 0.65, 0.66] if p == 0.99 else ())
+        make_run(
+            root,
+            "tre-p",
+            "countdown",
+            0,
+            [0.6 + p / 100],
+            params={"p": p},
+            p_max=[0.6, 0.65, 0.66] if p == 0.99 else (),
+        )
     make_run(root, "min-ent", "countdown", 0, [0.4])
     return root
 
 
 def test_horizon_figure(figure_set):
     panels = rp.horizon_data(records_of(figure_set))
-    assert [(p.task, [t for t, _ in p.vanilla]) for p in panels] == [("math", [512, 1024]), ("countdown", [32, 128, 512])]
+    assert [(p.task, [t for t, _ in p.vanilla]) for p in panels] == [
+        ("math", [512, 1024]),
+        ("countdown", [32, 128, 512]),
+    ]
     countdown = panels[1]
     assert [alpha for alpha, _ in countdown.deltas] == [0.01, 0.001]
     deltas = dict(countdown.deltas[0][1])
@@ -448,9 +486,24 @@ class _FakeWandbRun:
 
 
 def test_wandb_runs_read_like_run_directories():
-    cfg = to_dict(from_dict({"task": {"name": "countdown"}, "method": {"name": "tre-k", "k": 5}, "rollout": {"max_new_tokens": 64}, "run": {"seed": 3}}))
-    history = [{"_step": 1, "actor/p_max": 0.5}, {"_step": 2, "actor/p_max": 0.6, "eval/score": 0.25}, {"_step": 3, "eval/score": 0.5}]
-    run = wandb_run_to_run(_FakeWandbRun(cfg, {"final_eval": 0.5, "best_eval": 0.5, "status": "finished"}, "finished", history))
+    cfg = to_dict(
+        from_dict(
+            {
+                "task": {"name": "countdown"},
+                "method": {"name": "tre-k", "k": 5},
+                "rollout": {"max_new_tokens": 64},
+                "run": {"seed": 3},
+            }
+        )
+    )
+    history = [
+        {"_step": 1, "actor/p_max": 0.5},
+        {"_step": 2, "actor/p_max": 0.6, "eval/score": 0.25},
+        {"_step": 3, "eval/score": 0.5},
+    ]
+    run = wandb_run_to_run(
+        _FakeWandbRun(cfg, {"final_eval": 0.5, "best_eval": 0.5, "status": "finished"}, "finished", history)
+    )
     record = rp.record_from_run(run)
     assert (record.method, record.task, record.seed, record.max_new_tokens) == ("tre-k", "countdown", 3, 64)
     assert record.param_dict["k"] == 5 and record.final_eval == 0.5 and record.status == "finished"
@@ -474,8 +527,16 @@ def test_report_logged_to_wandb_offline(small_set, tmp_path):
 
 def test_wandb_target():
     def run(mode, project="tre"):
-        return {"path": "x", "config": {"method": {"name": "vanilla"}, "task": {"name": "countdown"}, "model": {"name": "m"},
-                                        "run": {"wandb": {"mode": mode, "project": project, "entity": None}}}, "result": None}
+        return {
+            "path": "x",
+            "config": {
+                "method": {"name": "vanilla"},
+                "task": {"name": "countdown"},
+                "model": {"name": "m"},
+                "run": {"wandb": {"mode": mode, "project": project, "entity": None}},
+            },
+            "result": None,
+        }
 
     assert rp.wandb_target([run("online")], None, None) == (None, "tre", "online")
     assert rp.wandb_target([run("offline")], None, None) is None
@@ -498,7 +559,9 @@ def test_cli_report_end_to_end(figure_set, small_set, tmp_path):
     assert "Table 1" in done.output and "fig4_hparam.png" in done.output
     assert (out / "table1.md").exists() and (out / "fig1_horizon.svg").exists()
 
-    skipped = runner.invoke(app, ["report", str(small_set), "--out", str(tmp_path / "r2"), "--score", "best", "--no-log-wandb"])
+    skipped = runner.invoke(
+        app, ["report", str(small_set), "--out", str(tmp_path / "r2"), "--score", "best", "--no-log-wandb"]
+    )
     assert skipped.exit_code == 0, skipped.output
     assert "fig1_horizon: skipped" in skipped.output
 

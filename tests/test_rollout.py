@@ -102,7 +102,10 @@ def test_static_cache_path_matches_dynamic(quick_testbed, quick_tokenizer, quick
     assert torch.equal(dynamic.response_ids, static.response_ids)
     assert torch.allclose(dynamic.logprobs, static.logprobs, atol=1e-4)
     # A second call reuses the (reset) cache: same results as a fresh dynamic engine's second call.
-    engines = [HFEngine(quick_policy, quick_tokenizer, seed=9), HFEngine(quick_policy, quick_tokenizer, seed=9, static_cache=True)]
+    engines = [
+        HFEngine(quick_policy, quick_tokenizer, seed=9),
+        HFEngine(quick_policy, quick_tokenizer, seed=9, static_cache=True),
+    ]
     rollouts = [[e.generate(prompts, n=2, max_new_tokens=10) for _ in range(2)] for e in engines]
     assert len(engines[1]._static_caches) == 1
     assert torch.equal(rollouts[0][1].response_ids, rollouts[1][1].response_ids)

@@ -31,7 +31,9 @@ PROMPT_TEXTS = ["Using the numbers [3, 5, 7]", "<answer>", "create an equation t
 
 @pytest.fixture(scope="module")
 def engine(quick_testbed, quick_tokenizer):
-    engine = get_engine("vllm", quick_testbed, quick_tokenizer, seed=0, kv_cache_memory_bytes=64 * 2**20, max_model_len=256)
+    engine = get_engine(
+        "vllm", quick_testbed, quick_tokenizer, seed=0, kv_cache_memory_bytes=64 * 2**20, max_model_len=256
+    )
     yield engine
     engine.close()
 
@@ -72,7 +74,9 @@ def test_logprobs_agree_with_a_full_forward_and_hf(engine, quick_policy, quick_t
     rollout = engine.generate(prompts, n=2, max_new_tokens=12, temperature=temperature)
     assert torch.allclose(rollout.logprobs, recompute(quick_policy, rollout, temperature), atol=1e-4)
     # The hf engine's log-probs are the same quantity on the same weights.
-    hf_rollout = HFEngine(quick_policy, quick_tokenizer, seed=0).generate(prompts, n=2, max_new_tokens=12, temperature=temperature)
+    hf_rollout = HFEngine(quick_policy, quick_tokenizer, seed=0).generate(
+        prompts, n=2, max_new_tokens=12, temperature=temperature
+    )
     assert torch.allclose(hf_rollout.logprobs, recompute(quick_policy, hf_rollout, temperature), atol=1e-4)
 
 

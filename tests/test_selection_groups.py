@@ -8,9 +8,12 @@ import math
 import pytest
 import torch
 
+from dataclasses import replace
+
 from tre_cli import trainer
 from tre_cli.config import resolve
-from tre_cli.losses.ppo import gae, place_terminal_reward, whiten
+from tre_cli.losses.actor import ActorObjective
+from tre_cli.trainer import step as trainer_step
 from tre_cli.losses.selection_groups import forking_tokens_in_groups, kl_cov_in_groups, selection_groups
 from tre_cli.losses.selectors import top_count
 
@@ -97,18 +100,18 @@ def _config(model_dir, out, method, micro_batch_tokens, extra=()):
 def _rollout_and_batch(parts):
     rollout = parts.engine.generate([[5, 6, 7, 8, 9], [10, 11, 12], [13, 14, 15, 16], [7, 7]] * 2, n=2,
                                     max_new_tokens=16)
-    batch = trainer._score_rollout(parts, rollout)
-    mask = rollout.response_mask.float()
-    scores = torch.linspace(0, 1, rollout.num_samples)
-    adv, _ = gae(place_terminal_reward(scores, mask), batch["old_values"], mask)
-    batch["advantages"] = whiten(adv, mask)
-    return rollout, batch
+    scored = trainer_step.score_rollout(parts, rollout, torch.linspace(0, 1, rollout.num_samples))
+    return rollout, scored
 
 
-def _full_selection(parts, rollout, batch, budget, method, params):
+def _full_selection(parts, rollout, scored, budget, method, params):
+    cfg = parts.config
+    objective = ActorObjective.of(method, params, clip=cfg.ppo.clip, dual_clip_c=cfg.ppo.dual_clip_c,
+                                  loss_agg=cfg.ppo.loss_agg)
+    parts = replace(parts, objective=objective)
     rows = torch.arange(rollout.num_samples)
-    micro = list(trainer._micro_batches(rows, rollout.response_lengths, rollout.prompt_ids.shape[1], budget))
-    masks = trainer._selection_masks(parts, rollout, batch, micro, method, params, torch.Generator().manual_seed(5))
+    micro = list(trainer_step.micro_batches(rows, rollout.response_lengths, rollout.prompt_ids.shape[1], budget))
+    masks = trainer_step._selection(parts, rollout, scored, micro, torch.Generator().manual_seed(5))
     full = torch.zeros(rollout.response_ids.shape, dtype=torch.bool)
     for (chunk, r_width), m in zip(micro, masks):
         full[chunk, :r_width] = m
@@ -168,4 +171,4 @@ def test_task_overlays_set_the_released_group_sizes():
     assert sizes == {"math": 8, "countdown": 16, "hh": 16}
     # The memory knob and the group are separate keys.
     cfg = resolve_config(task="math", method="kl-cov", overrides=["ppo.micro_batch_tokens=1024"], check_device=False)
-    assert (cfg.ppo.micro_batch_tokens, cfg.ppo.selection_group_size, cfg.method.scope) == (1024, 8, "group")
+    assert (cfg.ppo.micro_batch_tokens, cfg.ppo.selection_group_size, cfg.method.params["scope"]) == (1024, 8, "group")

@@ -85,7 +85,9 @@ def test_forking_global_scope_differs_from_micro_batch():
     # Global scope: 40% of the 10 tokens of the mini-batch, all from the high-entropy micro-batch.
     t = entropy_threshold(torch.cat([high, low], dim=1), torch.ones(1, 10), 0.4)
     assert t.item() == 3.0
-    assert forking_tokens_mask(high, ones, 0.4, scope="global", threshold=t).tolist() == [[False, True, True, True, True]]
+    assert forking_tokens_mask(high, ones, 0.4, scope="global", threshold=t).tolist() == [
+        [False, True, True, True, True]
+    ]
     assert forking_tokens_mask(low, ones, 0.4, scope="global", threshold=t).tolist() == [[False] * 5]
     # The threshold can also be computed from the flat valid entropies of ragged micro-batches.
     flat = torch.cat([ENTROPY[MASK.bool()], low.flatten()])

@@ -17,7 +17,8 @@ from typer.testing import CliRunner
 
 from tre_cli import sweep
 from tre_cli.cli import app
-from tre_cli.tracking import read_jsonl, read_results
+from tre_cli.io import read_jsonl
+from tre_cli.tracking import read_results
 
 runner = CliRunner()
 VOLATILE = ("time", "timing/", "perf/")
@@ -44,7 +45,7 @@ def test_every_sweep_file_and_preset_expands(name, preset, tasks):
     trials = sweep.expand_grid(spec)
     assert len(trials) == EXPECTED_COUNTS[(name, preset, tasks)]
     assert len({t.name for t in trials}) == len(trials)
-    assert all(sweep._safe_name(t.name) for t in trials)
+    assert all(sweep.safe_name(t.name) for t in trials)
 
 
 def test_horizon_paper_grid_is_the_papers():
@@ -58,13 +59,23 @@ def test_horizon_paper_grid_is_the_papers():
 
 def test_hparam_and_main_variants_are_the_papers(tmp_path):
     plan = sweep.plan_sweep("hparam", ["countdown"], out=tmp_path / "h")
-    params = {(p.config.method.name, p.config.method.k, p.config.method.p) for p in plan.trials}
+    params = {
+        (p.config.method.name, p.config.method.params.get("k"), p.config.method.params.get("p")) for p in plan.trials
+    }
     assert params == {("vanilla", None, None), ("tre-k", 2, None), ("tre-k", 5, None), ("tre-k", 10, None),
                       ("tre-p", None, 0.9), ("tre-p", None, 0.99), ("tre-p", None, 0.999), ("min-ent", None, None)}
     assert {p.config.rollout.max_new_tokens for p in plan.trials} == {512}  # Countdown's own T
     main = sweep.plan_sweep("main", ["math"], out=tmp_path / "m")
     assert {p.config.model.name for p in main.trials} == {"Qwen/Qwen2.5-1.5B-Instruct", "Qwen/Qwen2.5-7B-Instruct"}
-    assert {p.trial.variant for p in main.trials} == {"base", "vanilla", "ent", "forking-tokens", "kl-cov", "tre-k", "tre-p"}
+    assert {p.trial.variant for p in main.trials} == {
+        "base",
+        "vanilla",
+        "ent",
+        "forking-tokens",
+        "kl-cov",
+        "tre-k",
+        "tre-p",
+    }
     assert [p.trial.kind for p in main.trials if p.trial.variant == "base"] == ["eval", "eval"]
     assert {p.config.rollout.max_new_tokens for p in main.trials} == {8192}
     assert {p.config.ppo.steps for p in main.trials} == {300}
@@ -76,7 +87,12 @@ def test_plan_resolves_every_trial_with_its_grid_values_seeds_and_sets(tmp_path)
     assert len(plan.trials) == 16
     by_name = {p.trial.name: p for p in plan.trials}
     ent = by_name["countdown-T64-ent-a0.0001-s7"].config
-    assert (ent.method.name, ent.method.alpha, ent.rollout.max_new_tokens, ent.run.seed) == ("ent", 0.0001, 64, 7)
+    assert (ent.method.name, ent.method.params["alpha"], ent.rollout.max_new_tokens, ent.run.seed) == (
+        "ent",
+        0.0001,
+        64,
+        7,
+    )
     assert ent.model.name == "testbed" and ent.ppo.steps == 20 and ent.ppo.clip == 0.3
     assert ent.task.options["train_size"] == 512
     assert ent.run.out == str(out.absolute() / "runs" / "countdown-T64-ent-a0.0001-s7")
@@ -90,15 +106,25 @@ def test_set_overrides_the_sweep_files_values(tmp_path):
     assert {p.config.rollout.max_new_tokens for p in plan.trials} == {8}
 
 
-@pytest.mark.parametrize("value", [0.01, 1e-4, 1e-12, 3.0, 5, True, None, "1e-3", "off", "Qwen/Qwen2.5-1.5B-Instruct"])
-def test_yaml_scalar_reads_back_as_the_same_value(value):
-    assert yaml.safe_load(sweep.yaml_scalar(value)) == value
-    assert type(yaml.safe_load(sweep.yaml_scalar(value))) is type(value)
-
-
 def _write(path: Path, content: dict) -> Path:
     path.write_text(yaml.safe_dump(content))
     return path
+
+
+def test_grid_values_reach_the_config_as_they_are(tmp_path):
+    """No text in between: a float stays that float (1e-05 has no YAML 1.1 float spelling), a
+    string that YAML would read as a bool stays a string."""
+    variants = {"tiny": {"method": "ent", "alpha": 1e-05}, "far": {"method": "ent", "alpha": 3e-12}}
+    content = {**MINIMAL, "variants": variants,
+               "set": {"run.wandb.project": "off", "eval.limit": None, "task.options": {"train_size": 16}}}
+    plan = sweep.plan_sweep(_write(tmp_path / "s.yaml", content), out=tmp_path / "out")
+    by_variant = {p.trial.variant: p for p in plan.trials}
+    assert ("method.alpha", 1e-05) in by_variant["tiny"].trial.values
+    assert by_variant["tiny"].config.method.params["alpha"] == 1e-05
+    assert by_variant["far"].config.method.params["alpha"] == 3e-12
+    config = by_variant["tiny"].config
+    assert config.run.wandb.project == "off" and config.eval.limit is None
+    assert config.task.options["train_size"] == 16
 
 
 MINIMAL = {"tasks": ["countdown"], "run_preset": "smoke", "models": ["testbed"],
@@ -150,7 +176,7 @@ def test_out_dir_rules_for_fresh_and_resumed_sweeps(tmp_path):
     out.mkdir()
     (out / "keep.txt").write_text("x")
     with pytest.raises(ValueError, match="already exists and is not empty"):
-        sweep.run_sweep(plan)  # refused before Ray is imported or anything is written
+        sweep.run_sweep(plan)  # refused before Ray starts or anything is written
     assert sorted(p.name for p in out.iterdir()) == ["keep.txt"]
     (out / sweep.SWEEP_FILE).write_text(json.dumps(plan.manifest()))
     sweep.check_out_dir(plan, resume=True)
@@ -295,7 +321,9 @@ def test_sweep_runs_trials_through_ray_and_retries_a_failing_one(tiny_testbed, t
 def test_killed_sweep_resumes_without_losing_or_repeating_results(tiny_testbed, tmp_path):
     # Long enough (a fraction of a second a step) that the kill lands mid-run, not after the end.
     steps = 30
-    path = _tiny_sweep(tmp_path, tiny_testbed, {"vanilla": {"method": "vanilla"}, "ent": {"method": "ent"}}, steps=steps)
+    path = _tiny_sweep(
+        tmp_path, tiny_testbed, {"vanilla": {"method": "vanilla"}, "ent": {"method": "ent"}}, steps=steps
+    )
     out = tmp_path / "out"
     env = {**os.environ, "COLUMNS": "200"}
     env.pop(sweep.FAIL_ONCE_ENV, None)
@@ -330,7 +358,10 @@ def test_killed_sweep_resumes_without_losing_or_repeating_results(tiny_testbed, 
     assert sorted(r["run_dir"] for r in finished) == names  # one finished line per trial: none lost, none twice
     for name in names:
         assert [m["step"] for m in read_jsonl(runs / name / "metrics.jsonl")] == list(range(1, steps + 1))
-        assert [e["step"] for e in read_jsonl(runs / name / "eval.jsonl")] == [0, steps]  # before training (smoke preset), the end; none twice
+        assert [e["step"] for e in read_jsonl(runs / name / "eval.jsonl")] == [
+            0,
+            steps,
+        ]  # before training (smoke preset), the end; none twice
 
 
 def _wait_for_orphans(out: Path, timeout: float = 30.0) -> None:

@@ -72,21 +72,71 @@ RULE_CASES = [
     ("no space between the blocks", "format", f"<think>a</think><answer>{E}</answer>", N, T, 1, 1, None),
     ("answer tag inside think", "format", f"<think>a <answer>1</answer></think><answer>{E}</answer>", N, T, 1, 1, None),
     ("one newline after </answer>", "trailing_whitespace", wrap(E) + "\n", N, T, 1, 1, None),
-    ("two newlines after </answer>", "trailing_whitespace", wrap(E) + "\n\n", N, T, 0, 0, ("trailing_whitespace", "any", 1)),
+    (
+        "two newlines after </answer>",
+        "trailing_whitespace",
+        wrap(E) + "\n\n",
+        N,
+        T,
+        0,
+        0,
+        ("trailing_whitespace", "any", 1),
+    ),
     ("a space after </answer>", "trailing_whitespace", wrap(E) + " ", N, T, 0, 0, ("trailing_whitespace", "any", 1)),
-    ("spaces and a newline after </answer>", "trailing_whitespace", wrap(E) + "  \n", N, T, 0, 0, ("trailing_whitespace", "any", 1)),
-    ("second block, last right", "repeated_blocks",
-     "<think>x</think><answer>26 + 44</answer>\n<think>y</think>\n<answer>" + E + "</answer>", N, T, 0, 0,
-     ("repeated_blocks", "last", 1)),
-    ("second block, first right", "repeated_blocks",
-     f"<think>x</think><answer>{E}</answer><think>y</think><answer>26 + 44</answer>", N, T, 0, 0,
-     ("repeated_blocks", "last", 0)),
-    ("newline between tokens", "answer_newlines", wrap("26 * (88 / 44)\n+ 33"), N, T, 0, 0, ("answer_newlines", "space", 1)),
+    (
+        "spaces and a newline after </answer>",
+        "trailing_whitespace",
+        wrap(E) + "  \n",
+        N,
+        T,
+        0,
+        0,
+        ("trailing_whitespace", "any", 1),
+    ),
+    (
+        "second block, last right",
+        "repeated_blocks",
+        "<think>x</think><answer>26 + 44</answer>\n<think>y</think>\n<answer>" + E + "</answer>",
+        N,
+        T,
+        0,
+        0,
+        ("repeated_blocks", "last", 1),
+    ),
+    (
+        "second block, first right",
+        "repeated_blocks",
+        f"<think>x</think><answer>{E}</answer><think>y</think><answer>26 + 44</answer>",
+        N,
+        T,
+        0,
+        0,
+        ("repeated_blocks", "last", 0),
+    ),
+    (
+        "newline between tokens",
+        "answer_newlines",
+        wrap("26 * (88 / 44)\n+ 33"),
+        N,
+        T,
+        0,
+        0,
+        ("answer_newlines", "space", 1),
+    ),
     ("CR between tokens", "answer_newlines", wrap("26 * (88 / 44)\r+ 33"), N, T, 0, 0, ("answer_newlines", "space", 1)),
     ("newline inside parentheses", "answer_newlines", wrap("(26 * (88 / 44)\n+ 33)"), N, T, 1, 1, None),
     ("answer on its own line", "answer_newlines", f"<think>a</think>\n<answer>\n{E}\n</answer>", N, T, 1, 1, None),
     ("unary plus", "unary plus (a tre bug, fixed)", wrap("+26 * (88 / 44) + 33"), N, T, 1, 1, None),
-    ("unary plus before parentheses", "unary plus (a tre bug, fixed)", wrap("+(26 * (88 / 44)) + 33"), N, T, 1, 1, None),
+    (
+        "unary plus before parentheses",
+        "unary plus (a tre bug, fixed)",
+        wrap("+(26 * (88 / 44)) + 33"),
+        N,
+        T,
+        1,
+        1,
+        None,
+    ),
     ("unary minus", "ordinary", wrap("33 - -26 * (88 / 44)"), N, T, 1, 1, None),
     ("47. for 47", "trailing_dot", wrap("26. * (88 / 44) + 33"), N, T, 1, 1, ("trailing_dot", False, 0)),
     ("loophole //", "loopholes", wrap("26 * (88 // 44) + 33"), N, T, 1, 0, ("loopholes", True, 1)),
@@ -134,7 +184,15 @@ def test_defaults_are_the_released_code_except_the_loopholes():
 
 def test_the_old_tre_reading_is_one_set_of_options():
     assert score("preamble " + wrap(E) + "  \n", N, T, rules=LENIENT) == 1.0
-    assert score("<think>x</think><answer>1+2+3</answer><think>y</think><answer>6 - 1 - 2 - 3</answer>", [6, 1, 2, 3], 0, rules=LENIENT) == 1.0
+    assert (
+        score(
+            "<think>x</think><answer>1+2+3</answer><think>y</think><answer>6 - 1 - 2 - 3</answer>",
+            [6, 1, 2, 3],
+            0,
+            rules=LENIENT,
+        )
+        == 1.0
+    )
 
 
 def test_format_score_option():
@@ -275,7 +333,9 @@ HOSTILE = {
 }
 
 
-@pytest.mark.parametrize("rules", [CountdownRules(), CountdownRules(loopholes=True), LENIENT], ids=["default", "loopholes", "lenient"])
+@pytest.mark.parametrize(
+    "rules", [CountdownRules(), CountdownRules(loopholes=True), LENIENT], ids=["default", "loopholes", "lenient"]
+)
 @pytest.mark.parametrize("name", list(HOSTILE))
 def test_hostile_input_returns_a_float_fast(name, rules):
     start = time.perf_counter()
@@ -290,9 +350,19 @@ def test_random_strings_never_crash_or_hang():
     """Strange strings of every kind: any code point, tag fragments, operators; each scores 0.0
     or 1.0 as a float, under every reading, quickly."""
     rng = random.Random(5)
-    alphabet = list("0123456789+-*/(). \n\t=<>/abcdeghiknrstw") + ["<think>", "</think>", "<answer>", "</answer>", "**", "//"]
-    readings = [CountdownRules(), CountdownRules(loopholes=True),
-                CountdownRules(trailing_whitespace="any", repeated_blocks="last", answer_newlines="space", trailing_dot=False)]
+    alphabet = list("0123456789+-*/(). \n\t=<>/abcdeghiknrstw") + [
+        "<think>",
+        "</think>",
+        "<answer>",
+        "</answer>",
+        "**",
+        "//",
+    ]
+    readings = [
+        CountdownRules(),
+        CountdownRules(loopholes=True),
+        CountdownRules(trailing_whitespace="any", repeated_blocks="last", answer_newlines="space", trailing_dot=False),
+    ]
     start = time.perf_counter()
     for i in range(3000):
         if i % 3 == 0:
@@ -318,7 +388,21 @@ def test_evaluate_admits_only_the_grammar():
     assert evaluate("2 * -3") == -6  # unary minus after an operator
     assert evaluate("+1") == 1 and evaluate("+(2 - 5)") == -3 and evaluate("-+-1") == 1
     assert evaluate("47.") == 47
-    for text in ("1 +", "(1", "1)", "1 2", "1.5 + 1", ".5", "1e3", "a", "1 % 2", "1 // 2", "2 ** 3", "1 / 0", "1 * * 2"):
+    for text in (
+        "1 +",
+        "(1",
+        "1)",
+        "1 2",
+        "1.5 + 1",
+        ".5",
+        "1e3",
+        "a",
+        "1 % 2",
+        "1 // 2",
+        "2 ** 3",
+        "1 / 0",
+        "1 * * 2",
+    ):
         assert evaluate(text) is None, text
 
 
@@ -418,7 +502,11 @@ def test_task_loads_a_local_jsonl(tmp_path):
     path.write_text("\n".join(json.dumps({"nums": [1, 2, 3], "target": 6 + i}) for i in range(4)) + "\n")
     task = get_task("countdown", test_source=str(path), test_size=3)
     rows = task.load("test")
-    assert rows == [{"nums": [1, 2, 3], "target": 6}, {"nums": [1, 2, 3], "target": 7}, {"nums": [1, 2, 3], "target": 8}]
+    assert rows == [
+        {"nums": [1, 2, 3], "target": 6},
+        {"nums": [1, 2, 3], "target": 7},
+        {"nums": [1, 2, 3], "target": 8},
+    ]
 
 
 def test_raw_render_holds_the_paper_prompt():
@@ -461,6 +549,8 @@ def test_tre_data_countdown_is_registered_on_the_main_app(tmp_path):
     from tre_cli.cli import app
 
     out = tmp_path / "cd.jsonl"
-    result = CliRunner().invoke(app, ["data", "countdown", "--n", "3", "--seed", "1", "--split", "test", "--out", str(out)])
+    result = CliRunner().invoke(
+        app, ["data", "countdown", "--n", "3", "--seed", "1", "--split", "test", "--out", str(out)]
+    )
     assert result.exit_code == 0, result.output
     assert [json.loads(line) for line in out.read_text().splitlines()] == generate(3, 1, "test")

@@ -69,11 +69,15 @@ def test_prompt_of_accepts_the_common_layouts():
 
 def test_task_loads_prompts_and_renders_the_chat_template(tmp_path):
     path = tmp_path / "uf.jsonl"
-    path.write_text("".join(json.dumps({"prompt": f"question {i}", "chosen": "a", "rejected": "b"}) + "\n" for i in range(5)))
+    path.write_text(
+        "".join(json.dumps({"prompt": f"question {i}", "chosen": "a", "rejected": "b"}) + "\n" for i in range(5))
+    )
     task = get_task("hh", test_source=str(path), test_size=3)
     examples = task.load("test")
     assert examples == [{"prompt": "question 0"}, {"prompt": "question 1"}, {"prompt": "question 2"}]
-    assert task.render(examples[0], tiny_tokenizer()) == "<|im_start|>user\nquestion 0<|im_end|>\n<|im_start|>assistant\n"
+    assert (
+        task.render(examples[0], tiny_tokenizer()) == "<|im_start|>user\nquestion 0<|im_end|>\n<|im_start|>assistant\n"
+    )
     assert get_task("hh", template="raw").render(examples[0], None) == "User: question 0\nAssistant:"
     with pytest.raises(ValueError, match="reward_model"):
         task.rewards(["x"], examples[:1])
@@ -96,7 +100,9 @@ def test_scorer_is_batch_invariant_and_truncates(tmp_path):
     scorer = RewardModelScorer(folder, max_length=16)
     long_score = scorer.score(["how do i cook rice"], ["good " * 100])[0]
     tokenizer = scorer._tokenizer
-    ids = tokenizer(pair_text(tokenizer, "how do i cook rice", "good " * 100), add_special_tokens=False)["input_ids"][:16]
+    ids = tokenizer(pair_text(tokenizer, "how do i cook rice", "good " * 100), add_special_tokens=False)["input_ids"][
+        :16
+    ]
     model = AutoModelForSequenceClassification.from_pretrained(folder)
     with torch.no_grad():
         direct = model(input_ids=torch.tensor([ids])).logits[0, 0].item()
@@ -124,7 +130,9 @@ def test_each_policy_model_gets_its_reward_model(tmp_path):
     assert task_for_run("hh", options, SMALL)._scorer.model_name == str(small_rm)
     assert task_for_run("hh", options, LARGE)._scorer.model_name == str(large_rm)
     # The single reward_model serves any policy model the mapping does not name...
-    assert task_for_run("hh", {**options, "reward_model": "org/any-rm"}, "other/model")._scorer.model_name == "org/any-rm"
+    assert (
+        task_for_run("hh", {**options, "reward_model": "org/any-rm"}, "other/model")._scorer.model_name == "org/any-rm"
+    )
     # ...and agreeing with the mapping is fine; disagreeing is one line naming both.
     assert task_for_run("hh", {**options, "reward_model": str(small_rm)}, SMALL)._scorer.model_name == str(small_rm)
     with pytest.raises(ValueError, match="disagree"):
@@ -161,7 +169,10 @@ def test_sweep_plan_fails_for_an_hh_trial_without_its_reward_model(tmp_path):
     from tre_cli import sweep
 
     # As shipped, sweeps/main.yaml names the two backbones with no reward model yet.
-    with pytest.raises(ValueError, match=f"trial hh-Qwen2.5-1.5B-Instruct-base-s0: task 'hh' has no reward model for policy model '{SMALL}'"):
+    with pytest.raises(
+        ValueError,
+        match=f"trial hh-Qwen2.5-1.5B-Instruct-base-s0: task 'hh' has no reward model for policy model '{SMALL}'",
+    ):
         sweep.plan_sweep("main", ["hh"], out=tmp_path / "a")
     small_rm = tmp_path / "rm-small"
     small_rm.mkdir()
@@ -223,7 +234,11 @@ def test_rm_train_learns_preferences_and_the_scorer_loads_it(tmp_path):
     base = tiny_reward_model(tmp_path / "base")
     prompts = ["how do i cook rice", "help me", "please help me with this question", "how is the rice"]
     rows = [
-        {"prompt": prompts[i % 4], "chosen": "good answer thanks " * (1 + i % 3), "rejected": "bad answer " * (1 + i % 2)}
+        {
+            "prompt": prompts[i % 4],
+            "chosen": "good answer thanks " * (1 + i % 3),
+            "rejected": "bad answer " * (1 + i % 2),
+        }
         for i in range(16)
     ]
     data = tmp_path / "pairs.jsonl"

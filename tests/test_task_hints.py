@@ -18,7 +18,9 @@ from tre_cli.tasks import TASKS, get_task
 
 SECTIONS = ("run", "model", "task", "method", "ppo", "rollout", "eval")
 # A dotted name that starts with a section, optionally followed by =VALUE.
-MENTION = re.compile(r"(?<![\w.\-/{])((?:%s)\.[a-z_{][\w{}]*(?:\.[a-z_{][\w{}]*)*)(?:=([^\s,;)'\"]*))?" % "|".join(SECTIONS))
+MENTION = re.compile(
+    r"(?<![\w.\-/{{])((?:{})\.[a-z_{{][\w{{}}]*(?:\.[a-z_{{][\w{{}}]*)*)(?:=([^\s,;)'\"]*))?".format("|".join(SECTIONS))
+)
 # Strings that look like keys and are not: a file name, a rich progress-bar field.
 NOT_KEYS = {"eval.jsonl", "task.fields", "model.safetensors"}  # file names, not keys
 PACKAGE = Path(tre_cli.__file__).parent

@@ -40,11 +40,34 @@ RULE_CASES = [
     ("space form", "ordinary", "so $\\boxed 5$.", "5", 1, 1, None),
     ("fbox", "fbox", "so $\\fbox{5}$.", "5", 0, 0, ("fbox", True, 1)),
     ("fbox after a boxed", "fbox", "\\boxed{4} no: \\fbox{5}", "5", 0, 0, ("fbox", True, 1)),
-    ("space form before a later boxed{}", "space_boxed_first", "try $\\boxed 4$, no: $\\boxed{5}$", "5", 0, 0,
-     ("space_boxed_first", False, 1)),
+    (
+        "space form before a later boxed{}",
+        "space_boxed_first",
+        "try $\\boxed 4$, no: $\\boxed{5}$",
+        "5",
+        0,
+        0,
+        ("space_boxed_first", False, 1),
+    ),
     ("space form after a boxed{}", "space_boxed_first", "$\\boxed{4}$, no: $\\boxed 5$", "5", 1, 1, None),
-    ("a/b of non-integers, spaced", "slash_fallback", "\\boxed{12^{1 / 7}}", "12^{1/7}", 1, 1, ("slash_fallback", "raw", 0)),
-    ("a/b of non-integers, as written", "slash_fallback", "\\boxed{12^{1/7}}", "12^{1/7}", 1, 1, ("slash_fallback", "raw", 1)),
+    (
+        "a/b of non-integers, spaced",
+        "slash_fallback",
+        "\\boxed{12^{1 / 7}}",
+        "12^{1/7}",
+        1,
+        1,
+        ("slash_fallback", "raw", 0),
+    ),
+    (
+        "a/b of non-integers, as written",
+        "slash_fallback",
+        "\\boxed{12^{1/7}}",
+        "12^{1/7}",
+        1,
+        1,
+        ("slash_fallback", "raw", 1),
+    ),
     ("\\frac with one character after it", "fix_fracs (a tre bug, fixed)", "\\boxed{\\frac1}", "\\frac1", 1, 1, None),
     ("\\frac with one character, spaced", "fix_fracs (a tre bug, fixed)", "\\boxed{ \\frac1}", "\\frac1", 1, 1, None),
     ("\\frac at the end: raw compare", "fix_fracs", "\\boxed{ 2\\frac}", "2\\frac", 0, 0, None),
@@ -178,7 +201,9 @@ def test_task_loads_jsonl_and_parquet(tmp_path):
     import pyarrow.parquet as pq
 
     (tmp_path / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in ROWS))
-    pq.write_table(pa.Table.from_pylist([{k: r.get(k) for k in ("problem", "solution")} for r in ROWS]), tmp_path / "test.parquet")
+    pq.write_table(
+        pa.Table.from_pylist([{k: r.get(k) for k in ("problem", "solution")} for r in ROWS]), tmp_path / "test.parquet"
+    )
     task = get_task("math", train_source=str(tmp_path), test_source=str(tmp_path / "test.parquet"), test_size=2)
     train, test = task.load("train"), task.load("test")
     assert [e["answer"] for e in train] == ["2", "\\frac{1}{2}", "9"]
@@ -186,7 +211,9 @@ def test_task_loads_jsonl_and_parquet(tmp_path):
     assert task.rewards([e["solution"] for e in train], train) == [1.0, 1.0, 1.0]
     assert task.rewards(["\\boxed{3}", "\\boxed{0.5}", "9"], train) == [0.0, 1.0, 0.0]
     text = get_task("math", template="raw").render(train[0], None)
-    assert text == "User: What is 1+1? Let's think step by step and output the final answer within \\boxed{}.\nAssistant:"
+    assert (
+        text == "User: What is 1+1? Let's think step by step and output the final answer within \\boxed{}.\nAssistant:"
+    )
 
 
 def test_missing_file_and_hub_failures_are_one_clear_line(tmp_path):

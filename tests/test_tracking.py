@@ -14,20 +14,17 @@ import pytest
 import torch
 
 from tre_cli.config import RunConfig, from_dict, load_run_config
+from tre_cli.io import append_line, atomic_dir, read_jsonl, truncate_jsonl_after
 from tre_cli.tracking import (
     RESULTS_STORE_FILE,
     RunDir,
     Tracker,
-    append_line,
     append_result,
-    atomic_dir,
     create_run_dir,
     default_run_dir,
     open_run_dir,
-    read_jsonl,
     read_results,
     read_run,
-    truncate_jsonl_after,
 )
 
 
@@ -56,13 +53,21 @@ def test_tracker_writes_the_run_files(tmp_path):
         tracker.log({"reward/mean": 0.5}, step=2)
         tracker.log_eval(step=2, score=0.25, metric="pass@1", n_prompts=32, n_samples=2)
 
-    assert load_run_config(run_dir).method.k == 5
+    assert load_run_config(run_dir).method.params["k"] == 5
     assert load_run_config(run_dir).run.out == str(run_dir)
     metrics = _lines(run_dir / "metrics.jsonl")
     assert [m["step"] for m in metrics] == [1, 2]
     assert metrics[0]["actor/p_max"] == 0.75 and isinstance(metrics[0]["time"], float)
     evals = _lines(run_dir / "eval.jsonl")
-    assert evals[0] == {**evals[0], "step": 1, "eval/score": 0.5, "eval/metric": "pass@1", "eval/n_prompts": 32, "eval/n_samples": 2, "eval/mean_length": 41.0}
+    assert evals[0] == {
+        **evals[0],
+        "step": 1,
+        "eval/score": 0.5,
+        "eval/metric": "pass@1",
+        "eval/n_prompts": 32,
+        "eval/n_samples": 2,
+        "eval/mean_length": 41.0,
+    }
 
     result = json.loads((run_dir / "result.json").read_text())
     assert result["status"] == "finished" and result["steps_done"] == 2
@@ -205,7 +210,12 @@ def test_resume_truncates_the_logs_after_the_checkpoint_step(tmp_path):
 
     assert [m["step"] for m in read_jsonl(run_dir / "metrics.jsonl")] == [1, 2, 3, 4, 5, 6]  # none repeated, none lost
     result = json.loads((run_dir / "result.json").read_text())
-    assert (result["status"], result["steps_done"], result["final_eval"], result["best_eval"]) == ("finished", 6, 0.6, 0.6)
+    assert (result["status"], result["steps_done"], result["final_eval"], result["best_eval"]) == (
+        "finished",
+        6,
+        0.6,
+        0.6,
+    )
     assert [r["status"] for r in read_results(tmp_path, latest_per_run=False)] == ["failed", "finished"]
     assert [r["status"] for r in read_results(tmp_path)] == ["finished"]  # the last line per run wins
 
@@ -260,7 +270,9 @@ def test_checkpoints_are_written_atomically_listed_and_pruned(tmp_path):
     assert [step for step, _ in run.list_checkpoints()] == [10, 30]
     with pytest.raises(ValueError, match="keep_last must be >= 1"):
         run.prune_checkpoints(0)
-    assert RunDir(tmp_path / "empty").list_checkpoints() == [] and RunDir(tmp_path / "empty").latest_checkpoint() is None
+    assert (
+        RunDir(tmp_path / "empty").list_checkpoints() == [] and RunDir(tmp_path / "empty").latest_checkpoint() is None
+    )
 
 
 # --------------------------------------------------------------------------- the results store
@@ -315,7 +327,9 @@ def test_wandb_offline_logs_a_run_inside_the_run_directory(tmp_path):
 
 
 def _run_python(code: str, cwd: Path) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-c", textwrap.dedent(code)], cwd=cwd, capture_output=True, text=True, timeout=120)
+    return subprocess.run(
+        [sys.executable, "-c", textwrap.dedent(code)], cwd=cwd, capture_output=True, text=True, timeout=120
+    )
 
 
 def test_disabled_never_imports_wandb(tmp_path):

@@ -135,3 +135,23 @@ def test_step_examples_continue_across_epochs():
     assert sorted(seen[10:20]) == list(range(10))
     assert trainer.step_examples(data, 3, 4, seed=3) == trainer.step_examples(data, 3, 4, seed=3)
     assert trainer.step_examples(data, 1, 4, seed=3) != trainer.step_examples(data, 1, 4, seed=4)
+
+
+def test_rollout_gap_compares_behaviour_and_recomputed_probabilities():
+    import torch
+
+    from tre_cli.rollout.base import Rollout
+    from tre_cli.trainer.step import Scored, rollout_gap
+
+    mask = torch.tensor([[1, 1, 0], [1, 0, 0]])
+    behaviour = torch.log(torch.tensor([[0.5, 0.2, 1.0], [0.9, 1.0, 1.0]]))
+    recomputed = torch.log(torch.tensor([[0.4, 0.2, 0.1], [0.6, 0.3, 0.3]]))
+    rollout = Rollout(torch.zeros(2, 1, dtype=torch.long), torch.ones(2, 1, dtype=torch.long),
+                      torch.zeros(2, 3, dtype=torch.long), mask, behaviour * mask, torch.arange(2),
+                      torch.ones(2, dtype=torch.bool), ["", ""], 0, 1.0)
+    zeros = torch.zeros(2, 3)
+    gap = rollout_gap(rollout, Scored(recomputed, zeros, zeros, zeros))
+    assert gap["rollout/probs_diff_max"] == pytest.approx(0.3)
+    assert gap["rollout/probs_diff_mean"] == pytest.approx((0.1 + 0.0 + 0.3) / 3)
+    rollout.logprobs[0, 0] = float("nan")  # vLLM with top_p < 1: no full-vocabulary log-probs
+    assert rollout_gap(rollout, Scored(recomputed, zeros, zeros, zeros)) == {}

@@ -4,13 +4,13 @@ from __future__ import annotations
 
 from contextlib import contextmanager
 from pathlib import Path
-from typing import List, Optional
 
 import typer
 from rich.console import Console
 from rich.table import Table
 
 from tre_cli import __version__
+from tre_cli.losses.registry import DEFAULT_METHOD, baseline
 
 app = typer.Typer(
     name="tre",
@@ -30,7 +30,7 @@ def _version_callback(value: bool) -> None:
 
 @app.callback()
 def main(
-    version: Optional[bool] = typer.Option(
+    version: bool | None = typer.Option(
         None, "--version", callback=_version_callback, is_eager=True, help="Print the version and exit."
     ),
 ) -> None:
@@ -77,16 +77,16 @@ def _resolve_run_config(method, task, model, preset, config, sets, out, rollout,
 
 @app.command()
 def run(
-    method: Optional[str] = typer.Option(None, help="Training method (see `tre methods`); default tre-p."),
-    task: Optional[str] = typer.Option(None, help="math, countdown or hh; default countdown."),
-    model: Optional[str] = typer.Option(None, help="Hub id, local directory, or `testbed` (the built-in model that ships with tre)."),
-    preset: Optional[str] = typer.Option(None, help="smoke (2 CPU cores, minutes) or paper (Table 2)."),
-    config: Optional[Path] = typer.Option(None, "--config", help="YAML file with config sections."),
-    sets: List[str] = typer.Option([], "--set", help="Override a config key: --set ppo.actor_lr=1e-6 (repeatable)."),
-    out: Optional[Path] = typer.Option(None, help="Run directory (must not exist or be empty)."),
-    rollout: Optional[str] = typer.Option(None, help="Rollout engine: hf or vllm."),
-    device: Optional[str] = typer.Option(None, help="cpu, cuda or auto."),
-    resume: Optional[Path] = typer.Option(None, help="Continue this run directory from its last checkpoint."),
+    method: str | None = typer.Option(None, help=f"Training method (see `tre methods`); default {DEFAULT_METHOD}."),
+    task: str | None = typer.Option(None, help="math, countdown or hh; default countdown."),
+    model: str | None = typer.Option(None, help="Hub id, local directory, or `testbed` (ships with tre)."),
+    preset: str | None = typer.Option(None, help="smoke (2 CPU cores, minutes) or paper (Table 2)."),
+    config: Path | None = typer.Option(None, "--config", help="YAML file with config sections."),
+    sets: list[str] = typer.Option([], "--set", help="Override a config key: --set ppo.actor_lr=1e-6 (repeatable)."),
+    out: Path | None = typer.Option(None, help="Run directory (must not exist or be empty)."),
+    rollout: str | None = typer.Option(None, help="Rollout engine: hf or vllm."),
+    device: str | None = typer.Option(None, help="cpu, cuda or auto."),
+    resume: Path | None = typer.Option(None, help="Continue this run directory from its last checkpoint."),
 ) -> None:
     """Run one PPO fine-tuning job."""
     from tre_cli import trainer
@@ -96,30 +96,28 @@ def run(
         if resume is not None:
             if any(v is not None for v in (method, task, model, preset, config, out, rollout)) or sets:
                 raise ValueError("--resume takes the run directory's own config; pass no other options")
-            from tre_cli.config import load_run_config
-            from tre_cli.tracking import open_run_dir
-
-            run_dir = open_run_dir(resume)
-            cfg = load_run_config(run_dir.path)
             if device is not None:
                 resolve_device(device)
-            from tre_cli.config import with_overrides
-
-            cfg = with_overrides(cfg, {"run.resume": str(run_dir.path)})
+            result = trainer.resume(resume, console=console)
         else:
             cfg = _resolve_run_config(method, task, model, preset, config, sets, out, rollout, device)
-        result = trainer.run(cfg, console=console)
+            result = trainer.run(cfg, console=console)
     console.print(f"[bold green]done[/] {result.run_dir}: final {result.eval_metric} {result.final_eval}")
 
 
 @app.command()
 def report(
-    runs: Optional[List[Path]] = typer.Argument(None, help="Run directories and/or directories of runs or results stores (results.jsonl)."),
+    runs: list[Path] | None = typer.Argument(
+        None, help="Run directories and/or directories of runs or results stores (results.jsonl)."
+    ),
     out: Path = typer.Option(Path("report"), "--out", help="Where the tables and figures go."),
-    wandb_project: Optional[str] = typer.Option(None, "--wandb", help="Read the runs of this W&B project (ENTITY/PROJECT)."),
+    wandb_project: str | None = typer.Option(
+        None, "--wandb", help="Read the runs of this W&B project (ENTITY/PROJECT)."
+    ),
     score: str = typer.Option("final", "--score", help="final: the last eval score; best: the best one."),
-    log_wandb: Optional[bool] = typer.Option(
-        None, "--log-wandb/--no-log-wandb",
+    log_wandb: bool | None = typer.Option(
+        None,
+        "--log-wandb/--no-log-wandb",
         help="Log the tables and figures to W&B; default: when --wandb is given or the runs logged online.",
     ),
 ) -> None:
@@ -139,7 +137,9 @@ def report(
     console.print(report_lib.render_rich(written.table))
     for line in written.notes + written.skipped:
         console.print(line, style="yellow", markup=False)
-    console.print(f"[bold green]wrote[/] {len(written.written)} files to {out}: " + ", ".join(p.name for p in written.written))
+    console.print(
+        f"[bold green]wrote[/] {len(written.written)} files to {out}: " + ", ".join(p.name for p in written.written)
+    )
     if target is not None:
         entity, project, mode = target
         tables, images = report_lib.wandb_payload(written)
@@ -150,19 +150,35 @@ def report(
 
 @app.command()
 def sweep(
-    name: str = typer.Argument(..., help="horizon (Figure 1), hparam (Figure 4), main (Table 1, Figure 3), or a sweep YAML file."),
-    tasks: List[str] = typer.Option([], "--task", help="Run only this task of the sweep (repeatable); default: all of the preset's."),
-    preset: Optional[str] = typer.Option(None, help="paper (default: the paper's grid) or smoke (2 CPU cores, minutes)."),
-    sets: List[str] = typer.Option([], "--set", help="Override a config key in every trial: --set ppo.steps=100 (repeatable)."),
-    seeds: Optional[str] = typer.Option(None, help="Seeds as a comma list (0,1,2); default: the sweep file's."),
-    out: Optional[Path] = typer.Option(None, help="Sweep directory (runs/, Ray state); default runs/sweep-NAME-TASKS-PRESET."),
+    name: str = typer.Argument(
+        ..., help="horizon (Figure 1), hparam (Figure 4), main (Table 1, Figure 3), or a sweep YAML file."
+    ),
+    tasks: list[str] = typer.Option(
+        [], "--task", help="Run only this task of the sweep (repeatable); default: all of the preset's."
+    ),
+    preset: str | None = typer.Option(None, help="paper (default: the paper's grid) or smoke (2 CPU cores, minutes)."),
+    sets: list[str] = typer.Option(
+        [], "--set", help="Override a config key in every trial: --set ppo.steps=100 (repeatable)."
+    ),
+    seeds: str | None = typer.Option(None, help="Seeds as a comma list (0,1,2); default: the sweep file's."),
+    out: Path | None = typer.Option(
+        None, help="Sweep directory (runs/, Ray state); default runs/sweep-NAME-TASKS-PRESET."
+    ),
     resume: bool = typer.Option(False, "--resume", help="Continue the interrupted sweep in --out (same options)."),
-    address: Optional[str] = typer.Option(None, help="Join this Ray cluster (e.g. auto or HOST:6379) instead of starting one."),
-    storage: Optional[str] = typer.Option(None, help="Ray Tune storage: a local or shared directory or a cloud URI; default OUT/ray."),
-    cpus_per_trial: Optional[float] = typer.Option(None, help="CPUs per trial; default: the sweep file's."),
-    gpus_per_trial: Optional[float] = typer.Option(None, help="GPUs per trial; default: the sweep file's."),
-    max_concurrent: Optional[int] = typer.Option(None, help="At most this many trials at once; default: the sweep file's."),
-    max_failures: Optional[int] = typer.Option(None, help="Retries of a failed trial from its checkpoint; default: the sweep file's."),
+    address: str | None = typer.Option(
+        None, help="Join this Ray cluster (e.g. auto or HOST:6379) instead of starting one."
+    ),
+    storage: str | None = typer.Option(
+        None, help="Ray Tune storage: a local or shared directory or a cloud URI; default OUT/ray."
+    ),
+    cpus_per_trial: float | None = typer.Option(None, help="CPUs per trial; default: the sweep file's."),
+    gpus_per_trial: float | None = typer.Option(None, help="GPUs per trial; default: the sweep file's."),
+    max_concurrent: int | None = typer.Option(
+        None, help="At most this many trials at once; default: the sweep file's."
+    ),
+    max_failures: int | None = typer.Option(
+        None, help="Retries of a failed trial from its checkpoint; default: the sweep file's."
+    ),
     dry_run: bool = typer.Option(False, "--dry-run", help="Validate every trial and list them; start nothing."),
 ) -> None:
     """Run a grid of jobs (sweeps/NAME.yaml) as Ray Tune trials; resumable, failed trials retried."""
@@ -175,8 +191,18 @@ def sweep(
                 seed_list = [int(s) for s in seeds.split(",") if s.strip()]
             except ValueError:
                 raise ValueError(f"--seeds expects integers separated by commas, got {seeds!r}") from None
-        plan = sweep_lib.plan_sweep(name, tasks, preset, sets, out, seed_list, cpus_per_trial=cpus_per_trial,
-                                    gpus_per_trial=gpus_per_trial, max_concurrent=max_concurrent, max_failures=max_failures)
+        plan = sweep_lib.plan_sweep(
+            name,
+            tasks,
+            preset,
+            sets,
+            out,
+            seed_list,
+            cpus_per_trial=cpus_per_trial,
+            gpus_per_trial=gpus_per_trial,
+            max_concurrent=max_concurrent,
+            max_failures=max_failures,
+        )
         console.print(f"[bold]{plan.spec.description}[/] ({plan.spec.preset}): {len(plan.trials)} trials -> {plan.out}")
         for note in plan.spec.notes:
             console.print(note, style="yellow", markup=False)
@@ -185,7 +211,8 @@ def sweep(
                 console.print(f"  {planned.trial.name}", markup=False)
             return
         outcome = sweep_lib.run_sweep(plan, resume=resume, address=address, storage=storage, console=console)
-    summary = f"{len(outcome.finished)} finished, {len(outcome.failed)} failed, {len(outcome.unfinished)} unfinished in {outcome.wall_s:.0f}s"
+    summary = (f"{len(outcome.finished)} finished, {len(outcome.failed)} failed, "
+               f"{len(outcome.unfinished)} unfinished in {outcome.wall_s:.0f}s")
     if outcome.interrupted or outcome.failed:
         typer.echo(f"{summary}; continue with: {sweep_lib.resume_command(name, plan)}", err=True)
         raise typer.Exit(1)
@@ -207,14 +234,16 @@ app.add_typer(testbed_app, name="testbed")
 
 @app.command("eval")
 def eval_command(
-    task: Optional[str] = typer.Option(None, help="math, countdown or hh; default countdown."),
-    model: Optional[str] = typer.Option(None, help="Hub id, local directory, `testbed`, or a run directory (its last checkpoint)."),
-    preset: Optional[str] = typer.Option(None, help="smoke or paper."),
-    config: Optional[Path] = typer.Option(None, "--config", help="YAML file with config sections."),
-    sets: List[str] = typer.Option([], "--set", help="Override a config key (repeatable), e.g. eval.limit=100."),
-    out: Optional[Path] = typer.Option(None, help="Directory for the evaluation record (must not exist or be empty)."),
-    rollout: Optional[str] = typer.Option(None, help="Rollout engine: hf or vllm."),
-    device: Optional[str] = typer.Option(None, help="cpu, cuda or auto."),
+    task: str | None = typer.Option(None, help="math, countdown or hh; default countdown."),
+    model: str | None = typer.Option(
+        None, help="Hub id, local directory, `testbed`, or a run directory (its last checkpoint)."
+    ),
+    preset: str | None = typer.Option(None, help="smoke or paper."),
+    config: Path | None = typer.Option(None, "--config", help="YAML file with config sections."),
+    sets: list[str] = typer.Option([], "--set", help="Override a config key (repeatable), e.g. eval.limit=100."),
+    out: Path | None = typer.Option(None, help="Directory for the evaluation record (must not exist or be empty)."),
+    rollout: str | None = typer.Option(None, help="Rollout engine: hf or vllm."),
+    device: str | None = typer.Option(None, help="cpu, cuda or auto."),
 ) -> None:
     """Evaluate a model or checkpoint with the paper's protocol (the Base row of Table 1)."""
     from tre_cli import trainer
@@ -227,7 +256,7 @@ def eval_command(
             if latest is None:
                 raise ValueError(f"run directory {model} has no checkpoint to evaluate")
             model = str(latest[1] / "policy")
-        cfg = _resolve_run_config("vanilla", task, model, preset, config, sets, out, rollout, device)
+        cfg = _resolve_run_config(baseline().name, task, model, preset, config, sets, out, rollout, device)
         result = trainer.evaluate_model(cfg, console=console)
     console.print(f"[bold green]done[/] {result.run_dir}: {result.eval_metric} {result.final_eval:.4f}")
 

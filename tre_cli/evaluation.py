@@ -1,10 +1,16 @@
-"""The paper's evaluation protocol: n samples per test prompt at temperature 1.0, top-p 0.7;
-Pass@1 (mean correctness) for MATH and Countdown, mean reward for HH."""
+"""The paper's evaluation protocol: n samples per test prompt at temperature 1.0, top-p 0.7,
+scored by the task's metric (tasks.task_metric): Pass@1 (mean correctness) for MATH and
+Countdown, mean reward for HH."""
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Callable, Optional, Sequence
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from tre_cli.rollout.base import RolloutEngine
+    from tre_cli.tasks import TaskProtocol
 
 # A response counts as correct when its reward reaches this (rule-based rewards are 0 or 1; a
 # format score such as TinyZero's 0.1 is not a solve).
@@ -21,12 +27,8 @@ class EvalResult:
     n_samples: int
     mean_response_tokens: float
 
-    def extra(self) -> dict:
+    def extra(self) -> dict[str, float]:
         return {"eval/mean_reward": self.mean_reward, "eval/response_tokens": self.mean_response_tokens}
-
-
-def default_metric(task_name: str) -> str:
-    return "mean_reward" if task_name == "hh" else "pass@1"
 
 
 def score_of(rewards: Sequence[float], metric: str) -> float:
@@ -40,8 +42,8 @@ def score_of(rewards: Sequence[float], metric: str) -> float:
 
 
 def evaluate(
-    engine,
-    task,
+    engine: RolloutEngine,
+    task: TaskProtocol,
     examples: Sequence[dict],
     prompt_ids: Sequence[Sequence[int]],
     *,
@@ -51,7 +53,6 @@ def evaluate(
     max_new_tokens: int,
     metric: str,
     batch_prompts: int = 64,
-    progress: Optional[Callable[[int, int], None]] = None,
 ) -> EvalResult:
     """Sample `n_samples` responses per prompt with `engine`, score them with `task`."""
     if len(examples) != len(prompt_ids):
@@ -67,8 +68,6 @@ def evaluate(
         answered = [examples[batch[int(i)]] for i in rollout.prompt_index]
         rewards.extend(task.rewards(rollout.texts, answered))
         tokens += rollout.num_response_tokens
-        if progress is not None:
-            progress(batch[-1] + 1, len(examples))
     return EvalResult(
         score=score_of(rewards, metric),
         metric=metric,

@@ -9,7 +9,7 @@ A run directory (never overwritten; a fresh run refuses a non-empty one):
     metrics.jsonl       one object per logged step: {"step", "time", "<namespace>/<name>": float...}
     eval.jsonl          one object per evaluation: {"step", "time", "eval/score", "eval/metric",
                         "eval/n_prompts", "eval/n_samples", "eval/...": float...}
-    checkpoints/step_<N>/   written by the trainer through `atomic_dir(run_dir.checkpoint_dir(N))`
+    checkpoints/step_<N>/   written by the trainer through `io.atomic_dir(run_dir.checkpoint_dir(N))`
     result.json         the final RunResult
     wandb/              W&B's own files (offline runs sync with `wandb sync <run>/wandb/offline-run-*`)
     wandb_run_id        the W&B run id, so a resumed job continues the same W&B run
@@ -20,7 +20,6 @@ RunResult per line. A resumed run appends a new line for the same run_dir: the l
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import datetime as _dt
 import json
@@ -31,19 +30,16 @@ import os
 import re
 import secrets
 import shutil
-import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Dict, Iterator, List, Mapping, Optional, Tuple, Union
+from typing import Any
+from collections.abc import Mapping
 
 from tre_cli import __version__
-from tre_cli.config import RunConfig, atomic_write_text, dump_yaml, read_yaml_file, to_dict, with_overrides
-
-try:  # fcntl is POSIX-only; O_APPEND alone keeps appends whole on local Linux filesystems.
-    import fcntl
-except ImportError:  # pragma: no cover
-    fcntl = None  # type: ignore[assignment]
+from tre_cli.config import RunConfig, dump_yaml, read_yaml_file, to_dict, with_overrides
+from tre_cli.io import append_line, atomic_write_text, read_jsonl, truncate_jsonl_after
+from tre_cli.losses.registry import BASE
 
 log = logging.getLogger("tre")
 
@@ -56,90 +52,7 @@ WANDB_ID_FILE = "wandb_run_id"
 STATUSES = ("finished", "failed", "interrupted")
 _CHECKPOINT_NAME = re.compile(r"^step_(\d+)$")
 
-PathLike = Union[str, Path]
-
-
-# --------------------------------------------------------------------------- atomic file helpers
-
-
-@contextlib.contextmanager
-def atomic_dir(final: PathLike) -> Iterator[Path]:
-    """Yield a temporary directory beside `final`; it becomes `final` only if the block succeeds.
-
-    A crash mid-checkpoint leaves a `.tmp-*` directory that list_checkpoints ignores, never a
-    half-written step_<N>. An existing `final` is replaced (a step saved again after a resume).
-    """
-    final = Path(final)
-    final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=final.parent, prefix=f".tmp-{final.name}-"))
-    try:
-        yield tmp
-        if final.exists():
-            old = final.parent / f".old-{final.name}-{secrets.token_hex(4)}"
-            os.rename(final, old)
-            os.rename(tmp, final)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.rename(tmp, final)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-
-
-def append_line(path: PathLike, record: Mapping[str, Any]) -> None:
-    """Append one JSON line with a single O_APPEND write under an exclusive lock, then fsync.
-
-    Concurrent writers (sweep trials finishing together) never interleave or tear lines.
-    """
-    data = (json.dumps(record, sort_keys=False) + "\n").encode("utf-8")
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
-    try:
-        if fcntl is not None:
-            fcntl.flock(fd, fcntl.LOCK_EX)
-        written = os.write(fd, data)
-        if written != len(data):  # only on a full disk: say so rather than leave a torn line unnoticed
-            raise OSError(f"short write to {path}: {written} of {len(data)} bytes")
-        os.fsync(fd)
-    finally:
-        os.close(fd)  # closing releases the lock
-
-
-def read_jsonl(path: PathLike) -> List[Dict[str, Any]]:
-    """The records of a JSON-lines file ([] if it does not exist).
-
-    A last line without its newline is a write cut off by a crash and is skipped; a bad line
-    anywhere else is an error naming the file and line.
-    """
-    path = Path(path)
-    if not path.exists():
-        return []
-    text = path.read_text(encoding="utf-8")
-    lines = text.split("\n")
-    records = []
-    for number, line in enumerate(lines, start=1):
-        if not line.strip():
-            continue
-        try:
-            records.append(json.loads(line))
-        except json.JSONDecodeError as error:
-            if number == len(lines):  # the final fragment after the last newline
-                log.warning("%s:%d: skipping a line cut off mid-write", path, number)
-                continue
-            raise ValueError(f"{path}:{number}: not a JSON line ({error.msg})") from None
-    return records
-
-
-def truncate_jsonl_after(path: PathLike, step: int) -> int:
-    """Keep only the records with record['step'] <= step (atomically); returns how many were dropped."""
-    path = Path(path)
-    if not path.exists():
-        return 0
-    records = read_jsonl(path)
-    kept = [record for record in records if record["step"] <= step]
-    atomic_write_text(path, "".join(json.dumps(record) + "\n" for record in kept))
-    return len(records) - len(kept)
+PathLike = str | Path
 
 
 # --------------------------------------------------------------------------- run directory
@@ -174,7 +87,7 @@ class RunDir:
     def checkpoint_dir(self, step: int) -> Path:
         return self.checkpoints / f"step_{int(step)}"
 
-    def list_checkpoints(self) -> List[Tuple[int, Path]]:
+    def list_checkpoints(self) -> list[tuple[int, Path]]:
         """Complete checkpoints as (step, path), oldest first."""
         if not self.checkpoints.is_dir():
             return []
@@ -185,11 +98,11 @@ class RunDir:
                 found.append((int(match.group(1)), entry))
         return sorted(found)
 
-    def latest_checkpoint(self) -> Optional[Tuple[int, Path]]:
+    def latest_checkpoint(self) -> tuple[int, Path] | None:
         checkpoints = self.list_checkpoints()
         return checkpoints[-1] if checkpoints else None
 
-    def prune_checkpoints(self, keep_last: int) -> List[Path]:
+    def prune_checkpoints(self, keep_last: int) -> list[Path]:
         """Delete all but the newest keep_last checkpoints; returns the deleted paths."""
         if keep_last < 1:
             raise ValueError(f"keep_last must be >= 1, got {keep_last}")
@@ -199,7 +112,12 @@ class RunDir:
         return doomed
 
 
-def default_run_dir(config: RunConfig, root: PathLike = "runs", now: Optional[_dt.datetime] = None) -> Path:
+def model_label(model: str) -> str:
+    """A model's short name: the last part of its hub id or path (tables, figures, trial names)."""
+    return model.rstrip("/").rsplit("/", 1)[-1] or model
+
+
+def default_run_dir(config: RunConfig, root: PathLike = "runs", now: _dt.datetime | None = None) -> Path:
     """runs/<task>-<method>-<YYYYmmdd-HHMMSS>, or run.out when the config names one."""
     if config.run.out is not None:
         return Path(config.run.out)
@@ -217,7 +135,9 @@ def create_run_dir(path: PathLike, config: RunConfig) -> RunDir:
     if run_dir.path.exists() and not run_dir.path.is_dir():
         raise ValueError(f"run directory {run_dir.path} exists and is not a directory")
     if run_dir.path.is_dir() and any(run_dir.path.iterdir()):
-        raise ValueError(f"run directory {run_dir.path} already exists and is not empty; pass another --out or resume it")
+        raise ValueError(
+            f"run directory {run_dir.path} already exists and is not empty; pass another --out or resume it"
+        )
     run_dir.path.mkdir(parents=True, exist_ok=True)
     config = with_overrides(config, {"run.out": str(run_dir.path)})
     tmp = dump_yaml(config, run_dir.path / f".{CONFIG_FILE}.{secrets.token_hex(4)}")
@@ -250,19 +170,19 @@ class RunResult:
     task: str
     model: str
     seed: int
-    params: Dict[str, Any]
+    params: dict[str, Any]
     steps_done: int
-    final_eval: Optional[float]
-    best_eval: Optional[float]
-    eval_metric: Optional[str]
+    final_eval: float | None
+    best_eval: float | None
+    eval_metric: str | None
     wall_s: float
     status: str
     finished_at: str
     tre_version: str
     # The whole resolved config, so a report can group by anything (max_new_tokens for Figure 1).
-    config: Dict[str, Any]
+    config: dict[str, Any]
 
-    def to_dict(self) -> Dict[str, Any]:
+    def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
 
@@ -278,25 +198,25 @@ def _path_from_store(run_dir: Path, store_dir: Path) -> str:
     return str(run_abs)
 
 
-def append_result(store_dir: PathLike, result: Union[RunResult, Mapping[str, Any]]) -> Path:
+def append_result(store_dir: PathLike, result: RunResult | Mapping[str, Any]) -> Path:
     path = Path(store_dir) / RESULTS_STORE_FILE
     append_line(path, result.to_dict() if isinstance(result, RunResult) else dict(result))
     return path
 
 
-def read_results(store_dir: PathLike, latest_per_run: bool = True) -> List[Dict[str, Any]]:
+def read_results(store_dir: PathLike, latest_per_run: bool = True) -> list[dict[str, Any]]:
     """The results store's records; by default only the last one per run directory."""
     records = read_jsonl(Path(store_dir) / RESULTS_STORE_FILE)
     if not latest_per_run:
         return records
-    latest: Dict[str, Dict[str, Any]] = {}
+    latest: dict[str, dict[str, Any]] = {}
     for record in records:
         latest.pop(record["run_dir"], None)  # re-insert so the order is that of the last line
         latest[record["run_dir"]] = record
     return list(latest.values())
 
 
-def read_run(run_dir: PathLike) -> Dict[str, Any]:
+def read_run(run_dir: PathLike) -> dict[str, Any]:
     """A run directory's content: config (dict), metrics, eval, result (None while running), checkpoints."""
     run = open_run_dir(run_dir)
     result = json.loads(run.result_file.read_text(encoding="utf-8")) if run.result_file.exists() else None
@@ -322,7 +242,7 @@ def _as_number(key: str, value: Any) -> float:
     return float(value)
 
 
-def _check_metrics(metrics: Mapping[str, Any]) -> Dict[str, float]:
+def _check_metrics(metrics: Mapping[str, Any]) -> dict[str, float]:
     checked = {}
     for key, value in metrics.items():
         if not isinstance(key, str) or "/" not in key.strip("/"):
@@ -346,25 +266,25 @@ class Tracker:
     def __init__(
         self,
         config: RunConfig,
-        run_dir: Optional[PathLike] = None,
+        run_dir: PathLike | None = None,
         *,
-        resume_step: Optional[int] = None,
-        store_dir: Optional[PathLike] = None,
+        resume_step: int | None = None,
+        store_dir: PathLike | None = None,
     ) -> None:
         self.config = config
         self._requested_dir = Path(run_dir) if run_dir is not None else default_run_dir(config)
         self.resume_step = resume_step
-        self.run_dir: Optional[RunDir] = None
+        self.run_dir: RunDir | None = None
         self._store_dir = Path(store_dir) if store_dir is not None else None
         self._wandb_run = None
-        self._last_step: Optional[int] = None
-        self._last_eval_step: Optional[int] = None
+        self._last_step: int | None = None
+        self._last_eval_step: int | None = None
         self._started = 0.0
-        self.result: Optional[RunResult] = None
+        self.result: RunResult | None = None
 
     # ---- lifecycle
 
-    def __enter__(self) -> "Tracker":
+    def __enter__(self) -> Tracker:
         self._started = time.monotonic()
         if self.resume_step is None:
             self.run_dir = create_run_dir(self._requested_dir, self.config)
@@ -402,7 +322,7 @@ class Tracker:
         checked = _check_metrics(metrics)
         if self._last_step is not None and step <= self._last_step:
             raise ValueError(f"step {step} was already logged (last step {self._last_step}); log each step once")
-        self._append(self.run_dir.metrics_file, {"step": int(step), "time": time.time(), **checked})
+        append_line(self.run_dir.metrics_file, {"step": int(step), "time": time.time(), **checked})
         self._last_step = step
         if self._wandb_run is not None:
             self._wandb_run.log(checked, step=int(step))
@@ -414,7 +334,7 @@ class Tracker:
         metric: str,
         n_prompts: int,
         n_samples: int,
-        extra: Optional[Mapping[str, Any]] = None,
+        extra: Mapping[str, Any] | None = None,
     ) -> None:
         """One line of eval.jsonl; extra metrics are namespaced under eval/."""
         if self._last_eval_step is not None and step <= self._last_eval_step:
@@ -432,7 +352,7 @@ class Tracker:
             "eval/n_samples": int(n_samples),
             **{k: v for k, v in numbers_.items() if k != "eval/score"},
         }
-        self._append(self.run_dir.eval_file, record)
+        append_line(self.run_dir.eval_file, record)
         self._last_eval_step = step
         if self._wandb_run is not None:
             # W&B merges values logged at the current step, so this may follow log() for the same step.
@@ -449,26 +369,20 @@ class Tracker:
         if dropped:
             log.info("resume: dropped %d log records after step %d in %s", dropped, step, self.run_dir.path)
 
-    @staticmethod
-    def _append(path: Path, record: Mapping[str, Any]) -> None:
-        with path.open("a", encoding="utf-8") as handle:
-            handle.write(json.dumps(record) + "\n")
-            handle.flush()
-
     # ---- the end
 
-    def finish(self, status: str = "finished", steps_done: Optional[int] = None, method: Optional[str] = None) -> RunResult:
+    def finish(self, status: str = "finished", steps_done: int | None = None, method: str | None = None) -> RunResult:
         """Write result.json, append to the results store, close W&B. Idempotent.
 
-        `method` labels the result instead of the config's method ("base": an evaluation of an
-        untrained model, the Base row of Table 1)."""
+        `method` labels the result instead of the config's method (registry.BASE: an evaluation of
+        an untrained model, the Base row of Table 1)."""
         if self.result is not None:
             return self.result
         if status not in STATUSES:
             raise ValueError(f"status must be one of {', '.join(STATUSES)}, got {status!r}")
         try:
             evals = read_jsonl(self.run_dir.eval_file)
-            if method != "base":  # step 0 of a training run is the starting model (eval.before_train)
+            if method != BASE:  # step 0 of a training run is the starting model (eval.before_train)
                 evals = [record for record in evals if record["step"] > 0]
             scores = [record["eval/score"] for record in evals if not math.isnan(record["eval/score"])]
             final = max(evals, key=lambda record: record["step"]) if evals else None
@@ -481,7 +395,7 @@ class Tracker:
                 task=self.config.task.name,
                 model=self.config.model.name,
                 seed=self.config.run.seed,
-                params={} if method == "base" else self.config.method.params,
+                params={} if method == BASE else self.config.method.params,
                 steps_done=int(steps_done),
                 final_eval=final["eval/score"] if final else None,
                 best_eval=max(scores) if scores else None,
@@ -533,7 +447,7 @@ class Tracker:
         if self._wandb_run is not None:
             run, self._wandb_run = self._wandb_run, None
             if self.result is not None:
-                for key in ("final_eval", "best_eval", "steps_done", "status", "method"):  # method: "base" for tre eval
+                for key in ("final_eval", "best_eval", "steps_done", "status", "method"):  # method: BASE for tre eval
                     run.summary[key] = getattr(self.result, key)
             run.finish(exit_code=0 if status == "finished" else 1)
 
@@ -541,10 +455,16 @@ class Tracker:
 # --------------------------------------------------------------------------- W&B projects (tre report)
 
 # A W&B run's state as a RunResult status; a run still going has no final result.
-_WANDB_STATES = {"finished": "finished", "failed": "failed", "crashed": "failed", "killed": "interrupted", "running": "running"}
+_WANDB_STATES = {
+    "finished": "finished",
+    "failed": "failed",
+    "crashed": "failed",
+    "killed": "interrupted",
+    "running": "running",
+}
 
 
-def wandb_run_to_run(run: Any, metric_keys: Tuple[str, ...] = ("actor/p_max",)) -> Optional[Dict[str, Any]]:
+def wandb_run_to_run(run: Any, metric_keys: tuple[str, ...] = ("actor/p_max",)) -> dict[str, Any] | None:
     """A W&B public-API run in read_run's shape; None for a run that is not a tre job (a report).
 
     `result` is built from the config and the summary that Tracker writes (final_eval, best_eval,
@@ -559,8 +479,15 @@ def wandb_run_to_run(run: Any, metric_keys: Tuple[str, ...] = ("actor/p_max",)) 
         {"step": int(row["_step"]), **{k: row[k] for k in metric_keys if row.get(k) is not None}}
         for row in run.scan_history(keys=["_step", *metric_keys])
     ] if metric_keys else []
-    evals = [{"step": int(row["_step"]), "eval/score": row["eval/score"]} for row in run.scan_history(keys=["_step", "eval/score"])]
-    scores = [record["eval/score"] for record in evals if isinstance(record["eval/score"], numbers.Real) and record["step"] > 0]
+    evals = [
+        {"step": int(row["_step"]), "eval/score": row["eval/score"]}
+        for row in run.scan_history(keys=["_step", "eval/score"])
+    ]
+    scores = [
+        record["eval/score"]
+        for record in evals
+        if isinstance(record["eval/score"], numbers.Real) and record["step"] > 0
+    ]
     section = lambda name: config.get(name) if isinstance(config.get(name), Mapping) else {}  # noqa: E731
     result = {
         "run_dir": run.url,
@@ -578,7 +505,7 @@ def wandb_run_to_run(run: Any, metric_keys: Tuple[str, ...] = ("actor/p_max",)) 
     return {"path": run.url, "config": config, "metrics": metrics, "eval": evals, "result": result, "checkpoints": []}
 
 
-def read_wandb_project(path: str, metric_keys: Tuple[str, ...] = ("actor/p_max",)) -> List[Dict[str, Any]]:
+def read_wandb_project(path: str, metric_keys: tuple[str, ...] = ("actor/p_max",)) -> list[dict[str, Any]]:
     """Every tre job of a W&B project ("ENTITY/PROJECT"), each in read_run's shape."""
     if path.count("/") != 1 or not all(path.split("/")):
         raise ValueError(f"--wandb expects ENTITY/PROJECT, got {path!r}")
@@ -595,12 +522,12 @@ def read_wandb_project(path: str, metric_keys: Tuple[str, ...] = ("actor/p_max",
 
 def log_report_to_wandb(
     project: str,
-    entity: Optional[str],
+    entity: str | None,
     mode: str,
     directory: PathLike,
-    tables: Mapping[str, Tuple[List[str], List[List[Any]]]],
+    tables: Mapping[str, tuple[list[str], list[list[Any]]]],
     images: Mapping[str, PathLike],
-) -> Optional[str]:
+) -> str | None:
     """Log a report's tables (name -> (columns, rows)) and images (name -> PNG) as one W&B run of
     job type "report"; returns its id, or None when wandb is not installed (a warning)."""
     try:
@@ -618,7 +545,10 @@ def log_report_to_wandb(
         settings=wandb.Settings(console="off", silent=True, disable_git=True),
     )
     try:
-        payload: Dict[str, Any] = {name: wandb.Table(columns=list(columns), data=[list(row) for row in rows]) for name, (columns, rows) in tables.items()}
+        payload: dict[str, Any] = {
+            name: wandb.Table(columns=list(columns), data=[list(row) for row in rows])
+            for name, (columns, rows) in tables.items()
+        }
         payload.update({name: wandb.Image(str(path)) for name, path in images.items()})
         run.log(payload)
         return run.id

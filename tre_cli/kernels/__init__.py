@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import functools
 import os
-from typing import Optional
 
 import torch
 
@@ -47,7 +46,7 @@ def fused_token_stats(logits2d, tokens1d, region, temperature: float = 1.0):
     return run(logits2d, tokens1d, region, temperature)
 
 
-def fused_or_none(logits2d, tokens1d, region, temperature: float) -> Optional[tuple]:
+def fused_or_none(logits2d, tokens1d, region, temperature: float) -> tuple | None:
     """The fused outputs when the kernels apply to these CUDA logits, else None."""
     if not (logits2d.is_cuda and kernels_enabled() and applies(logits2d, region) and kernels_available()):
         return None

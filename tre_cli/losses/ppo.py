@@ -16,11 +16,11 @@ deliberate differences, both documented where they apply:
 
 from __future__ import annotations
 
-from typing import Dict, NamedTuple, Optional
+from typing import NamedTuple
 
 import torch
 
-AGG_MODES = ("token-mean", "seq-mean-token-sum", "seq-mean-token-mean", "seq-mean-token-sum-norm")
+AGG_MODES = ("token-mean", "seq-mean-token-sum", "seq-mean-token-mean")
 
 # exp() of a log-ratio beyond this overflows or underflows float32 to a useless value; verl clamps
 # at the same bound, so ratios (and ppo_kl) agree with it.
@@ -113,17 +113,12 @@ def gae(
     return advantages, returns
 
 
-def aggregate(
-    per_token: torch.Tensor, mask: torch.Tensor, mode: str = "token-mean", horizon: Optional[int] = None
-) -> torch.Tensor:
+def aggregate(per_token: torch.Tensor, mask: torch.Tensor, mode: str = "token-mean") -> torch.Tensor:
     """Reduce a [B, T] per-token loss to a scalar (verl's `agg_loss` modes).
 
     - "token-mean": sum over masked tokens / number of masked tokens.
     - "seq-mean-token-sum": per sequence the sum over its tokens, then the mean over sequences.
     - "seq-mean-token-mean": per sequence the mean over its tokens, then the mean over sequences.
-    - "seq-mean-token-sum-norm": sum over all masked tokens / `horizon` (Dr. GRPO; verl divides
-      the total, not a per-sequence mean, by the max response length). `horizon` must be a
-      constant of the run (e.g. the max response length), never the padded width of this batch.
 
     In the seq-mean modes a sequence whose mask row is empty (e.g. a token selector kept none of
     its tokens) is left out of the mean. An empty mask gives 0 with a graph (zero gradients).
@@ -132,30 +127,25 @@ def aggregate(
     # An empty mask leaves a sum over nothing (0): dividing by 1 keeps the 0 and its graph.
     tokens = w.sum().clamp(min=1.0)
     seqs = (w.sum(dim=-1) > 0).to(per_token.dtype).sum().clamp(min=1.0)
-    return _reduce(per_token, w, mode, tokens, seqs, horizon)
+    return _reduce(per_token, w, mode, tokens, seqs)
 
 
 def aggregate_share(
-    per_token: torch.Tensor, mask: torch.Tensor, mode: str, total_tokens: float, total_seqs: float,
-    horizon: Optional[int] = None,
+    per_token: torch.Tensor, mask: torch.Tensor, mode: str, total_tokens: float, total_seqs: float
 ) -> torch.Tensor:
     """One micro-batch's share of `aggregate` over a whole mini-batch, given the mini-batch's
     totals (`total_tokens` in the mask, `total_seqs` with at least one masked token). The shares
     of a split add up to the aggregate of the whole, so gradient accumulation is exact: a
     micro-batch with long responses weighs by its tokens, not by its count of sequences."""
     w = _as_weights(mask, per_token)
-    return _reduce(per_token, w, mode, max(float(total_tokens), 1.0), max(float(total_seqs), 1.0), horizon)
+    return _reduce(per_token, w, mode, max(float(total_tokens), 1.0), max(float(total_seqs), 1.0))
 
 
-def _reduce(per_token: torch.Tensor, w: torch.Tensor, mode: str, tokens, seqs, horizon: Optional[int]) -> torch.Tensor:
+def _reduce(per_token: torch.Tensor, w: torch.Tensor, mode: str, tokens, seqs) -> torch.Tensor:
     """The modes of `aggregate` and `aggregate_share`, given the token and sequence counts (>= 1)
     to divide by: the batch's own, or a whole mini-batch's."""
     if mode == "token-mean":
         return (per_token * w).sum() / tokens
-    if mode == "seq-mean-token-sum-norm":
-        if horizon is None or horizon <= 0:
-            raise ValueError(f"aggregation 'seq-mean-token-sum-norm' needs a positive horizon, got {horizon!r}")
-        return (per_token * w).sum() / horizon
     if mode in ("seq-mean-token-sum", "seq-mean-token-mean"):
         seq_sum = (per_token * w).sum(dim=-1)
         if mode == "seq-mean-token-mean":
@@ -165,12 +155,11 @@ def _reduce(per_token: torch.Tensor, w: torch.Tensor, mode: str, tokens, seqs, h
 
 
 class PolicyLoss(NamedTuple):
-    """`loss`: the aggregated scalar over `mask`; `per_token`: the [B, T] surrogate loss (to be
-    re-aggregated over another mask by a token selector); `metrics`: detached 0-dim tensors."""
+    """`per_token`: the [B, T] surrogate loss (aggregate it with `aggregate` over the response mask,
+    or over a token selector's mask); `metrics`: detached 0-dim tensors."""
 
-    loss: torch.Tensor
     per_token: torch.Tensor
-    metrics: Dict[str, torch.Tensor]
+    metrics: dict[str, torch.Tensor]
 
 
 def policy_loss(
@@ -178,10 +167,8 @@ def policy_loss(
     old_logprob: torch.Tensor,
     advantages: torch.Tensor,
     mask: torch.Tensor,
-    clip: Optional[float] = 0.2,
-    clip_ratio_c: Optional[float] = 3.0,
-    agg: str = "token-mean",
-    horizon: Optional[int] = None,
+    clip: float | None = 0.2,
+    clip_ratio_c: float | None = 3.0,
 ) -> PolicyLoss:
     """PPO clipped surrogate with dual-clip (Ye et al. 2020; verl's definition).
 
@@ -232,15 +219,14 @@ def policy_loss(
         "actor/pg_clipfrac_lower": lower_clipfrac.detach(),
         "actor/ppo_kl": masked_mean(-log_ratio, mask).detach(),
     }
-    return PolicyLoss(aggregate(per_token, mask, agg, horizon), per_token, metrics)
+    return PolicyLoss(per_token, metrics)
 
 
 class ValueLoss(NamedTuple):
-    """`loss`: aggregated scalar; `per_token`: [B, T] (already times `scale`); `metrics`: detached."""
+    """`per_token`: [B, T] (already times `scale`), to be aggregated; `metrics`: detached."""
 
-    loss: torch.Tensor
     per_token: torch.Tensor
-    metrics: Dict[str, torch.Tensor]
+    metrics: dict[str, torch.Tensor]
 
 
 def value_loss(
@@ -248,9 +234,7 @@ def value_loss(
     old_values: torch.Tensor,
     returns: torch.Tensor,
     mask: torch.Tensor,
-    clip: Optional[float] = 0.5,
-    agg: str = "token-mean",
-    horizon: Optional[int] = None,
+    clip: float | None = 0.5,
     scale: float = 0.5,
 ) -> ValueLoss:
     """Clipped value loss (verl / TRL): per token
@@ -278,4 +262,4 @@ def value_loss(
         err_clipped = (clipped_values - returns) ** 2
         per_token = scale * torch.maximum(err_unclipped, err_clipped)
         clipfrac = masked_mean((err_clipped > err_unclipped).to(values.dtype), mask)
-    return ValueLoss(aggregate(per_token, mask, agg, horizon), per_token, {"critic/vf_clipfrac": clipfrac.detach()})
+    return ValueLoss(per_token, {"critic/vf_clipfrac": clipfrac.detach()})

@@ -1,80 +1,310 @@
-"""Methods and regularizers by name.
+"""The methods: the one description of each, read by the config, the trainer, sweeps and reports.
 
-A *regularizer* turns per-token statistics into the bonus that the actor maximises
-(total loss per token = surrogate - alpha * bonus). A *method* is what a user picks on the
-command line: a regularizer, optionally a token selector (Forking-Tokens, KL-Cov), and their
-default parameters. The trainer knows a method only through this registry.
+A method is what a user picks on the command line. Its entry says everything the rest of tre
+needs to know about it: its label, its typed parameters (default, range, symbol), the per-token
+bonus the actor maximises with weight alpha, the trust region that bonus lives in, the token
+selector it applies (a strategy object, see losses/selectors.py), the loss aggregations it
+supports, and its place in the paper's Table 1 and Figures 1, 3 and 4.
+
+Adding a regularizer is one `Method(...)` entry here (plus, if it needs a new per-token
+statistic, that statistic in losses/stats.py) and its tests.
+
+This module imports no torch: regions, selectors and bonuses are built on first use, so
+`tre report`, `tre sweep --dry-run` and the config load without it.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-from typing import Mapping, Optional
+import operator
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+from collections.abc import Callable, Mapping
 
-from tre_cli.losses.stats import RegionSpec
+if TYPE_CHECKING:
+    import torch
+
+    from tre_cli.losses.selectors import TokenSelector
+    from tre_cli.losses.stats import RegionSpec, TokenStats
+
+# The label of an evaluation of an untrained model (`tre eval`): Table 1's Base row. Not a method.
+BASE = "base"
+BASE_LABEL = "Base"
+
+
+class ParamError(ValueError):
+    """A method parameter that is unknown or out of range; `param` names it."""
+
+    def __init__(self, param: str, message: str) -> None:
+        super().__init__(message)
+        self.param = param
+        self.message = message
 
 
 @dataclass(frozen=True)
-class Regularizer:
+class Param:
+    """One typed method parameter: its default, its range, and how labels show it."""
+
     name: str
-    # Field of `TokenStats` that is the per-token bonus (None: no bonus).
-    bonus_field: Optional[str]
-    summary: str
+    kind: type  # float, int, bool or str
+    default: Any
+    help: str
+    symbol: str = ""  # in variant labels ("α", "K"); empty: the name
+    minimum: float | None = None  # value >= minimum
+    above: float | None = None  # value > above
+    maximum: float | None = None  # value <= maximum
+    choices: tuple[str, ...] = ()  # a str parameter's allowed values
+
+    def problem(self, value: Any) -> str | None:
+        """What is wrong with a value of the right type ("must be in (0, 1]"), or None."""
+        if self.choices and value not in self.choices:
+            return "must be one of " + ", ".join(repr(c) for c in self.choices)
+        if self.above is not None and self.maximum is not None:
+            ok = self.above < value <= self.maximum
+            return None if ok else f"must be in ({self.above:g}, {self.maximum:g}]"
+        if self.minimum is not None:
+            integer = "an integer " if self.kind is int else ""
+            return None if value >= self.minimum else f"must be {integer}>= {self.minimum:g}"
+        return None
+
+    @property
+    def shown(self) -> str:
+        return self.symbol or self.name
 
 
-REGULARIZERS: Mapping[str, Regularizer] = {
-    r.name: r
-    for r in (
-        Regularizer("none", None, "no regularizer"),
-        Regularizer("ent", "entropy", "full-vocabulary entropy H(pi)"),
-        Regularizer("tre-k", "region_entropy", "scaled entropy of the softmax over the top-K logits"),
-        Regularizer("tre-p", "region_entropy", "scaled entropy of the softmax over the top-P nucleus"),
-        Regularizer("min-ent", "min_entropy", "min-entropy -log max pi (unscaled)"),
-    )
-}
+@dataclass(frozen=True)
+class Figure4:
+    """A method's points in Figure 4: one per value of `param` (None: a single point)."""
+
+    color: str
+    param: str | None = None
 
 
 @dataclass(frozen=True)
 class Method:
     name: str
-    regularizer: str
-    selector: Optional[str]  # None, "forking-tokens" or "kl-cov"
-    defaults: Mapping[str, object] = field(default_factory=dict)
-    summary: str = ""
+    label: str  # Table 1's row and the figures' legends
+    summary: str
+    row: int  # position in Table 1 (and in every list of methods a report shows)
+    params: tuple[Param, ...] = ()
+    # The per-token quantity the actor maximises, weighted by the `alpha` parameter.
+    bonus: Callable[[TokenStats], torch.Tensor] | None = None
+    # The trust region token_stats computes for the bonus, from the resolved parameters.
+    region_of: Callable[[Mapping[str, Any]], RegionSpec] | None = None
+    # The token selector (losses/selectors.py), from the resolved parameters.
+    selector_of: Callable[[Mapping[str, Any]], TokenSelector] | None = None
+    # The loss aggregations (ppo.loss_agg) the method is defined for; None: every one.
+    loss_aggs: tuple[str, ...] | None = None
+    # Parameters that tell its variants apart in labels; their defaults are its Table 1 variant.
+    variant_params: tuple[str, ...] = ()
+    in_table1: bool = True
+    # Deltas (Table 1, Figures 1 and 4) are to the baseline; exactly one method is it.
+    baseline: bool = False
+    short_label: str = ""  # the baseline's name where "label" is too long (Figure 3)
+    # Figure 1: this method's delta to the baseline against T, one line per alpha.
+    horizon_sweep: bool = False
+    figure3_color: str | None = None
+    figure4: Figure4 | None = None
 
-    def region(self, params: Mapping[str, object]) -> Optional[RegionSpec]:
+    @property
+    def defaults(self) -> dict[str, Any]:
+        """Parameter name -> default, in the registry's order."""
+        return {p.name: p.default for p in self.params}
+
+    @property
+    def main_variant(self) -> dict[str, Any]:
+        """The parameters that pick its Table 1 (and Figure 3) variant."""
+        return {name: self.param(name).default for name in self.variant_params}
+
+    def param(self, name: str) -> Param:
+        for param in self.params:
+            if param.name == name:
+                return param
+        raise ParamError(name, f"is not a parameter of method '{self.name}' (its parameters: {self._own()})")
+
+    def _own(self) -> str:
+        return ", ".join(p.name for p in self.params) or "none"
+
+    def resolve_params(self, given: Mapping[str, Any]) -> dict[str, Any]:
+        """Every parameter, the given ones checked against their ranges, the others at their
+        defaults (registry order); an unknown or out-of-range one is a ParamError naming it."""
+        for name in given:
+            self.param(name)
+        resolved = {}
+        for param in self.params:
+            value = given.get(param.name, param.default)
+            problem = param.problem(value)
+            if problem:
+                raise ParamError(param.name, f"{problem}, got {value!r}")
+            resolved[param.name] = value
+        return resolved
+
+    def region(self, params: Mapping[str, Any]) -> RegionSpec | None:
         """The trust region this method regularizes inside, from resolved parameters."""
-        if self.regularizer == "tre-k":
-            return RegionSpec.top_k(int(params["k"]))
-        if self.regularizer == "tre-p":
-            return RegionSpec.top_p(float(params["p"]), released_code_compat=bool(params.get("released_code_compat", False)))
-        return None
+        return self.region_of(params) if self.region_of is not None else None
+
+    def selector(self, params: Mapping[str, Any]) -> TokenSelector | None:
+        """The token selector strategy, from resolved parameters."""
+        return self.selector_of(params) if self.selector_of is not None else None
+
+    def alpha(self, params: Mapping[str, Any]) -> float:
+        """The bonus weight (0 without a bonus)."""
+        return float(params.get("alpha", 0.0)) if self.bonus is not None else 0.0
+
+    def loss_agg_problem(self, loss_agg: str) -> str | None:
+        """Why `loss_agg` does not go with this method, or None."""
+        if self.loss_aggs is None or loss_agg in self.loss_aggs:
+            return None
+        needs = " or ".join(self.loss_aggs)
+        return (f"does not go with method '{self.name}', which averages over the tokens it keeps "
+                f"(it needs {needs}), got {loss_agg!r}")
+
+
+# --------------------------------------------------------------------------- building blocks
+
+
+def _top_k_region(params: Mapping[str, Any]) -> RegionSpec:
+    from tre_cli.losses.stats import RegionSpec
+
+    return RegionSpec.top_k(int(params["k"]))
+
+
+def _top_p_region(params: Mapping[str, Any]) -> RegionSpec:
+    from tre_cli.losses.stats import RegionSpec
+
+    return RegionSpec.top_p(float(params["p"]), released_code_compat=bool(params.get("released_code_compat", False)))
+
+
+def _forking_tokens(params: Mapping[str, Any]) -> TokenSelector:
+    from tre_cli.losses.selectors import ForkingTokens
+
+    return ForkingTokens(top_ratio=float(params["top_ratio"]), scope=str(params["scope"]),
+                         count_rounding=str(params["count_rounding"]))
+
+
+def _kl_cov(params: Mapping[str, Any]) -> TokenSelector:
+    from tre_cli.losses.selectors import KLCov
+
+    return KLCov(ratio=float(params["ratio"]), beta=float(params["beta"]), scope=str(params["scope"]))
+
+
+def _scope(method: str) -> Param:
+    # issue 11: select within groups of ppo.selection_group_size sequences ("group", the released
+    # code's per-GPU micro-batch) or over the whole mini-batch ("global"); losses/selection_groups.py.
+    return Param("scope", str, "group", f"{method}: where the top fraction is taken", choices=("group", "global"))
+
+
+def _alpha(default: float = 0.001) -> Param:
+    return Param("alpha", float, default, "regularizer coefficient", symbol="α", minimum=0)
+
+
+def _fraction(name: str, default: float, help: str, symbol: str = "") -> Param:
+    return Param(name, float, default, help, symbol=symbol, above=0, maximum=1)
+
+
+# --------------------------------------------------------------------------- the methods
 
 
 METHODS: Mapping[str, Method] = {
     m.name: m
     for m in (
-        Method("vanilla", "none", None, {}, "PPO with no exploration term (alpha = 0)."),
-        Method("ent", "ent", None, {"alpha": 0.001}, "PPO - alpha * entropy over the full vocabulary."),
         Method(
-            "tre-k", "tre-k", None, {"alpha": 0.001, "k": 2},
+            "vanilla",
+            "Vanilla (PPO)",
+            "PPO with no exploration term (alpha = 0).",
+            row=1,
+            baseline=True,
+            short_label="Vanilla",
+            figure3_color="#d62728",
+        ),
+        Method(
+            "ent",
+            "Ent",
+            "PPO - alpha * entropy over the full vocabulary.",
+            row=2,
+            params=(_alpha(),),
+            bonus=operator.attrgetter("entropy"),
+            variant_params=("alpha",),
+            horizon_sweep=True,
+        ),
+        Method(
+            "tre-k",
+            "TRE-K",
             "PPO - alpha * log|V|/log K * entropy of the softmax over the K largest logits.",
+            row=5,
+            params=(_alpha(), Param("k", int, 2, "TRE-K region size", symbol="K", minimum=1)),
+            bonus=operator.attrgetter("region_entropy"),
+            region_of=_top_k_region,
+            variant_params=("k",),
+            figure3_color="#1f77b4",
+            figure4=Figure4("#1f77b4", "k"),
         ),
         Method(
-            "tre-p", "tre-p", None, {"alpha": 0.001, "p": 0.99, "released_code_compat": False},
+            "tre-p",
+            "TRE-P",
             "PPO - alpha * log|V|/log|N| * entropy inside the top-P nucleus N (0 when |N| = 1).",
+            row=6,
+            params=(
+                _alpha(),
+                _fraction("p", 0.99, "TRE-P nucleus mass", symbol="P"),
+                Param(
+                    "released_code_compat",
+                    bool,
+                    False,
+                    "TRE-P: reproduce the released code's top-256 cap and bf16 cumsum",
+                ),
+            ),
+            bonus=operator.attrgetter("region_entropy"),
+            region_of=_top_p_region,
+            variant_params=("p",),
+            figure3_color="#d4a017",
+            figure4=Figure4("#d4a017", "p"),
         ),
-        Method("min-ent", "min-ent", None, {"alpha": 0.001}, "PPO - alpha * min-entropy (-log max pi); the K = 1 boundary."),
         Method(
-            "forking-tokens", "none", "forking-tokens", {"top_ratio": 0.2, "scope": "group", "count_rounding": "ceil"},
+            "min-ent",
+            "Min-Ent",
+            "PPO - alpha * min-entropy (-log max pi); the K = 1 boundary.",
+            row=7,
+            params=(_alpha(),),
+            bonus=operator.attrgetter("min_entropy"),
+            variant_params=("alpha",),
+            # The paper's Table 1 has no Min-Ent: it is Figure 4's K = 1 boundary.
+            in_table1=False,
+            figure4=Figure4("#7f7f7f"),
+        ),
+        Method(
+            "forking-tokens",
+            "Forking-Tokens",
             "Policy-gradient loss only on the top 20% highest-entropy response tokens (per group of sequences).",
+            row=3,
+            params=(
+                _fraction("top_ratio", 0.2, "Forking-Tokens: fraction of highest-entropy tokens kept"),
+                _scope("Forking-Tokens"),
+                # issue 11: the count of kept tokens, "ceil" (the released code) or "floor".
+                Param("count_rounding", str, "ceil", "Forking-Tokens: rounding of the kept-token count",
+                      choices=("ceil", "floor")),
+            ),
+            selector_of=_forking_tokens,
+            loss_aggs=("token-mean",),
         ),
         Method(
-            "kl-cov", "none", "kl-cov", {"ratio": 0.002, "beta": 1.0, "scope": "group"},
-            "Adds beta*|logp - logp_old| on the top-ratio tokens by cov(A, logp) (ratio 0.002 as in the released code; the paper says 20%).",
+            "kl-cov",
+            "KL-Cov",
+            "Adds beta*|logp - logp_old| on the top-ratio tokens by cov(A, logp) (ratio 0.002 as in the released code; "
+            "the paper says 20%).",
+            row=4,
+            params=(
+                _fraction("ratio", 0.002, "KL-Cov: fraction of tokens penalised"),
+                Param("beta", float, 1.0, "KL-Cov: penalty coefficient", minimum=0),
+                _scope("KL-Cov"),
+            ),
+            selector_of=_kl_cov,
         ),
     )
 }
+
+
+# What `tre run` trains when no --method is given.
+DEFAULT_METHOD = "tre-p"
 
 
 def get_method(name: str) -> Method:
@@ -82,3 +312,34 @@ def get_method(name: str) -> Method:
         return METHODS[name]
     except KeyError:
         raise ValueError(f"unknown method {name!r}; choose one of: {', '.join(METHODS)}") from None
+
+
+def baseline() -> Method:
+    """The method every delta is measured against (Vanilla PPO)."""
+    return next(m for m in METHODS.values() if m.baseline)
+
+
+def all_params() -> dict[str, Param]:
+    """Every parameter any method has, by name (a name means the same parameter in every method)."""
+    found: dict[str, Param] = {}
+    for method in METHODS.values():
+        for param in method.params:
+            found.setdefault(param.name, param)
+    return found
+
+
+def ordered(names: Any) -> list[str]:
+    """Method names (and Base) in Table 1's order; names not in the registry last, by name."""
+    def key(name: str) -> tuple[int, str]:
+        if name == BASE:
+            return (0, name)
+        return (METHODS[name].row if name in METHODS else len(METHODS) + 1, name)
+
+    return sorted(set(names), key=key)
+
+
+def label(name: str) -> str:
+    """The display label of a method name (or Base); an unknown name stays itself."""
+    if name == BASE:
+        return BASE_LABEL
+    return METHODS[name].label if name in METHODS else name

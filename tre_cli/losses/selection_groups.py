@@ -23,7 +23,7 @@ tokens; the released code rounds up (`int(0.2 * n + 0.9999)`), tre's earlier rul
 
 from __future__ import annotations
 
-from typing import List, Optional, Sequence
+from collections.abc import Sequence
 
 import torch
 
@@ -32,7 +32,7 @@ from tre_cli.losses.selectors import kl_cov_penalty_mask, top_tokens_mask
 SELECTION_SCOPES = ("group", "global")
 
 
-def selection_groups(n_rows: int, group_size: Optional[int], generator: torch.Generator) -> List[torch.Tensor]:
+def selection_groups(n_rows: int, group_size: int | None, generator: torch.Generator) -> list[torch.Tensor]:
     """Row indices 0..n_rows-1 in a seeded shuffle, cut into consecutive groups of `group_size`
     (None: one group of all rows). Depends only on n_rows, group_size and the generator."""
     if n_rows < 1:

@@ -13,7 +13,9 @@ Shared rules (all selectors):
 
 from __future__ import annotations
 
-from typing import Optional
+from dataclasses import dataclass
+from typing import NamedTuple, Protocol
+from collections.abc import Sequence
 
 import torch
 
@@ -94,7 +96,7 @@ def forking_tokens_mask(
     mask: torch.Tensor,
     top_ratio: float = 0.2,
     scope: str = "micro-batch",
-    threshold: Optional[torch.Tensor | float] = None,
+    threshold: torch.Tensor | float | None = None,
 ) -> torch.Tensor:
     """Forking-Tokens selection: the bool [B, T] mask of the highest-entropy response tokens.
 
@@ -119,7 +121,9 @@ def forking_tokens_mask(
         raise ValueError(f"unknown forking-tokens scope {scope!r}; choose one of: {', '.join(FORKING_SCOPES)}")
     if scope == "micro-batch":
         if threshold is not None:
-            raise ValueError("forking-tokens scope 'micro-batch' selects within the micro-batch; do not pass a threshold")
+            raise ValueError(
+                "forking-tokens scope 'micro-batch' selects within the micro-batch; do not pass a threshold"
+            )
         return top_tokens_mask(entropy, mask, top_ratio)
     if threshold is None:
         raise ValueError("forking-tokens scope 'global' needs the mini-batch threshold from entropy_threshold()")
@@ -180,3 +184,95 @@ def kl_cov_loss(
         raise ValueError("pg_per_token, logprob, old_logprob and select_mask must have the same shape")
     penalty = beta * (logprob - old_logprob.detach()).abs()
     return torch.where(select_mask.bool(), pg_per_token + penalty, pg_per_token)
+
+
+# ---------------------------------------------------------------------------------------------
+# Selectors as strategies: what the actor loss (losses/actor.py) calls
+# ---------------------------------------------------------------------------------------------
+
+
+class Shaped(NamedTuple):
+    """A selector's say on one micro-batch's actor loss: the per-token surrogate, the mask and
+    the mini-batch total it is aggregated over, and the selector's metrics (detached, 0-dim)."""
+
+    per_token: torch.Tensor
+    mask: torch.Tensor
+    total: float
+    metrics: dict[str, torch.Tensor]
+
+
+class SelectionInput(Protocol):
+    """What a selector reads of a micro-batch (losses.actor.PPOBatch has it)."""
+
+    mask: torch.Tensor
+    old_logprob: torch.Tensor
+    advantages: torch.Tensor
+    tokens: float
+    selected: torch.Tensor | None
+    selected_total: float | None
+
+
+class TokenSelector(Protocol):
+    """A method's choice of tokens, made before each update over the whole mini-batch: `choose`
+    gets the current policy's entropies and log-probs of every sequence of the mini-batch (a
+    no-grad pass), their advantages and mask, and the groups of rows to select within
+    (losses/selection_groups.py; `scope` says which); its mask comes back, cut per micro-batch,
+    as `batch.selected`, and `shape` applies it to a micro-batch's surrogate."""
+
+    scope: str
+
+    def choose(self, entropy: torch.Tensor, logprob: torch.Tensor, advantages: torch.Tensor, mask: torch.Tensor,
+               groups: Sequence[torch.Tensor]) -> torch.Tensor:
+        ...
+
+    def shape(self, per_token: torch.Tensor, logprob: torch.Tensor, batch: SelectionInput) -> Shaped:
+        ...
+
+
+def _selected(batch: SelectionInput, name: str) -> torch.Tensor:
+    if batch.selected is None or batch.selected_total is None:
+        raise ValueError(f"{name}: the batch has no selected tokens; call choose() before the update")
+    return batch.selected
+
+
+@dataclass(frozen=True)
+class ForkingTokens:
+    """The policy-gradient loss averaged over the top `top_ratio` highest-entropy tokens of each
+    selection group only, chosen before each update from the current policy's entropies."""
+
+    top_ratio: float = 0.2
+    scope: str = "group"
+    count_rounding: str = "ceil"
+
+    def choose(self, entropy: torch.Tensor, logprob: torch.Tensor, advantages: torch.Tensor, mask: torch.Tensor,
+               groups: Sequence[torch.Tensor]) -> torch.Tensor:
+        from tre_cli.losses.selection_groups import forking_tokens_in_groups
+
+        return forking_tokens_in_groups(entropy, mask, groups, self.top_ratio, self.count_rounding)
+
+    def shape(self, per_token: torch.Tensor, logprob: torch.Tensor, batch: SelectionInput) -> Shaped:
+        kept = _selected(batch, type(self).__name__)
+        kept_frac = kept.float().sum() / batch.mask.sum().clamp(min=1)
+        return Shaped(per_token, kept.float(), float(batch.selected_total), {"actor/forking_kept_frac": kept_frac})
+
+
+@dataclass(frozen=True)
+class KLCov:
+    """beta * |logp - logp_old| added on the top `ratio` tokens by cov(A, logp) of each selection
+    group, chosen before each update from the current policy's log-probs."""
+
+    ratio: float = 0.002
+    beta: float = 1.0
+    scope: str = "group"
+
+    def choose(self, entropy: torch.Tensor, logprob: torch.Tensor, advantages: torch.Tensor, mask: torch.Tensor,
+               groups: Sequence[torch.Tensor]) -> torch.Tensor:
+        from tre_cli.losses.selection_groups import kl_cov_in_groups
+
+        return kl_cov_in_groups(advantages, logprob, mask, groups, self.ratio)
+
+    def shape(self, per_token: torch.Tensor, logprob: torch.Tensor, batch: SelectionInput) -> Shaped:
+        chosen = _selected(batch, type(self).__name__)
+        penalised = kl_cov_loss(per_token, logprob, batch.old_logprob, chosen, beta=self.beta)
+        selected_frac = chosen.float().sum() / batch.mask.sum().clamp(min=1)
+        return Shaped(penalised, batch.mask, batch.tokens, {"actor/klcov_selected_frac": selected_frac})

@@ -7,7 +7,7 @@ and rows are processed in chunks: forward and backward need the logits, their gr
 chunk's temporaries, never a [N, V] float32 copy. The backward recomputes each chunk from O(1)
 saved numbers per row (log-normaliser, region threshold), so nothing of size V is kept.
 
-Trust regions (REFERENCE.md, Algorithm 1 of the paper):
+Trust regions (Algorithm 1 of the paper):
 - TRE-K: the K largest logits.
 - TRE-P: sort by probability, descending, ties by lower token id; a token is in the nucleus iff
   the mass of the tokens strictly before it is < P. The top-1 token is always in it; P = 1 is the
@@ -29,7 +29,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import NamedTuple, Optional
+from typing import NamedTuple
 
 import torch
 
@@ -52,13 +52,13 @@ class RegionSpec:
     released_code_compat: bool = False
 
     @staticmethod
-    def top_k(k: int) -> "RegionSpec":
+    def top_k(k: int) -> RegionSpec:
         if isinstance(k, bool) or not isinstance(k, int) or k < 1:
             raise ValueError(f"K must be an integer >= 1, got {k!r}")
         return RegionSpec("k", k=k)
 
     @staticmethod
-    def top_p(p: float, released_code_compat: bool = False) -> "RegionSpec":
+    def top_p(p: float, released_code_compat: bool = False) -> RegionSpec:
         p = float(p)
         if not 0.0 < p <= 1.0:
             raise ValueError(f"P must be in (0, 1], got {p!r}")
@@ -197,7 +197,7 @@ def _region_members(z: torch.Tensor, threshold: torch.Tensor, ties_in: torch.Ten
 # One chunk of rows, forward and backward.
 
 
-def _chunk_forward(z, tokens, region: Optional[RegionSpec]):
+def _chunk_forward(z, tokens, region: RegionSpec | None):
     vocab = z.shape[-1]
     zmax, argmax = z.max(-1)  # the first (lowest id) maximiser on ties
     d = z - zmax[:, None]
@@ -338,10 +338,10 @@ def _scaled(logits_chunk: torch.Tensor, temperature: float) -> torch.Tensor:
 
 def token_stats(
     logits: torch.Tensor,
-    tokens: Optional[torch.Tensor] = None,
-    region: Optional[RegionSpec] = None,
+    tokens: torch.Tensor | None = None,
+    region: RegionSpec | None = None,
     temperature: float = 1.0,
-    chunk_rows: Optional[int] = None,
+    chunk_rows: int | None = None,
 ) -> TokenStats:
     """All per-token statistics of `logits / temperature` in one pass per chunk of rows.
 

@@ -12,7 +12,6 @@ import json
 import os
 import threading
 from pathlib import Path
-from typing import Any
 
 import torch
 from torch import nn
@@ -273,13 +272,6 @@ def load_critic(
     return critic
 
 
-def model_summary(model: nn.Module) -> dict[str, Any]:
-    return {
-        "parameters": sum(p.numel() for p in model.parameters()),
-        "dtype": str(next(model.parameters()).dtype).replace("torch.", ""),
-    }
-
-
 __all__ = [
     "TESTBED_NAME",
     "ValueModel",
@@ -288,7 +280,6 @@ __all__ = [
     "load_critic",
     "load_policy",
     "load_tokenizer",
-    "model_summary",
     "resolve_dtype",
     "resolve_model",
 ]

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Optional
 
 import typer
 
@@ -29,10 +28,10 @@ def _fail(error: Exception) -> None:
 @testbed_app.command("build")
 def build(
     force: bool = typer.Option(False, "--force", help="Rebuild even when the cache has it."),
-    out: Optional[Path] = typer.Option(
+    out: Path | None = typer.Option(
         None, "--out", help="Build into this (new or empty) directory instead of the cache."
     ),
-    steps: Optional[int] = typer.Option(None, "--steps", help="Supervised steps (with --out only)."),
+    steps: int | None = typer.Option(None, "--steps", help="Supervised steps (with --out only)."),
 ) -> None:
     """Rebuild the testbed from its recipe (a few minutes on 2 CPU cores) and compare it with the shipped one."""
     from tre_cli.models import testbed

@@ -27,7 +27,7 @@ from __future__ import annotations
 import contextlib
 import weakref
 from dataclasses import dataclass
-from typing import Iterable, Iterator, Mapping, Tuple
+from collections.abc import Iterable, Iterator, Mapping
 
 import torch
 from torch import nn
@@ -66,7 +66,7 @@ def training_precision(compute: torch.dtype, device: str | torch.device) -> Prec
     return Precision(params=MASTER_DTYPE, compute=compute, device_type=torch.device(device).type)
 
 
-_PRECISION: "weakref.WeakKeyDictionary[nn.Module, Precision]" = weakref.WeakKeyDictionary()
+_PRECISION: weakref.WeakKeyDictionary[nn.Module, Precision] = weakref.WeakKeyDictionary()
 
 
 def set_compute_precision(module: nn.Module, precision: Precision) -> None:
@@ -93,8 +93,8 @@ def float_dtype_of(module: nn.Module) -> torch.dtype:
     raise ValueError("module has no floating-point parameters")
 
 
-def engine_state_dict(state: Mapping[str, torch.Tensor] | Iterable[Tuple[str, torch.Tensor]],
-                      dtype: torch.dtype) -> Iterator[Tuple[str, torch.Tensor]]:
+def engine_state_dict(state: Mapping[str, torch.Tensor] | Iterable[tuple[str, torch.Tensor]],
+                      dtype: torch.dtype) -> Iterator[tuple[str, torch.Tensor]]:
     """(name, tensor) pairs with floating-point tensors cast to a rollout engine's dtype (detached;
     integer buffers unchanged). One tensor at a time: the cast copies exist only as long as the
     consumer keeps them."""

@@ -23,8 +23,9 @@ Why the slip: PPO cannot teach a 1M-parameter model arithmetic within a CPU-size
 steps without it moved the reward from 0.10 to 0.13), but unlearning a habit that costs reward
 whenever the answer is otherwise right is a credit-assignment problem it solves in tens of steps.
 With the smoke preset (30 steps x 64 samples, actor lr 1e-4) the slip rate falls and the reward
-rises for every method, so a smoke run shows learning (tests/test_learning.py). Exploration beyond that (finding sign patterns the model rarely
-samples) is what the slower, real-model runs are for.
+rises for every method, so a smoke run shows learning (tests/test_learning.py). Exploration
+beyond that (finding sign patterns the model rarely samples) is what the slower, real-model runs
+are for.
 """
 
 from __future__ import annotations
@@ -39,7 +40,8 @@ import shutil
 import tempfile
 import time
 from pathlib import Path
-from typing import Any, Iterable, Sequence
+from typing import Any
+from collections.abc import Iterable, Sequence
 
 import torch
 
@@ -291,7 +293,9 @@ def has_answer_slip(response: str) -> bool:
     return answer is not None and "=" in answer
 
 
-def measure_countdown_reward(model, tokenizer, problems: int, seed: int, max_new_tokens: int = 64) -> tuple[float, float]:
+def measure_countdown_reward(
+    model, tokenizer, problems: int, seed: int, max_new_tokens: int = 64
+) -> tuple[float, float]:
     """(mean Countdown reward, fraction of answers with the slip) of one sample per problem at
     temperature 1.0 (the paper's setting)."""
     from tre_cli.rollout.hf import HFEngine

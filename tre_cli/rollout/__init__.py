@@ -3,7 +3,7 @@
     engine = get_engine("hf", model_path, tokenizer, device="cuda", dtype="bfloat16", seed=0, model=policy)
     rollout = engine.generate(prompt_token_ids, n=8, max_new_tokens=512, temperature=1.0, top_p=1.0)
     ... train ...
-    engine.sync_weights(policy.state_dict())   # a no-op for `hf`, which samples from `policy` itself
+    engine.sync_weights(policy)   # a no-op for `hf`, which samples from `policy` itself
 
 `hf`: transformers, batched, our own decoding loop (static cache + compiled step on CUDA).
 `vllm`: a colocated in-process vLLM engine; weights synced after each update; sleeps on GPU
@@ -13,6 +13,7 @@ while the trainer trains.
 from __future__ import annotations
 
 import os
+from typing import Any
 
 from tre_cli.rollout.base import Rollout, RolloutEngine, position_ids_from_mask, response_logprobs_from_logits
 
@@ -22,11 +23,11 @@ ENGINES = ("hf", "vllm")
 def get_engine(
     name: str,
     model_path: str | os.PathLike | None,
-    tokenizer,
+    tokenizer: Any,
     device: str = "cpu",
-    dtype=None,
+    dtype: Any = None,
     seed: int = 0,
-    **engine_options,
+    **engine_options: Any,
 ) -> RolloutEngine:
     """The engine called `name` for the model in `model_path` (a local directory).
 

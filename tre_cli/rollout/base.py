@@ -9,7 +9,8 @@ them), as vLLM sees an unpadded prompt; `position_ids` gives the trainer the sam
 from __future__ import annotations
 
 from dataclasses import dataclass, fields, replace
-from typing import Sequence
+from collections.abc import Sequence
+from typing import Any, Protocol, runtime_checkable
 
 import torch
 
@@ -63,7 +64,7 @@ class Rollout:
             "position_ids": position_ids_from_mask(attention_mask),
         }
 
-    def to(self, device: str | torch.device) -> "Rollout":
+    def to(self, device: str | torch.device) -> Rollout:
         moved = {
             f.name: getattr(self, f.name).to(device)
             for f in fields(self)
@@ -90,7 +91,9 @@ def response_logprobs_from_logits(
     return torch.log_softmax(predicting, dim=-1).gather(-1, response_ids.unsqueeze(-1)).squeeze(-1)
 
 
-def check_generate_args(prompts: Sequence[Sequence[int]], n: int, max_new_tokens: int, temperature: float, top_p: float):
+def check_generate_args(
+    prompts: Sequence[Sequence[int]], n: int, max_new_tokens: int, temperature: float, top_p: float
+) -> None:
     if len(prompts) == 0:
         raise ValueError("no prompts to generate from")
     if any(len(p) == 0 for p in prompts):
@@ -123,7 +126,7 @@ def assemble_rollout(
     response_logprobs: Sequence[Sequence[float]],
     eos_token_ids: Sequence[int],
     pad_token_id: int,
-    tokenizer,
+    tokenizer: Any,
     temperature: float,
 ) -> Rollout:
     """A Rollout from per-sample token lists (sample k answers prompt k // n)."""
@@ -159,7 +162,7 @@ def assemble_rollout(
     )
 
 
-def eos_token_ids_of(tokenizer, model_config=None) -> list[int]:
+def eos_token_ids_of(tokenizer: Any, model_config: Any = None) -> list[int]:
     """Every id that ends a response: the tokenizer's EOS and the model's generation EOS ids."""
     ids: list[int] = []
     if tokenizer.eos_token_id is not None:
@@ -173,10 +176,14 @@ def eos_token_ids_of(tokenizer, model_config=None) -> list[int]:
     return ids
 
 
-class RolloutEngine:
-    """The interface the trainer codes against; see hf.py and vllm.py."""
+Weights = Any  # the trainer's policy module, or its state dict
 
-    name = "base"
+
+@runtime_checkable
+class RolloutEngine(Protocol):
+    """The interface the trainer and the evaluation code against; see hf.py and vllm.py."""
+
+    name: str
 
     def generate(
         self,
@@ -186,16 +193,38 @@ class RolloutEngine:
         temperature: float = 1.0,
         top_p: float = 1.0,
     ) -> Rollout:
-        raise NotImplementedError
+        """n samples per prompt (token ids), grouped by prompt; see Rollout."""
+        ...
 
-    def sync_weights(self, state_dict=None) -> None:
-        """Make the engine sample from the trainer's current weights."""
+    def sync_weights(self, weights: Weights = None) -> None:
+        """Make the engine sample from the trainer's current weights (the policy module, or its
+        state dict); each engine decides what that takes (nothing, for one that samples from the
+        policy module itself)."""
+        ...
 
     def sleep(self) -> None:
         """Free accelerator memory while the trainer trains (no-op where unsupported)."""
+        ...
 
     def wake(self) -> None:
         """Undo sleep() before the next generate()."""
+        ...
 
     def close(self) -> None:
         """Release the engine's resources."""
+        ...
+
+
+class EngineBase:
+    """What engines share: no sleeping, waking or closing unless they override it."""
+
+    name = "base"
+
+    def sleep(self) -> None:
+        pass
+
+    def wake(self) -> None:
+        pass
+
+    def close(self) -> None:
+        pass

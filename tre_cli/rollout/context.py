@@ -13,13 +13,12 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
-from typing import Optional
 
 # Config keys that hold a model's context length, in the order transformers' configs use them.
 _CONTEXT_KEYS = ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length")
 
 
-def model_context_length(model_dir: str | os.PathLike) -> Optional[int]:
+def model_context_length(model_dir: str | os.PathLike) -> int | None:
     """The number of positions the model in `model_dir` holds (its config.json), None if unstated."""
     config_path = Path(model_dir) / "config.json"
     try:
@@ -35,15 +34,15 @@ def model_context_length(model_dir: str | os.PathLike) -> Optional[int]:
     return None
 
 
-def required_model_len(max_prompt_length: int, max_new_tokens: Optional[int]) -> int:
+def required_model_len(max_prompt_length: int, max_new_tokens: int | None) -> int:
     """Positions a run needs: its longest prompt plus its longest response."""
     if max_new_tokens is None:
         raise ValueError("rollout.max_new_tokens is not set (the task overlay should set it)")
     return int(max_prompt_length) + int(max_new_tokens)
 
 
-def check_model_context(model_dir: str | os.PathLike, max_prompt_length: int, max_new_tokens: Optional[int],
-                        model_name: Optional[str] = None) -> int:
+def check_model_context(model_dir: str | os.PathLike, max_prompt_length: int, max_new_tokens: int | None,
+                        model_name: str | None = None) -> int:
     """The run's `max_model_len` (prompt + response positions); a ValueError naming both numbers
     when the model's context is shorter."""
     needed = required_model_len(max_prompt_length, max_new_tokens)

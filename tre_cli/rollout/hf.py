@@ -12,13 +12,15 @@ starves PPO. On CPU it runs eagerly with a dynamic cache.
 from __future__ import annotations
 
 import copy
-from typing import Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import torch
 
 from tre_cli.rollout.base import (
     Rollout,
-    RolloutEngine,
+    EngineBase,
+    Weights,
     assemble_rollout,
     check_generate_args,
     eos_token_ids_of,
@@ -48,23 +50,23 @@ def sample_tokens(
     return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
 
 
-class HFEngine(RolloutEngine):
+class HFEngine(EngineBase):
     name = "hf"
 
     def __init__(
         self,
-        model,
-        tokenizer,
+        model: torch.nn.Module,
+        tokenizer: Any,
         device: str | torch.device = "cpu",
         seed: int = 0,
         static_cache: bool | None = None,
         compile: bool | None = None,
-        dtype=None,
-    ):
+        dtype: Any = None,
+    ) -> None:
         """`model` is the trainer's policy module itself, so no weight sync is needed; unless
         `dtype` (the compute dtype) differs from the model's parameters (fp32 masters, bf16
         compute): then the engine samples from its own copy in `dtype`, which `sync_weights`
-        refreshes from the trainer's state dict (cast on the way in)."""
+        refreshes from the trainer's weights (cast on the way in)."""
         from tre_cli.models import resolve_dtype
         from tre_cli.models.precision import float_dtype_of
 
@@ -95,12 +97,14 @@ class HFEngine(RolloutEngine):
 
     # -- interface ---------------------------------------------------------------------------
 
-    def sync_weights(self, state_dict=None) -> None:
-        """Load a state dict into the engine's module (cast to its dtype); nothing to do when the
-        state dict is the engine's own module's (it samples from the trainer's policy itself)."""
-        if state_dict is None:
+    def sync_weights(self, weights: Weights = None) -> None:
+        """Nothing to do when `weights` is the module the engine samples from (the trainer's
+        policy) or that module's own state dict; another module's weights, or a state dict, are
+        loaded into the engine's module (cast to its dtype: its own copy under fp32 masters)."""
+        if weights is None or weights is self.model:
             return
-        state = dict(state_dict.items() if hasattr(state_dict, "items") else state_dict)
+        state_dict = weights.state_dict() if isinstance(weights, torch.nn.Module) else weights
+        state = dict(state_dict.items())
         own = self.model.state_dict()
         if all(name in own and tensor.data_ptr() == own[name].data_ptr() for name, tensor in state.items()):
             return

@@ -19,12 +19,13 @@ import logging
 import os
 import random
 from pathlib import Path
-from typing import Sequence
+from typing import Any
+from collections.abc import Sequence
 
 import torch
 
 from tre_cli.models.precision import engine_state_dict
-from tre_cli.rollout.base import Rollout, RolloutEngine, assemble_rollout, check_generate_args, eos_token_ids_of
+from tre_cli.rollout.base import EngineBase, Rollout, Weights, assemble_rollout, check_generate_args, eos_token_ids_of
 from tre_cli.rollout.context import model_context_length
 
 CPU_KV_CACHE_BYTES = 512 * 2**20
@@ -46,23 +47,23 @@ def import_vllm():
     return vllm
 
 
-class VLLMEngine(RolloutEngine):
+class VLLMEngine(EngineBase):
     name = "vllm"
 
     def __init__(
         self,
         model_path: str | os.PathLike,
-        tokenizer,
+        tokenizer: Any,
         device: str | torch.device = "cpu",
-        dtype=None,
+        dtype: Any = None,
         seed: int = 0,
         kv_cache_memory_bytes: int | None = None,
         max_model_len: int | None = None,
         max_num_seqs: int = 256,
         enable_prefix_caching: bool = True,
         sleep_level: int = 1,
-        **llm_options,
-    ):
+        **llm_options: Any,
+    ) -> None:
         from tre_cli.models import resolve_dtype, resolve_model
 
         vllm = import_vllm()
@@ -166,11 +167,13 @@ class VLLMEngine(RolloutEngine):
             prompts, n, responses, logprobs, self.eos_token_ids, self.pad_token_id, self.tokenizer, temperature
         )
 
-    def sync_weights(self, state_dict=None) -> None:
-        """Load the trainer's weights (a state dict with the checkpoint's names) into the engine,
-        cast to the engine's dtype (the compute dtype; the trainer's masters are fp32)."""
-        if state_dict is None:
+    def sync_weights(self, weights: Weights = None) -> None:
+        """Load the trainer's weights (its policy module, or a state dict with the checkpoint's
+        names) into the engine, cast to the engine's dtype (the compute dtype; the trainer's
+        masters are fp32): it holds its own copy, so every update needs this."""
+        if weights is None:
             return
+        state_dict = weights.state_dict() if isinstance(weights, torch.nn.Module) else weights
         if self.asleep:
             self.wake()
         # A list, not a generator: the RPC may look at the weights more than once.

@@ -12,7 +12,9 @@ repository's tasks/<name>.yaml, an overlay of the run config; `task_overlay(name
 from __future__ import annotations
 
 import importlib
+from collections.abc import Mapping, Sequence
 from pathlib import Path
+from typing import Any, Protocol, runtime_checkable
 
 from tre_cli.resources import data_dir
 from tre_cli.tasks.base import Task
@@ -27,12 +29,31 @@ TASKS = tuple(_REGISTRY)
 
 
 
+@runtime_checkable
+class TaskProtocol(Protocol):
+    """What the trainer and the evaluation use of a task (tasks.base.Task implements it)."""
+
+    name: str
+
+    def load(self, split: str, limit: int | None = None) -> list[dict]:
+        """The examples of `split` ("train" or "test"), at most `limit`."""
+        ...
+
+    def render(self, example: Mapping[str, Any], tokenizer: Any) -> str:
+        """The prompt of one example, as text."""
+        ...
+
+    def rewards(self, responses: Sequence[str], examples: Sequence[Mapping[str, Any]]) -> list[float]:
+        """One reward per response, each against its example."""
+        ...
+
+
 def _check_name(name: str) -> None:
     if name not in _REGISTRY:
         raise ValueError(f"unknown task {name!r}; known tasks: {', '.join(TASKS)}")
 
 
-def get_task(name: str, **options) -> Task:
+def get_task(name: str, **options: Any) -> TaskProtocol:
     """The task `name` built with `options` (the `task:` block of a run config)."""
     _check_name(name)
     module_name, class_name = _REGISTRY[name]
@@ -66,4 +87,13 @@ def task_overlay(name: str) -> dict:
     return data
 
 
-__all__ = ["TASKS", "Task", "get_task", "task_for_run", "task_overlay", "overlay_path"]
+def task_metric(name: str) -> str:
+    """The task's evaluation metric (pass@1, mean_reward...): `eval.metric` of its overlay, the one
+    place a task names it; a run's `eval.metric: null` means this one."""
+    metric = (task_overlay(name).get("eval") or {}).get("metric")
+    if not metric:
+        raise ValueError(f"{overlay_path(name)}: the task names no eval.metric")
+    return str(metric)
+
+
+__all__ = ["TASKS", "Task", "TaskProtocol", "get_task", "task_for_run", "task_metric", "task_overlay", "overlay_path"]

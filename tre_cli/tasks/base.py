@@ -10,7 +10,8 @@ import json
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Mapping, Sequence
+from typing import Any
+from collections.abc import Callable, Mapping, Sequence
 
 SPLITS = ("train", "test")
 LOCAL_SUFFIXES = (".jsonl", ".json", ".parquet")
@@ -174,7 +175,7 @@ def render_user_prompt(user_text: str, tokenizer, template: str) -> str:
     )
 
 
-def prompt_lengths(task: "Task", examples: Sequence[Mapping[str, Any]], tokenizer) -> list[int]:
+def prompt_lengths(task: Task, examples: Sequence[Mapping[str, Any]], tokenizer) -> list[int]:
     """Tokens in each example's rendered prompt, encoded as the trainer encodes it."""
     if not examples:
         return []
@@ -182,7 +183,7 @@ def prompt_lengths(task: "Task", examples: Sequence[Mapping[str, Any]], tokenize
     return [len(ids) for ids in tokenizer(texts, add_special_tokens=False)["input_ids"]]
 
 
-def fit_prompts(task: "Task", tokenizer, max_length: int, splits: Mapping[str, list]) -> dict[str, list]:
+def fit_prompts(task: Task, tokenizer, max_length: int, splits: Mapping[str, list]) -> dict[str, list]:
     """Each split without the examples whose prompt is longer than `max_length` tokens (option
     `overlong_prompts: drop`, the released scripts' filter_overlong_prompts), or unchanged
     (`truncate_left`: the trainer keeps the last `max_length` tokens), or an error naming the
@@ -203,7 +204,8 @@ def fit_prompts(task: "Task", tokenizer, max_length: int, splits: Mapping[str, l
         if examples and not kept[split]:
             raise ValueError(
                 f"task {task.name!r}: all {len(examples)} {split} prompts are longer than "
-                f"ppo.max_prompt_length={max_length} tokens; raise it or set task.options.overlong_prompts=truncate_left"
+                f"ppo.max_prompt_length={max_length} tokens; "
+                "raise it or set task.options.overlong_prompts=truncate_left"
             )
         if over:
             counts.append(f"{over:,} of {len(examples):,} {split}")
@@ -232,7 +234,7 @@ class Task:
     def reward(self, response: str, example: Mapping[str, Any]) -> float:
         raise NotImplementedError
 
-    def bind_model(self, policy_model: str) -> "Task":
+    def bind_model(self, policy_model: str) -> Task:
         """The task as a run of `policy_model` uses it (HH picks that model's reward model);
         a task that does not depend on the policy model returns itself."""
         return self

@@ -4,10 +4,7 @@ commands so that `tre --help` stays fast."""
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from pathlib import Path
-from typing import Optional
 
 import typer
 
@@ -30,7 +27,7 @@ def data_countdown(
     n: int = typer.Option(..., "--n", min=1, help="Number of instances."),
     seed: int = typer.Option(0, "--seed", help="Random seed; the same seed gives the same rows."),
     out: Path = typer.Option(..., "--out", help="Output JSONL file (nums, target, solution)."),
-    split: Optional[str] = typer.Option(
+    split: str | None = typer.Option(
         None, "--split", help="train or test: draw from that side of the fixed train/test partition."
     ),
 ) -> None:
@@ -41,14 +38,11 @@ def data_countdown(
         _fail(f"--split must be train or test, got {split!r}")
     if out.exists():
         _fail(f"{out} exists; choose a new file")
+    from tre_cli.io import atomic_write_text
+
     rows = generate(n, seed, split)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    # Written to a temporary file and renamed, so an interrupted run leaves nothing half-written.
-    handle, temporary = tempfile.mkstemp(dir=out.parent, prefix=f".{out.name}.", suffix=".tmp")
-    with os.fdopen(handle, "w") as stream:
-        for row in rows:
-            stream.write(json.dumps(row) + "\n")
-    os.replace(temporary, out)
+    # Written whole or not at all: an interrupted run leaves nothing half-written.
+    atomic_write_text(out, "".join(json.dumps(row) + "\n" for row in rows))
     typer.echo(f"wrote {len(rows)} instances to {out}")
 
 
@@ -57,7 +51,7 @@ def data_show(
     task: str = typer.Argument(..., help="math, countdown or hh."),
     split: str = typer.Option("test", "--split"),
     n: int = typer.Option(3, "--n", min=1),
-    source: Optional[str] = typer.Option(None, "--source", help="Hub id or local file for this split."),
+    source: str | None = typer.Option(None, "--source", help="Hub id or local file for this split."),
 ) -> None:
     """Print a few examples of a task as loaded (with its default options)."""
     from tre_cli.tasks import get_task, task_overlay
@@ -87,7 +81,7 @@ def rm_train(
     batch_size: int = typer.Option(512, "--batch-size", help="Global batch size (pairs)."),
     per_device_batch_size: int = typer.Option(8, "--per-device-batch-size"),
     max_length: int = typer.Option(2048, "--max-length", help="Pairs longer than this many tokens are skipped."),
-    limit: Optional[int] = typer.Option(None, "--limit", help="Use only the first N pairs."),
+    limit: int | None = typer.Option(None, "--limit", help="Use only the first N pairs."),
     seed: int = typer.Option(42, "--seed"),
     gradient_checkpointing: bool = typer.Option(True, "--gradient-checkpointing/--no-gradient-checkpointing"),
 ) -> None:

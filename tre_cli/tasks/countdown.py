@@ -21,7 +21,8 @@ import random
 import re
 from dataclasses import dataclass, fields
 from fractions import Fraction
-from typing import Any, Mapping, Sequence
+from typing import Any
+from collections.abc import Mapping, Sequence
 
 from tre_cli.tasks.base import Task, load_split_rows, render_user_prompt, resolve_options
 

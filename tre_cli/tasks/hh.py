@@ -14,8 +14,9 @@ model or fails in one line, before anything is loaded (and a sweep, before Ray s
 from __future__ import annotations
 
 import threading
+from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any
 
 from tre_cli.tasks.base import Task, load_split_rows, render_user_prompt, resolve_options
 
@@ -83,7 +84,9 @@ class RewardModelScorer:
                 "--set task.options.reward_model=PATH (make one with `tre rm train`)"
             ) from None
         if model.config.num_labels != 1:
-            raise ValueError(f"reward model {self.model_name!r} has {model.config.num_labels} labels; a scalar RM has 1")
+            raise ValueError(
+                f"reward model {self.model_name!r} has {model.config.num_labels} labels; a scalar RM has 1"
+            )
         if tokenizer.pad_token is None:
             tokenizer.pad_token = tokenizer.eos_token
         # Sequence-classification heads read the last non-pad token, so they need the pad id.
@@ -170,9 +173,10 @@ class HHTask(Task):
         self._scorer = self._make_scorer(model) if model else None
 
     def _make_scorer(self, model: str) -> RewardModelScorer:
-        return RewardModelScorer(model, self.options["rm_max_length"], self.options["rm_batch_size"], self.options["rm_device"])
+        return RewardModelScorer(model, self.options["rm_max_length"], self.options["rm_batch_size"],
+                                 self.options["rm_device"])
 
-    def bind_model(self, policy_model: str) -> "HHTask":
+    def bind_model(self, policy_model: str) -> HHTask:
         """Score with the reward model of `policy_model` (see reward_model_for)."""
         chosen = reward_model_for(self.options, policy_model)
         if self._scorer is None or self._scorer.model_name != chosen:

@@ -18,8 +18,9 @@ from __future__ import annotations
 
 import multiprocessing
 import threading
+from collections.abc import Mapping
 from dataclasses import dataclass, fields
-from typing import Any, Mapping
+from typing import Any
 
 from tre_cli.tasks.base import Task, load_split_rows, render_user_prompt, resolve_options
 
@@ -274,7 +275,9 @@ class MathVerifier:
         try:
             import math_verify  # noqa: F401  (fail here, with a clear line, not in the child)
         except ImportError:
-            raise ValueError("verifier 'math_verify' needs the math-verify package: pip install 'tre-cli[math]'") from None
+            raise ValueError(
+                "verifier 'math_verify' needs the math-verify package: pip install 'tre-cli[math]'"
+            ) from None
         self.timeout_s = float(timeout_s)
         self._lock = threading.Lock()
         self._process = None
@@ -342,11 +345,17 @@ class MathTask(Task):
     def __init__(self, **options):
         super().__init__(name="math", options=resolve_options("math", options, DEFAULT_OPTIONS))
         if self.options["verifier"] not in VERIFIERS:
-            raise ValueError(f"task 'math': verifier must be one of {', '.join(VERIFIERS)}, got {self.options['verifier']!r}")
+            raise ValueError(
+                f"task 'math': verifier must be one of {', '.join(VERIFIERS)}, got {self.options['verifier']!r}"
+            )
         if self.options["reference"] not in REFERENCES:
-            raise ValueError(f"task 'math': reference must be one of {', '.join(REFERENCES)}, got {self.options['reference']!r}")
+            raise ValueError(
+                f"task 'math': reference must be one of {', '.join(REFERENCES)}, got {self.options['reference']!r}"
+            )
         self.rules = rules_from_options(self.options)
-        self._verifier = MathVerifier(self.options["verify_timeout_s"]) if self.options["verifier"] == "math_verify" else None
+        self._verifier = (
+            MathVerifier(self.options["verify_timeout_s"]) if self.options["verifier"] == "math_verify" else None
+        )
 
     def load(self, split: str, limit: int | None = None) -> list[dict]:
         rows = load_split_rows(self.options, split, limit, DEFAULT_SOURCE)

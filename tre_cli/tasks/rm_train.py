@@ -12,7 +12,8 @@ import json
 import tempfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
+from collections.abc import Mapping
 
 from tre_cli.tasks.base import is_local_source, read_hub_rows, read_local_rows
 from tre_cli.tasks.hh import prompt_of
@@ -142,6 +143,12 @@ def train_reward_model(base_model: str, data: str, out_dir: str | Path, config: 
     history = [entry for entry in trainer.state.log_history if "accuracy" in entry]
     if history:
         metrics["final_accuracy"] = history[-1]["accuracy"]
-    summary = {"base_model": base_model, "data": data, "pairs": len(pairs), "config": asdict(config), "metrics": metrics}
+    summary = {
+        "base_model": base_model,
+        "data": data,
+        "pairs": len(pairs),
+        "config": asdict(config),
+        "metrics": metrics,
+    }
     (out_dir / "tre_reward_model.json").write_text(json.dumps(summary, indent=2))
     return summary

@@ -1,0 +1,71 @@
+"""The registry is the one description of each method: consistent, importable without torch,
+and the only place in tre_cli that names a method."""
+
+from __future__ import annotations
+
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tre_cli.losses.registry import DEFAULT_METHOD, METHODS, ParamError, all_params, baseline, get_method, ordered
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_registry_roles_are_well_formed():
+    assert DEFAULT_METHOD in METHODS
+    assert [m.name for m in METHODS.values() if m.baseline] == [baseline().name]
+    assert len([m for m in METHODS.values() if m.horizon_sweep]) == 1
+    assert sorted(m.row for m in METHODS.values()) == list(range(1, len(METHODS) + 1))
+    for method in METHODS.values():
+        assert set(method.variant_params) <= set(method.defaults)
+        assert (method.bonus is None) == ("alpha" not in method.defaults)
+        assert method.resolve_params({}) == method.defaults
+        if method.figure4 is not None and method.figure4.param is not None:
+            assert method.figure4.param in method.defaults
+
+
+def test_a_parameter_name_means_one_parameter():
+    for method in METHODS.values():
+        for param in method.params:
+            shared = all_params()[param.name]
+            assert (param.kind, param.choices) == (shared.kind, shared.choices), param.name
+
+
+def test_parameters_are_checked_against_their_ranges():
+    tre_p = get_method("tre-p")
+    assert tre_p.resolve_params({"p": 1.0})["p"] == 1.0
+    with pytest.raises(ParamError, match=r"must be in \(0, 1\], got 0"):
+        tre_p.resolve_params({"p": 0})
+    with pytest.raises(ParamError, match="is not a parameter of method 'tre-p'"):
+        tre_p.resolve_params({"k": 3})
+    with pytest.raises(ParamError, match="must be an integer >= 1"):
+        get_method("tre-k").resolve_params({"k": 0})
+    with pytest.raises(ParamError, match="must be one of 'group', 'global'"):
+        get_method("forking-tokens").resolve_params({"scope": "everywhere"})
+
+
+def test_table1_order_puts_base_first_and_unknown_names_last():
+    assert ordered(["tre-p", "zzz", "base", "vanilla", "kl-cov"]) == ["base", "vanilla", "kl-cov", "tre-p", "zzz"]
+
+
+def test_config_report_and_sweep_import_without_torch():
+    code = ("import sys, tre_cli.losses.registry, tre_cli.config, tre_cli.report, tre_cli.sweep, tre_cli.tracking; "
+            "print('torch' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, check=True)
+    assert out.stdout.strip() == "False", out.stderr
+
+
+def test_no_module_outside_the_registry_names_a_method():
+    names = "|".join(re.escape(name) for name in METHODS)
+    quoted = re.compile(rf"""["']({names})["']""")
+    offenders = [
+        f"{path.relative_to(ROOT)}:{number}: {line.strip()}"
+        for path in sorted((ROOT / "tre_cli").rglob("*.py")) if path.name != "registry.py"
+        for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1)
+        if quoted.search(line)
+    ]
+    assert not offenders, "\n".join(offenders)

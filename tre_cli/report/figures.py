@@ -1,0 +1,416 @@
+"""Figures 1, 3 and 4: their data from the run records, and their plots.
+
+Figures are built on `matplotlib.figure.Figure` directly, never pyplot: no display and no global
+state, so plotting works headless and the functions can be tested on the Figure they return.
+"""
+
+from __future__ import annotations
+
+import math
+import statistics
+from dataclasses import dataclass
+from typing import Any
+from collections.abc import Sequence
+
+from tre_cli.losses.registry import METHODS, baseline
+from tre_cli.losses.registry import label as method_label
+from tre_cli.report.records import (
+    SMOOTHING,
+    Cell,
+    CellKey,
+    NotEnoughData,
+    RunRecord,
+    Scale,
+    _format_param,
+    _key_sort,
+    _same,
+    _sort_tasks,
+    group_cells,
+    main_horizon,
+    pick_variant,
+    scale_for,
+    task_label,
+    variant_label,
+)
+from tre_cli.tracking import model_label
+
+
+def ema_smooth(values: Sequence[float], weight: float = SMOOTHING) -> list[float]:
+    """TensorBoard's smoothing (W&B's "Exponential moving average"): a debiased EMA.
+
+    last = weight * last + (1 - weight) * y, shown as last / (1 - weight ** n) after n points, so
+    the first point is itself rather than pulled towards 0. Non-finite values pass through without
+    entering the average; a constant series is returned as it is (as TensorBoard does).
+    """
+    if not 0.0 <= weight < 1.0:
+        raise ValueError(f"smoothing weight must be in [0, 1), got {weight}")
+    values = [float(v) for v in values]
+    finite = [v for v in values if math.isfinite(v)]
+    if len(set(finite)) <= 1:
+        return values
+    last, count, out = 0.0, 0, []
+    for value in values:
+        if not math.isfinite(value):
+            out.append(value)
+            continue
+        last = last * weight + (1.0 - weight) * value
+        count += 1
+        out.append(last / (1.0 - weight**count))
+    return out
+
+
+@dataclass(frozen=True)
+class HorizonPanel:
+    model: str
+    task: str
+    scale: Scale
+    vanilla: tuple[tuple[int, float], ...]  # (T, Vanilla mean) in raw units
+    deltas: tuple[
+        tuple[float, tuple[tuple[int, float], ...]], ...
+    ]  # (alpha, ((T, Ent - Vanilla), ...)), alpha descending
+
+
+def horizon_data(records: Sequence[RunRecord], score: str = "final") -> list[HorizonPanel]:
+    """Figure 1: per (model, task), Ent's delta to Vanilla at each T, per alpha."""
+    cells = group_cells(records, score)
+    reference = baseline().name
+    swept = next(m.name for m in METHODS.values() if m.horizon_sweep)
+    panels = []
+    for model, task in sorted({(c.model, c.task) for c in cells}, key=_key_sort):
+        vanilla = {
+            k.max_new_tokens: c.mean for k, c in cells.items()
+            if k.model == model and k.task == task and k.method == reference and k.max_new_tokens is not None
+        }
+        by_alpha: dict[float, dict[int, float]] = {}
+        for key, cell in cells.items():
+            if key.model == model and key.task == task and key.method == swept and key.max_new_tokens in vanilla:
+                alpha = cell.params.get("alpha")
+                if alpha is not None:
+                    by_alpha.setdefault(float(alpha), {})[key.max_new_tokens] = cell.mean - vanilla[key.max_new_tokens]
+        horizons = {t for points in by_alpha.values() for t in points}
+        if len(horizons) < 2:
+            continue
+        metrics = [r.eval_metric for r in records if r.model == model and r.task == task]
+        panels.append(HorizonPanel(
+            model, task, scale_for(task, metrics),
+            tuple(sorted((t, v) for t, v in vanilla.items() if t in horizons)),
+            tuple((alpha, tuple(sorted(points.items()))) for alpha, points in sorted(by_alpha.items(), reverse=True)),
+        ))
+    if not panels:
+        raise NotEnoughData(
+            "Figure 1 needs Vanilla and Ent runs at two or more max_new_tokens (T) of one task; none found"
+        )
+    return panels
+
+
+@dataclass(frozen=True)
+class Curve:
+    label: str
+    color: str
+    steps: tuple[int, ...]
+    mean: tuple[float, ...]
+    low: tuple[float, ...]
+    high: tuple[float, ...]
+    n: int
+
+
+@dataclass(frozen=True)
+class PmaxPanel:
+    model: str
+    task: str
+    max_new_tokens: int | None
+    curves: tuple[Curve, ...]
+
+
+def _curve(label: str, color: str, runs: Sequence[RunRecord], weight: float) -> Curve:
+    # Each seed smoothed on its own (as W&B shows it), then averaged step by step.
+    per_step: dict[int, list[float]] = {}
+    for run in runs:
+        points = sorted(dict(run.p_max).items())
+        for step, value in zip((s for s, _ in points), ema_smooth([v for _, v in points], weight)):
+            per_step.setdefault(step, []).append(value)
+    steps = sorted(per_step)
+    return Curve(
+        label, color, tuple(steps),
+        tuple(statistics.fmean(per_step[s]) for s in steps),
+        tuple(min(per_step[s]) for s in steps),
+        tuple(max(per_step[s]) for s in steps),
+        len(runs),
+    )
+
+
+def pmax_data(records: Sequence[RunRecord], weight: float = SMOOTHING) -> list[PmaxPanel]:
+    """Figure 3: per (model, task), smoothed P_max against step for Vanilla, TRE-K, TRE-P at the
+    task's main T (mean over seeds, min-max band)."""
+    cells = group_cells(records)
+    panels = []
+    for model, task in sorted({(c.model, c.task) for c in cells}, key=_key_sort):
+        horizon = main_horizon(cells.values(), model, task)
+        curves = []
+        for entry in (m for m in METHODS.values() if m.figure3_color):
+            method, color = entry.name, entry.figure3_color
+            candidates = [
+                c for k, c in cells.items()
+                if k.model == model and k.task == task and k.max_new_tokens == horizon and k.method == method
+            ]
+            with_pmax = [
+                c
+                for c in candidates
+                if any(
+                    r.p_max for r in records if CellKey(r.model, r.task, r.max_new_tokens, r.method, r.params) == c.key
+                )
+            ]
+            cell, _ = pick_variant(with_pmax, entry.main_variant)
+            if cell is None:
+                continue
+            runs = [
+                r
+                for r in records
+                if CellKey(r.model, r.task, r.max_new_tokens, r.method, r.params) == cell.key and r.p_max
+            ]
+            name = entry.short_label if entry.baseline else variant_label(method, cell.params)
+            curves.append(_curve(name, color, runs, weight))
+        if len(curves) >= 2:
+            panels.append(PmaxPanel(model, task, horizon, tuple(curves)))
+    if not panels:
+        raise NotEnoughData("Figure 3 needs actor/p_max logs of Vanilla and TRE-K or TRE-P for one task; none found")
+    return panels
+
+
+@dataclass(frozen=True)
+class Point:
+    label: str
+    family: str  # the method (its points share a colour and a legend entry)
+    mean: float
+    low: float  # error bar: mean ± std when n >= 3, min-max when n = 2, none when n = 1
+    high: float
+    n: int
+    main: bool = False  # the method's Table 1 variant (Figure 4 adds to Table 1 only with others)
+
+
+@dataclass(frozen=True)
+class HparamPanel:
+    model: str
+    task: str
+    max_new_tokens: int | None
+    scale: Scale
+    vanilla: float
+    points: tuple[Point, ...]
+
+
+def _point(label: str, family: str, cell: Cell, main: bool = False) -> Point:
+    if cell.spread_kind == "std":
+        low, high = cell.mean - cell.std, cell.mean + cell.std
+    else:
+        low, high = cell.low, cell.high
+    return Point(label, family, cell.mean, low, high, cell.n, main)
+
+
+def hparam_data(records: Sequence[RunRecord], score: str = "final") -> list[HparamPanel]:
+    """Figure 4: per (model, task) at the main T, every K of TRE-K, every P of TRE-P, and Min-Ent,
+    against Vanilla."""
+    cells = group_cells(records, score)
+    panels = []
+    for model, task in sorted({(c.model, c.task) for c in cells}, key=_key_sort):
+        horizon = main_horizon(cells.values(), model, task)
+        here = [c for k, c in cells.items() if k.model == model and k.task == task and k.max_new_tokens == horizon]
+        vanilla, _ = pick_variant([c for c in here if c.key.method == baseline().name], {})
+        if vanilla is None:
+            continue
+        points = []
+        for entry in (m for m in METHODS.values() if m.figure4):
+            param = entry.figure4.param
+            of_method = [c for c in here if c.key.method == entry.name and (param is None or param in c.params)]
+            if param is None:  # one point: the method's main variant
+                cell, _ = pick_variant(of_method, entry.main_variant)
+                if cell is not None:
+                    points.append(_point(entry.label, entry.name, cell))
+                continue
+            others = {k: v for k, v in entry.main_variant.items() if k != param}
+            for value in sorted({c.params[param] for c in of_method}):
+                cell, _ = pick_variant(
+                    [c for c in of_method if _same(c.params[param], value)], {param: value, **others}
+                )
+                main = _same(value, entry.param(param).default)
+                points.append(_point(f"{entry.param(param).shown}={_format_param(value)}", entry.name, cell, main))
+        if len(points) >= 2 and not all(p.main for p in points):  # more than Table 1 shows
+            metrics = [r.eval_metric for r in records if r.model == model and r.task == task]
+            panels.append(HparamPanel(model, task, horizon, scale_for(task, metrics), vanilla.mean, tuple(points)))
+    if not panels:
+        raise NotEnoughData(
+            "Figure 4 needs Vanilla and two or more of TRE-K (by K), TRE-P (by P), Min-Ent, beyond K=2 and P=0.99, "
+            "for one task; none found"
+        )
+    return panels
+
+
+def _grid(keys: Sequence[tuple[str, str]], width: float = 4.6, height: float = 3.4):
+    """A Figure with one panel per (model, task): a row per model and a column per task when every
+    pair has data, else the panels in reading order, three to a row (no empty panels)."""
+    from matplotlib.figure import Figure
+
+    models = list(dict.fromkeys(m for m, _ in sorted(keys, key=_key_sort)))
+    tasks = _sort_tasks(t for _, t in keys)
+    if len(keys) == len(models) * len(tasks):
+        rows, cols = len(models), len(tasks)
+        places = {(m, t): (i, j) for i, m in enumerate(models) for j, t in enumerate(tasks)}
+    else:
+        ordered = sorted(keys, key=_key_sort)
+        cols = min(3, len(ordered))
+        rows = math.ceil(len(ordered) / cols)
+        places = {key: divmod(n, cols) for n, key in enumerate(ordered)}
+    fig = Figure(figsize=(width * cols, height * rows + 0.4), layout="constrained")
+    axes = fig.subplots(rows, cols, squeeze=False)
+    used = set(places.values())
+    for i in range(rows):
+        for j in range(cols):
+            if (i, j) not in used:
+                axes[i][j].set_visible(False)
+    return fig, {key: axes[i][j] for key, (i, j) in places.items()}, len(models) > 1
+
+
+def _legend_below(fig) -> None:
+    """One legend for the whole figure, under the panels, where it can hide no data."""
+    seen: dict[str, Any] = {}
+    for ax in fig.axes:
+        for handle, label in zip(*ax.get_legend_handles_labels()):
+            seen.setdefault(label, handle)
+    if seen:
+        fig.legend(
+            list(seen.values()),
+            list(seen),
+            loc="outside lower center",
+            ncol=min(len(seen), 6),
+            fontsize=9,
+            frameon=False,
+        )
+
+
+def _suptitle(fig, text: str, panels: Sequence[Any]) -> None:
+    models = list(dict.fromkeys(panel.model for panel in panels))
+    fig.suptitle(text + (f" ({model_label(models[0])})" if len(models) == 1 else ""))
+
+
+def _title(model: str, task: str, several_models: bool, suffix: str = "") -> str:
+    return (f"{model_label(model)}: " if several_models else "") + task_label(task) + suffix
+
+
+ALPHA_COLORS = ("#d62728", "#ff7f0e", "#2ca02c", "#1f77b4", "#9467bd", "#8c564b")
+
+
+def plot_horizon(panels: Sequence[HorizonPanel]):
+    """Figure 1: Δ (Ent - Vanilla) against T (log2) per alpha; Vanilla's score on a twin axis."""
+    from matplotlib.ticker import FixedLocator, NullLocator
+
+    fig, axes, several = _grid([(p.model, p.task) for p in panels])
+    for panel in panels:
+        ax = axes[(panel.model, panel.task)]
+        unit = " (points)" if panel.scale.factor == 100 else ""
+        ax.axhline(0.0, color="black", linewidth=0.8, gid="zero")
+        for index, (alpha, points) in enumerate(panel.deltas):
+            ax.plot(
+                [t for t, _ in points], [panel.scale.show(d) for _, d in points],
+                marker="o", color=ALPHA_COLORS[index % len(ALPHA_COLORS)], label=f"Ent α={_format_param(alpha)}",
+            )
+        ax.set_xscale("log", base=2)
+        horizons = sorted({t for _, points in panel.deltas for t, _ in points})
+        ax.xaxis.set_major_locator(FixedLocator(horizons))
+        ax.xaxis.set_minor_locator(NullLocator())
+        ax.set_xticklabels([str(t) for t in horizons])
+        ax.set_xlabel("max response length T (tokens)")
+        ax.set_ylabel(f"Δ to Vanilla{unit}")
+        ax.grid(True, alpha=0.3)
+        twin = ax.twinx()
+        twin.plot(
+            [t for t, _ in panel.vanilla], [panel.scale.show(v) for _, v in panel.vanilla],
+            linestyle="--", color="grey", marker="s", markersize=4, label="Vanilla (right axis)",
+        )
+        twin.set_ylabel(f"Vanilla {panel.scale.header}", color="grey")
+        twin.tick_params(axis="y", colors="grey")
+        ax.set_title(_title(panel.model, panel.task, several))
+    _legend_below(fig)
+    _suptitle(fig, "Figure 1: entropy regularization against the generation budget T", panels)
+    return fig
+
+
+def plot_pmax(panels: Sequence[PmaxPanel], weight: float = SMOOTHING):
+    """Figure 3: smoothed P_max against step; a min-max band over seeds where there are several."""
+    from matplotlib.ticker import MaxNLocator
+
+    fig, axes, several = _grid([(p.model, p.task) for p in panels])
+    for panel in panels:
+        ax = axes[(panel.model, panel.task)]
+        for curve in panel.curves:
+            ax.plot(curve.steps, curve.mean, color=curve.color, label=f"{curve.label}, n={curve.n}")
+            if curve.n > 1:
+                ax.fill_between(curve.steps, curve.low, curve.high, color=curve.color, alpha=0.2, linewidth=0)
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.set_xlabel("training step")
+        ax.set_ylabel("P_max (mean top-1 probability)")
+        ax.grid(True, alpha=0.3)
+        ax.legend(
+            fontsize=8,
+            loc="upper center",
+            bbox_to_anchor=(0.5, -0.2),
+            ncol=len(panel.curves),
+            frameon=False,
+            columnspacing=1.0,
+            handlelength=1.5,
+        )
+        ax.set_title(_title(panel.model, panel.task, several, f" (T={panel.max_new_tokens})"))
+    band = "; band: min-max over seeds" if any(curve.n > 1 for panel in panels for curve in panel.curves) else ""
+    _suptitle(fig, f"Figure 3: P_max, EMA smoothing {weight:g}{band}", panels)
+    return fig
+
+
+def plot_hparam(panels: Sequence[HparamPanel]):
+    """Figure 4: each K, each P and Min-Ent as a point (error bar: the seeds' spread), Vanilla dashed red."""
+    fig, axes, several = _grid([(p.model, p.task) for p in panels], width=5.2)
+    for panel in panels:
+        ax = axes[(panel.model, panel.task)]
+        xs = list(range(len(panel.points)))
+        for family in dict.fromkeys(p.family for p in panel.points):
+            chosen = [(x, p) for x, p in zip(xs, panel.points) if p.family == family]
+            if not chosen:
+                continue
+            show = panel.scale.show
+            ax.errorbar(
+                [x for x, _ in chosen],
+                [show(p.mean) for _, p in chosen],
+                yerr=[
+                    [show(p.mean) - show(p.low) for _, p in chosen],
+                    [show(p.high) - show(p.mean) for _, p in chosen],
+                ],
+                fmt="o",
+                color=METHODS[family].figure4.color,
+                capsize=3,
+                markersize=7,
+                label=method_label(family),
+            )
+            for x, p in chosen:
+                ax.annotate(
+                    panel.scale.text(p.mean),
+                    (x, show(p.high)),
+                    textcoords="offset points",
+                    xytext=(0, 4),
+                    ha="center",
+                    fontsize=7,
+                )
+        ax.axhline(panel.scale.show(panel.vanilla), color="red", linestyle="--", label="Vanilla (PPO)")
+        ax.set_xticks(xs, [p.label for p in panel.points])
+        ax.set_xlim(-0.6, len(xs) - 0.4)
+        ax.set_ylabel(panel.scale.header)
+        ax.margins(y=0.15)
+        ax.grid(True, axis="y", alpha=0.3)
+        # Vanilla's value goes in the title: next to its line it collides with the points' labels.
+        ax.set_title(
+            _title(
+                panel.model,
+                panel.task,
+                several,
+                f" (T={panel.max_new_tokens}), Vanilla {panel.scale.text(panel.vanilla)}",
+            )
+        )
+    _legend_below(fig)
+    _suptitle(fig, "Figure 4: trust region size K, nucleus mass P and Min-Ent against Vanilla", panels)
+    return fig

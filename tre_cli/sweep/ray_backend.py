@@ -1,0 +1,278 @@
+"""Ray: a sweep's trials as Ray Tune trials. The only module of tre that imports ray; the
+launcher (launch.py) imports it once the environment Ray reads is set.
+
+`drive` starts or joins a cluster and runs a Tuner whose function trainable (`train_trial`) calls
+trainer.run in the trial's process (no subprocess, no argv, no log parsing); Tune's trial events
+reach the live display through `SweepProgressCallback`.
+
+Checkpoints: the trainer checkpoints the run directory itself; the Ray checkpoint that goes with
+it only records where that run directory is. A retried trial (FailureConfig.max_failures) or a
+trial of a resumed sweep (Tuner.restore) continues its run directory with `run.resume`, so its
+metrics are those of an uninterrupted run. A run directory whose result.json says "finished" is
+never trained again.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import secrets
+import time
+from pathlib import Path
+from typing import Any
+
+import ray
+from ray import tune
+
+from tre_cli.config import from_dict, to_dict, with_overrides
+from tre_cli.sweep.display import SweepDisplay, TrialProgress
+from tre_cli.sweep.grid import RUNS_DIR, PlannedTrial, SweepPlan
+from tre_cli.sweep.launch import FAIL_ONCE_ENV, SweepOutcome, finished_result
+from tre_cli.sweep.spec import PathLike, Resources
+
+EXPERIMENT_NAME = "tune"
+_FAIL_MARKER = ".sweep-failed-once"
+
+# The display the callback forwards to while `drive` runs (see SweepProgressCallback).
+_ACTIVE_DISPLAY: SweepDisplay | None = None
+
+
+def _pointer_file(directory: PathLike) -> Path:
+    return Path(directory) / "tre_run.json"
+
+
+def train_trial(trial_config: dict[str, Any]) -> None:
+    """Ray Tune's function trainable: one tre run, resumed where a previous attempt left it."""
+    import torch
+    from rich.console import Console
+
+    from tre_cli import trainer
+
+    spec = trial_config["trial"]
+    name = spec["name"]
+    run_dir = Path(spec["run_dir"])
+    torch.set_num_threads(max(1, int(spec.get("cpus", 1))))
+    config = from_dict(spec["config"], f"trial {name}")
+    steps = config.ppo.steps
+
+    finished = finished_result(run_dir)
+    if finished is not None:  # a resumed sweep whose trial had finished before Tune saved that
+        tune.report({"step": finished["steps_done"], "steps": steps, "eval/score": finished.get("final_eval")})
+        return
+
+    console = Console(stderr=True, force_terminal=False, width=200)
+    if spec.get("kind") == "eval":
+        _set_aside_failed_attempt(run_dir)
+        result = trainer.evaluate_model(config, console=console)
+        tune.report({"step": 0, "steps": 0, "eval/score": result.final_eval})
+        return
+
+    checkpoint = tune.get_checkpoint()
+    if checkpoint is not None:
+        with checkpoint.as_directory() as directory:
+            recorded = Path(json.loads(_pointer_file(directory).read_text(encoding="utf-8"))["run_dir"])
+        if recorded != run_dir:
+            raise ValueError(f"trial {name}: its Ray checkpoint points at {recorded}, not {run_dir}")
+    # A run directory with a config is an earlier attempt of this trial (a fresh sweep refuses a
+    # non-empty --out); it may have crashed before its first checkpoint, which resume handles too.
+    if checkpoint is not None or (run_dir / "config.yaml").is_file():
+        config = with_overrides(config, {"run.resume": str(run_dir)})
+
+    fail_at = spec.get("fail_once_at_step")
+
+    def on_step(step: int, metrics: dict[str, float], checkpoint_dir: Path | None) -> None:
+        payload = {**metrics, "step": step, "steps": steps}
+        if checkpoint_dir is None:
+            tune.report(payload)
+        else:
+            import tempfile
+
+            # Ray copies the directory into its storage during report(); ours holds one pointer.
+            with tempfile.TemporaryDirectory(dir=run_dir, prefix=".ray-checkpoint-") as pointer_dir:
+                _pointer_file(pointer_dir).write_text(json.dumps({"run_dir": str(run_dir), "step": step}))
+                tune.report(payload, checkpoint=tune.Checkpoint.from_directory(pointer_dir))
+        if fail_at is not None and step == int(fail_at) and not (run_dir / _FAIL_MARKER).exists():
+            (run_dir / _FAIL_MARKER).write_text(f"{step}\n")
+            raise RuntimeError(f"{FAIL_ONCE_ENV}={fail_at}: trial {name} fails once after step {step} (a test hook)")
+
+    trainer.run(config, on_step=on_step, console=console)
+
+
+def _set_aside_failed_attempt(run_dir: Path) -> None:
+    """An evaluation has no checkpoint to continue: a failed attempt's directory moves to
+    runs/.attempts/ (kept for its error, skipped by `tre report`) and the evaluation starts over."""
+    if run_dir.exists() and any(run_dir.iterdir()):
+        attempts = run_dir.parent / ".attempts"
+        attempts.mkdir(parents=True, exist_ok=True)
+        os.rename(run_dir, attempts / f"{run_dir.name}-{time.strftime('%Y%m%d-%H%M%S')}-{secrets.token_hex(2)}")
+
+
+def trial_param(planned: PlannedTrial, resources: Resources, fail_once_at_step: int | None) -> dict[str, Any]:
+    """What Tune's param space holds for one trial: plain data only (it is pickled and restored)."""
+    return {
+        "name": planned.trial.name,
+        "run_dir": str(planned.run_dir),
+        "cpus": resources.cpu,
+        "config": to_dict(planned.config),
+        "fail_once_at_step": fail_once_at_step,
+        "kind": planned.trial.kind,
+    }
+
+
+def _storage(plan: SweepPlan, storage: str | None) -> str:
+    """Tune's storage_path: local (default <out>/ray), a shared directory, or a cloud URI."""
+    if storage is None:
+        return str(plan.out / "ray")
+    return storage if "://" in storage else str(Path(storage).absolute())
+
+
+def drive(
+    plan: SweepPlan,
+    outcome: SweepOutcome,
+    *,
+    env: dict[str, str],
+    fail_once: int | None,
+    resume: bool,
+    address: str | None,
+    storage: str | None,
+    console: Any,
+    num_cpus: int | None,
+    temp_dir: Path | None,
+    refresh_auth: bool,
+) -> None:
+    """Start or join the cluster, run the Tuner (or restore it), fill `outcome` trial by trial."""
+    global _ACTIVE_DISPLAY
+    if refresh_auth:
+        # Something imported ray before the launcher set the environment (vLLM does), so its
+        # cached config and token loader still hold the auth mode of that import while the
+        # cluster we start reads ours: refresh both, as ray's own token-auth setup does after it
+        # sets RAY_AUTH_MODE (ray._private.authentication; there is no public call for it).
+        from ray._raylet import AuthenticationTokenLoader, Config
+
+        Config.initialize("")
+        AuthenticationTokenLoader.instance().reset_cache()
+
+    init_kwargs: dict[str, Any] = dict(include_dashboard=False, log_to_driver=False, configure_logging=True,
+                                       logging_level="ERROR")
+    if address is not None:
+        init_kwargs["address"] = address
+        # Workers of a cluster started elsewhere do not inherit this process's environment (W&B's
+        # cache folders excepted: they are paths on this machine).
+        cache_vars = ("WANDB_CACHE_DIR", "WANDB_DATA_DIR", "WANDB_ARTIFACT_DIR")
+        init_kwargs["runtime_env"] = {"env_vars": {k: v for k, v in env.items() if k not in cache_vars}}
+    else:
+        init_kwargs["_temp_dir"] = str(temp_dir)
+        if num_cpus is not None:
+            init_kwargs["num_cpus"] = num_cpus
+    try:
+        ray.init(**init_kwargs)
+    except Exception as error:  # ray raises ConnectionError, RuntimeError, ValueError... for a bad cluster
+        raise ValueError(
+            f"cannot start or join the Ray cluster{' at ' + address if address else ''}: {error}"
+        ) from None
+
+    names = [p.trial.name for p in plan.trials]
+    display = SweepDisplay(f"tre sweep {plan.spec.name} ({plan.spec.preset}): {len(names)} trials", names, console)
+    for planned in plan.trials:  # a resumed sweep's finished trials send no events
+        finished = finished_result(planned.run_dir)
+        if finished is not None:
+            display.trials[planned.trial.name] = TrialProgress(
+                planned.trial.name,
+                "done",
+                finished["steps_done"],
+                planned.config.ppo.steps,
+                score=finished.get("final_eval"),
+            )
+    _ACTIVE_DISPLAY = display
+    try:
+        trainable = tune.with_resources(train_trial, {"cpu": plan.resources.cpu, "gpu": plan.resources.gpu})
+        storage_path = _storage(plan, storage)
+        experiment = storage_path.rstrip("/") + "/" + EXPERIMENT_NAME
+        if resume and tune.Tuner.can_restore(experiment):
+            tuner = tune.Tuner.restore(experiment, trainable=trainable, resume_unfinished=True, resume_errored=True)
+            console.print(f"resuming {plan.out} ({experiment})")
+        else:
+            if resume:  # killed before Tune saved its state: the trials resume their run directories
+                console.print(
+                    f"no Tune state in {experiment} yet: starting it again; trials continue their run directories"
+                )
+            params = [trial_param(p, plan.resources, fail_once) for p in plan.trials]
+            tuner = tune.Tuner(
+                trainable,
+                param_space={"trial": tune.grid_search(params)},
+                tune_config=tune.TuneConfig(
+                    num_samples=1,
+                    max_concurrent_trials=plan.max_concurrent,
+                    trial_name_creator=_trial_name,
+                    trial_dirname_creator=_trial_name,
+                ),
+                run_config=tune.RunConfig(
+                    name=EXPERIMENT_NAME,
+                    storage_path=storage_path,
+                    failure_config=tune.FailureConfig(max_failures=plan.max_failures),
+                    checkpoint_config=tune.CheckpointConfig(num_to_keep=1),
+                    callbacks=[SweepProgressCallback()],
+                    verbose=0,
+                    log_to_file=True,
+                ),
+            )
+        with display:
+            results = tuner.fit()
+        for result in results:
+            name = (result.config or {}).get("trial", {}).get("name", "?")
+            if result.error is not None:
+                outcome.failed.append(name)
+            elif finished_result(plan.out / RUNS_DIR / name):
+                outcome.finished.append(name)
+            else:
+                outcome.unfinished.append(name)
+    except KeyboardInterrupt:
+        outcome.interrupted = True
+    finally:
+        _ACTIVE_DISPLAY = None
+        ray.shutdown()
+
+
+class SweepProgressCallback(tune.Callback):
+    """Forwards Tune's trial events to the driver's display. It is pickled into Tune's experiment
+    state (tuner.pkl), so it holds no reference itself: a restored sweep's callback finds the
+    current driver's display in _ACTIVE_DISPLAY."""
+
+    def _show(self, trial: Any, event: str, result: dict[str, Any] | None = None, error: str | None = None) -> None:
+        if _ACTIVE_DISPLAY is not None:
+            _ACTIVE_DISPLAY.update(_trial_name(trial), event, result,
+                                   failures=int(getattr(trial, "num_failures", 0) or 0), error=error)
+
+    def on_trial_start(self, iteration: int, trials: list[Any], trial: Any, **info: Any) -> None:
+        self._show(trial, "start")
+
+    def on_trial_recover(self, iteration: int, trials: list[Any], trial: Any, **info: Any) -> None:
+        self._show(trial, "retry", error=_error_line(trial))
+
+    def on_trial_restore(self, iteration: int, trials: list[Any], trial: Any, **info: Any) -> None:
+        self._show(trial, "start")
+
+    def on_trial_result(
+        self, iteration: int, trials: list[Any], trial: Any, result: dict[str, Any], **info: Any
+    ) -> None:
+        self._show(trial, "result", result)
+
+    def on_trial_complete(self, iteration: int, trials: list[Any], trial: Any, **info: Any) -> None:
+        self._show(trial, "complete", trial.last_result)
+
+    def on_trial_error(self, iteration: int, trials: list[Any], trial: Any, **info: Any) -> None:
+        self._show(trial, "error", trial.last_result, error=_error_line(trial))
+
+
+def _trial_name(trial) -> str:
+    return trial.config["trial"]["name"]
+
+
+def _error_line(trial) -> str:
+    """The last line of a failed trial's error file, if Tune wrote one."""
+    path = getattr(trial, "error_file", None) or getattr(trial, "pickled_error_file", None)
+    try:
+        text = Path(path).read_text(encoding="utf-8").strip().splitlines() if path else []
+    except OSError:
+        text = []
+    return text[-1][:200] if text else "error"

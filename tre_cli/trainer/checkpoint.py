@@ -1,0 +1,103 @@
+"""Checkpoints of a run: `checkpoints/step_<N>/` with the policy (safetensors), the tokenizer,
+`trainer.pt` (critic, optimizers, scheduler, RNG states) and `state.json`.
+
+`trainer.pt` is read with `torch.load(weights_only=True)`: tensors and plain data only. A run
+directory can sit on shared storage; a `trainer.pt` that carries anything else (a pickled
+object runs code when it is unpickled) is refused with one line, never loaded.
+"""
+
+from __future__ import annotations
+
+import json
+import pickle
+import random
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from tre_cli.io import atomic_dir
+from tre_cli.tracking import Tracker
+from tre_cli.trainer.parts import Parts
+
+TRAINER_STATE = "trainer.pt"
+STATE_KEYS = ("critic", "actor_opt", "critic_opt", "critic_sched", "rng")
+
+
+def save_checkpoint(parts: Parts, tracker: Tracker, step: int) -> Path:
+    target = tracker.run_dir.checkpoint_dir(step)
+    with atomic_dir(target) as tmp:
+        parts.policy.save_pretrained(tmp / "policy", safe_serialization=True)
+        parts.tokenizer.save_pretrained(tmp / "policy")
+        torch.save({
+            "critic": parts.critic.state_dict(),
+            "actor_opt": parts.actor_opt.state_dict(),
+            "critic_opt": parts.critic_opt.state_dict(),
+            "critic_sched": parts.critic_sched.state_dict(),
+            "rng": _rng_state(parts),
+        }, tmp / TRAINER_STATE)
+        (tmp / "state.json").write_text(json.dumps({"step": step}))
+    tracker.run_dir.prune_checkpoints(parts.config.run.keep_last)
+    return target
+
+
+def read_trainer_state(checkpoint: Path) -> dict[str, Any]:
+    """A checkpoint's trainer.pt, on the CPU: tensors and plain data only (see the module docstring)."""
+    path = Path(checkpoint) / TRAINER_STATE
+    if not path.is_file():
+        raise FileNotFoundError(f"checkpoint {checkpoint} has no {TRAINER_STATE}")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as error:
+        reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise ValueError(
+            f"refusing to load {path}: it holds more than tensors and plain data ({reason[:160]})"
+        ) from None
+    missing = [key for key in STATE_KEYS if not isinstance(state, dict) or key not in state]
+    if missing:
+        raise ValueError(f"{path} is not a tre trainer state (missing {', '.join(missing)})")
+    return state
+
+
+def load_checkpoint(parts: Parts, path: Path, trainer_state: dict[str, Any] | None = None) -> int:
+    """Restore the policy, critic, optimizers, scheduler and RNG states of checkpoint `path`;
+    returns its step. `trainer_state`: its trainer.pt already read (read_trainer_state)."""
+    from safetensors.torch import load_file
+
+    saved = trainer_state if trainer_state is not None else read_trainer_state(path)
+    files = sorted((path / "policy").glob("*.safetensors"))
+    state = {}
+    for f in files:
+        state.update(load_file(str(f), device=str(parts.device)))
+    missing, unexpected = parts.policy.load_state_dict(state, strict=False)
+    real_missing = [k for k in missing if not k.endswith("lm_head.weight")]  # tied embeddings
+    if real_missing or unexpected:
+        raise ValueError(f"checkpoint {path} does not match the policy (missing {real_missing[:3]}, "
+                         f"unexpected {unexpected[:3]})")
+    parts.critic.load_state_dict(saved["critic"])
+    parts.actor_opt.load_state_dict(saved["actor_opt"])
+    parts.critic_opt.load_state_dict(saved["critic_opt"])
+    parts.critic_sched.load_state_dict(saved["critic_sched"])
+    _set_rng_state(parts, saved["rng"])
+    parts.engine.sync_weights(parts.policy)
+    return int(json.loads((path / "state.json").read_text())["step"])
+
+
+def _rng_state(parts: Parts) -> dict[str, Any]:
+    state = {"python": random.getstate(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    generator = getattr(parts.engine, "generator", None)
+    if isinstance(generator, torch.Generator):
+        state["engine"] = generator.get_state()
+    return state
+
+
+def _set_rng_state(parts: Parts, state: dict[str, Any]) -> None:
+    random.setstate(state["python"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+    generator = getattr(parts.engine, "generator", None)
+    if "engine" in state and isinstance(generator, torch.Generator):
+        generator.set_state(state["engine"])

@@ -1,0 +1,142 @@
+"""A whole job: `run(config)` trains (fresh, or continuing `run.resume`), `resume(run_dir)`
+continues a run directory, `evaluate_model(config)` is `tre eval`."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+from collections.abc import Callable
+
+from tre_cli.config import RunConfig, load_run_config, resolve_device, with_overrides
+from tre_cli.evaluation import EvalResult, evaluate
+from tre_cli.losses.registry import BASE
+from tre_cli.tracking import RunResult, Tracker, open_run_dir
+from tre_cli.trainer.checkpoint import load_checkpoint, read_trainer_state, save_checkpoint
+from tre_cli.trainer.parts import Parts, build, encode_prompt, make_engine, max_new_tokens_of, seed_everything
+from tre_cli.trainer.progress import progress_bar, progress_line, quiet_transformers
+from tre_cli.trainer.step import train_step
+
+# on_step(step, metrics, checkpoint_dir or None): how a sweep trial hears about progress.
+StepCallback = Callable[[int, dict[str, float], Path | None], None]
+
+
+def run(config: RunConfig, on_step: StepCallback | None = None, console: Any = None) -> RunResult:
+    """Train with `config`: a fresh run, or (`run.resume` set) the continuation of that run directory."""
+    if config.run.resume:
+        return resume(config.run.resume, on_step=on_step, console=console)
+    return _train(config, config.run.out, None, None, on_step, console)
+
+
+def resume(run_dir: str | Path, on_step: StepCallback | None = None, console: Any = None) -> RunResult:
+    """Continue a run directory from its latest checkpoint, with the config it recorded."""
+    opened = open_run_dir(run_dir)
+    config = with_overrides(load_run_config(opened.path), {"run.resume": str(opened.path)})
+    latest = opened.latest_checkpoint()
+    # Read (and vet) the trainer state before anything is built or written.
+    state = read_trainer_state(latest[1]) if latest else None
+    return _train(config, opened.path, latest[0] if latest else 0, state, on_step, console)
+
+
+def _console(console: Any) -> Any:
+    if console is not None:
+        return console
+    from rich.console import Console
+
+    return Console(stderr=True)
+
+
+def _train(config: RunConfig, run_dir: str | Path | None, resume_step: int | None,
+           trainer_state: dict[str, Any] | None, on_step: StepCallback | None, console: Any) -> RunResult:
+    console = _console(console)
+    quiet_transformers()
+    resolve_device(config.run.device)  # fail before any file is written
+    seed_everything(config.run.seed)
+    parts = build(config)
+    with Tracker(config, run_dir, resume_step=resume_step) as tracker:
+        start = 1
+        if resume_step:
+            loaded = load_checkpoint(parts, tracker.run_dir.checkpoint_dir(resume_step), trainer_state)
+            start = loaded + 1
+            console.print(f"[bold]resumed[/] {tracker.path} from step {loaded}")
+        else:
+            console.print(f"[bold]run[/] {tracker.path}")
+        cfg = parts.config = tracker.config
+        steps = cfg.ppo.steps
+        step = start - 1
+        if cfg.eval.before_train and start == 1 and not tracker.has_eval(0):
+            evaluated = run_eval(parts, 0, tracker)
+            console.print(
+                f"step {0:>4}/{steps}  [bold]eval {evaluated.metric} {evaluated.score:.3f}[/] (before training)"
+            )
+        bar = progress_bar(console, steps, start - 1)
+        try:
+            for step in range(start, steps + 1):
+                metrics = train_step(parts, step)
+                tracker.log(metrics, step=step)
+                evaluated = None
+                if (cfg.eval.every and step % cfg.eval.every == 0) or step == steps:
+                    evaluated = run_eval(parts, step, tracker)
+                    metrics = {**metrics, "eval/score": evaluated.score}
+                checkpoint = None
+                if (cfg.run.save_every and step % cfg.run.save_every == 0) or step == steps:
+                    checkpoint = save_checkpoint(parts, tracker, step)
+                console.print(progress_line(step, steps, metrics, evaluated), soft_wrap=True)
+                bar.advance(metrics)
+                if on_step is not None:
+                    on_step(step, metrics, checkpoint)
+        finally:
+            bar.stop()
+        result = tracker.finish("finished", steps_done=step)
+    parts.engine.close()
+    return result
+
+
+def metric_of(config: RunConfig) -> str:
+    """The evaluation metric: eval.metric, or (null) the task's own."""
+    from tre_cli.tasks import task_metric
+
+    return config.eval.metric or task_metric(config.task.name)
+
+
+def run_eval(parts: Parts, step: int, tracker: Tracker | None) -> EvalResult:
+    cfg = parts.config
+    result = evaluate(parts.engine, parts.task, parts.test, parts.test_prompts, n_samples=cfg.eval.n_samples,
+                      temperature=cfg.eval.temperature, top_p=cfg.eval.top_p, max_new_tokens=parts.max_new_tokens,
+                      metric=metric_of(cfg))
+    if tracker is not None:
+        tracker.log_eval(step=step, score=result.score, metric=result.metric, n_prompts=result.n_prompts,
+                         n_samples=result.n_samples, extra=result.extra())
+    return result
+
+
+def evaluate_model(config: RunConfig, console: Any = None) -> RunResult:
+    """`tre eval`: the evaluation protocol on a model or checkpoint, recorded as a run directory
+    whose result is labelled Base (Table 1's Base row) and whose eval.jsonl has step 0."""
+    from tre_cli.models import load_policy, load_tokenizer, resolve_model
+    from tre_cli.tasks import task_for_run
+    from tre_cli.tasks.base import fit_prompts
+
+    console = _console(console)
+    quiet_transformers()
+    device = resolve_device(config.run.device)
+    max_new_tokens = max_new_tokens_of(config)
+    seed_everything(config.run.seed)
+    task = task_for_run(config.task.name, config.task.options, config.model.name)
+    test = task.load("test", limit=config.eval.limit)
+    model_path = resolve_model(config.model.name)
+    tokenizer = load_tokenizer(model_path)
+    test = fit_prompts(task, tokenizer, config.ppo.max_prompt_length, {"test": test})["test"]
+    policy = load_policy(model_path, dtype=config.model.dtype, device=device) if config.rollout.engine == "hf" else None
+    engine = make_engine(config, model_path, tokenizer, device, policy)
+    prompts = [encode_prompt(task, ex, tokenizer, config.ppo.max_prompt_length) for ex in test]
+    with Tracker(config, config.run.out) as tracker:
+        console.print(f"[bold]eval[/] {config.model.name} on {len(test)} {config.task.name} test prompts "
+                      f"x {config.eval.n_samples} samples -> {tracker.path}")
+        result = evaluate(engine, task, test, prompts, n_samples=config.eval.n_samples,
+                          temperature=config.eval.temperature, top_p=config.eval.top_p,
+                          max_new_tokens=max_new_tokens, metric=metric_of(config))
+        tracker.log_eval(step=0, score=result.score, metric=result.metric, n_prompts=result.n_prompts,
+                         n_samples=result.n_samples, extra=result.extra())
+        run_result = tracker.finish("finished", steps_done=0, method=BASE)
+    engine.close()
+    return run_result

@@ -1,0 +1,319 @@
+"""One PPO step (the paper's setup, as its released code runs it):
+
+    prompts -> engine.generate (n rollouts each) -> task.rewards -> old log-probs (policy, no grad)
+    -> critic values -> reward on the last response token -> GAE -> (whiten) ->
+    mini-batches of prompts x micro-batches of tokens:
+        actor:  logits / temperature -> token_stats -> losses.actor.actor_loss
+        critic: values -> losses.actor.critic_loss
+    -> optimizer steps -> the engine syncs its weights if it needs to
+
+The method enters only through `parts.objective` (losses.actor.ActorObjective, built from the
+registry): the trust region token_stats computes, and the loss it composes.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import Any
+from collections.abc import Iterator
+
+import torch
+
+from tre_cli.losses.actor import PPOBatch, actor_loss, critic_loss
+from tre_cli.losses.ppo import gae, masked_mean, place_terminal_reward, whiten
+from tre_cli.losses.selection_groups import selection_groups
+from tre_cli.losses.stats import token_stats
+from tre_cli.models.modes import set_training
+from tre_cli.models.precision import autocast_for
+from tre_cli.rollout.base import Rollout, position_ids_from_mask
+from tre_cli.trainer.parts import Parts, encode_prompt, step_examples
+
+
+@dataclass(frozen=True)
+class Scored:
+    """A step's rollout scored before the updates ([N, R] each, on the CPU, 0 on padding)."""
+
+    old_logprob: torch.Tensor
+    old_values: torch.Tensor
+    advantages: torch.Tensor
+    returns: torch.Tensor
+    # issue 11: the frozen reference policy's log-probs (ppo.kl_coef > 0), else None.
+    ref_logprob: torch.Tensor | None = None
+
+
+@dataclass(frozen=True)
+class ModelInputs:
+    input_ids: torch.Tensor
+    attention_mask: torch.Tensor
+    position_ids: torch.Tensor
+    prompt_width: int
+
+
+def _model_inputs(rollout: Rollout, rows: torch.Tensor, response_width: int, device: str) -> ModelInputs:
+    prompt_width = rollout.prompt_ids.shape[1]
+    ids = torch.cat([rollout.prompt_ids[rows], rollout.response_ids[rows, :response_width]], dim=1)
+    mask = torch.cat([rollout.prompt_mask[rows], rollout.response_mask[rows, :response_width]], dim=1)
+    positions = position_ids_from_mask(mask)
+    return ModelInputs(ids.to(device), mask.to(device), positions.to(device), prompt_width)
+
+
+def _response_logits(policy: torch.nn.Module, inputs: ModelInputs, response_width: int) -> torch.Tensor:
+    """Logits [b, R, V] that predict the response tokens, computing the LM head on those positions only."""
+    start = inputs.prompt_width - 1
+    keep = torch.arange(start, start + response_width, device=inputs.input_ids.device)
+    with autocast_for(policy):  # issue 11: the compute dtype over fp32 masters; statistics stay outside
+        out = policy(input_ids=inputs.input_ids, attention_mask=inputs.attention_mask,
+                     position_ids=inputs.position_ids, logits_to_keep=keep, use_cache=False)
+    return out.logits
+
+
+def _response_values(critic: torch.nn.Module, inputs: ModelInputs, response_width: int) -> torch.Tensor:
+    start = inputs.prompt_width - 1
+    values = critic(inputs.input_ids, inputs.attention_mask, inputs.position_ids)
+    return values[:, start:start + response_width]
+
+
+def micro_batches(rows: torch.Tensor, lengths: torch.Tensor, prompt_width: int,
+                  token_budget: int) -> Iterator[tuple[torch.Tensor, int]]:
+    """Split sample indices into micro-batches of at most `token_budget` padded tokens each."""
+    width = prompt_width + int(lengths[rows].max())
+    per_micro = max(1, token_budget // width)
+    for start in range(0, len(rows), per_micro):
+        chunk = rows[start:start + per_micro]
+        yield chunk, int(lengths[chunk].max())
+
+
+@torch.no_grad()
+def _old_logprob_and_values(parts: Parts, rollout: Rollout) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """Old log-probs (recomputed by the policy, as verl does), old values and (with a reference
+    policy) the reference log-probs, per micro-batch."""
+    n = rollout.num_samples
+    width = rollout.response_ids.shape[1]
+    old_logprob = torch.zeros(n, width)
+    old_values = torch.zeros(n, width)
+    ref_logprob = torch.zeros(n, width) if parts.reference is not None else None
+    rows = torch.arange(n)
+    budget = parts.config.ppo.micro_batch_tokens
+    for chunk, r_width in micro_batches(rows, rollout.response_lengths, rollout.prompt_ids.shape[1], budget):
+        inputs = _model_inputs(rollout, chunk, r_width, parts.device)
+        logits = _response_logits(parts.policy, inputs, r_width)
+        stats = token_stats(logits, rollout.response_ids[chunk, :r_width].to(parts.device),
+                            temperature=rollout.temperature)
+        old_logprob[chunk, :r_width] = stats.logprob.float().cpu()
+        old_values[chunk, :r_width] = _response_values(parts.critic, inputs, r_width).float().cpu()
+        if ref_logprob is not None:  # issue 11: the reference policy's log-probs, once per step as verl
+            ref_logprob[chunk, :r_width] = token_stats(_response_logits(parts.reference, inputs, r_width),
+                                                       rollout.response_ids[chunk, :r_width].to(parts.device),
+                                                       temperature=rollout.temperature).logprob.float().cpu()
+    mask = rollout.response_mask.float()
+    return old_logprob * mask, old_values * mask, (ref_logprob * mask if ref_logprob is not None else None)
+
+
+def score_rollout(parts: Parts, rollout: Rollout, scores: torch.Tensor) -> Scored:
+    """Old log-probs and values, then GAE on the terminal rewards (whitened as the released code does)."""
+    cfg = parts.config.ppo
+    old_logprob, old_values, ref_logprob = _old_logprob_and_values(parts, rollout)
+    mask = rollout.response_mask.float()
+    advantages, returns = gae(place_terminal_reward(scores, mask), old_values, mask, cfg.gamma, cfg.lam)
+    if cfg.whiten_advantages:
+        advantages = whiten(advantages, mask)
+    return Scored(old_logprob, old_values, advantages, returns, ref_logprob)
+
+
+class _Mean:
+    """Weighted running means of detached scalars, for the step's metrics."""
+
+    def __init__(self) -> None:
+        self.sums: dict[str, float] = {}
+        self.weights: dict[str, float] = {}
+
+    def add(self, key: str, value: torch.Tensor | float, weight: float = 1.0) -> None:
+        value = float(value.detach() if isinstance(value, torch.Tensor) else value)
+        self.sums[key] = self.sums.get(key, 0.0) + value * weight
+        self.weights[key] = self.weights.get(key, 0.0) + weight
+
+    def result(self) -> dict[str, float]:
+        return {k: self.sums[k] / self.weights[k] for k in self.sums if self.weights[k] > 0}
+
+
+@torch.no_grad()
+def _selection(parts: Parts, rollout: Rollout, scored: Scored, micro: list[tuple[torch.Tensor, int]],
+               generator: torch.Generator) -> list[torch.Tensor]:
+    """The method's selected tokens of each micro-batch of a mini-batch (issue 11): the selector
+    chooses within groups of ppo.selection_group_size sequences (scope "group", the released
+    code's per-GPU micro-batch) or over the whole mini-batch (scope "global"); never per
+    micro-batch, which is a memory knob. Its scores come from a no-grad pass of the current
+    policy (it does not change within a mini-batch) over all the mini-batch's sequences first."""
+    selector = parts.objective.selector
+    assert selector is not None
+    rows = torch.cat([chunk for chunk, _ in micro])
+    width = max(r_width for _, r_width in micro)
+    entropy, logprob = torch.zeros(len(rows), width), torch.zeros(len(rows), width)
+    offset = 0
+    for chunk, r_width in micro:
+        inputs = _model_inputs(rollout, chunk, r_width, parts.device)
+        logits = _response_logits(parts.policy, inputs, r_width)
+        stats = token_stats(logits, rollout.response_ids[chunk, :r_width].to(parts.device),
+                            temperature=rollout.temperature)
+        entropy[offset:offset + len(chunk), :r_width] = stats.entropy.float().cpu()
+        logprob[offset:offset + len(chunk), :r_width] = stats.logprob.float().cpu()
+        offset += len(chunk)
+    mask = rollout.response_mask[rows, :width].float()
+    group_size = parts.config.ppo.selection_group_size if selector.scope == "group" else None
+    groups = selection_groups(len(rows), group_size, generator)
+    chosen = selector.choose(entropy, logprob, scored.advantages[rows, :width], mask, groups)
+    out, offset = [], 0
+    for chunk, r_width in micro:
+        out.append(chosen[offset:offset + len(chunk), :r_width])
+        offset += len(chunk)
+    return out
+
+
+def ppo_update(parts: Parts, rollout: Rollout, scored: Scored, step: int) -> dict[str, float]:
+    """All mini-batch updates of one step; returns the step's actor/critic metrics."""
+    cfg = parts.config
+    objective = parts.objective
+    selector = objective.selector
+    n_rollouts = cfg.ppo.rollouts_per_prompt
+    mask_all = rollout.response_mask.float()
+    lengths = rollout.response_lengths
+    prompt_width = rollout.prompt_ids.shape[1]
+    meter = _Mean()
+    gen = torch.Generator().manual_seed(cfg.run.seed * 7919 + step)
+    n_prompts = rollout.num_samples // n_rollouts
+    dev = parts.device
+    for _epoch in range(cfg.ppo.epochs):
+        prompt_order = torch.randperm(n_prompts, generator=gen)
+        for mb_start in range(0, n_prompts, cfg.ppo.mini_batch_prompts):
+            prompts = prompt_order[mb_start:mb_start + cfg.ppo.mini_batch_prompts]
+            rows = (prompts[:, None] * n_rollouts + torch.arange(n_rollouts)[None, :]).reshape(-1)
+            micro = list(micro_batches(rows, lengths, prompt_width, cfg.ppo.micro_batch_tokens))
+            mb_mask = mask_all[rows]
+            total_tokens = float(mb_mask.sum())
+            total_seqs = float((mb_mask.sum(-1) > 0).sum())
+            selected: list[torch.Tensor] | None = None
+            selected_total = None
+            if selector is not None:
+                # issue 11: selections in fixed groups of sequences, seeded by run, step, epoch and mini-batch.
+                group_gen = torch.Generator().manual_seed(cfg.run.seed * 1_000_003 + step * 7919 + _epoch * 131
+                                                          + mb_start)
+                selected = _selection(parts, rollout, scored, micro, group_gen)
+                selected_total = float(sum(s.sum() for s in selected))
+            parts.actor_opt.zero_grad(set_to_none=True)
+            parts.critic_opt.zero_grad(set_to_none=True)
+            set_training(True, parts.policy, parts.critic)  # issue 11: checkpointing runs in training mode only
+            for i, (chunk, r_width) in enumerate(micro):
+                inputs = _model_inputs(rollout, chunk, r_width, dev)
+                batch = PPOBatch(
+                    mask=mask_all[chunk, :r_width].to(dev),
+                    old_logprob=scored.old_logprob[chunk, :r_width].to(dev),
+                    advantages=scored.advantages[chunk, :r_width].to(dev),
+                    old_values=scored.old_values[chunk, :r_width].to(dev),
+                    returns=scored.returns[chunk, :r_width].to(dev),
+                    tokens=total_tokens, seqs=total_seqs,
+                    selected=selected[i].to(dev) if selected is not None else None, selected_total=selected_total,
+                    ref_logprob=scored.ref_logprob[chunk, :r_width].to(dev) if scored.ref_logprob is not None else None,
+                )
+                logits = _response_logits(parts.policy, inputs, r_width)
+                stats = token_stats(logits, rollout.response_ids[chunk, :r_width].to(dev), objective.region,
+                                    temperature=rollout.temperature)
+                del logits
+                actor = actor_loss(stats, batch, objective)
+                actor.loss.backward()
+                values = _response_values(parts.critic, inputs, r_width)
+                critic = critic_loss(values, batch, clip=cfg.ppo.value_clip, loss_agg=cfg.ppo.loss_agg,
+                                     scale=cfg.ppo.critic_loss_coef)  # issue 11: released 1.0 (no 0.5)
+                critic.loss.backward()
+                # Metrics, weighted by tokens.
+                w = float(batch.mask.sum())
+                for key, value in {**actor.metrics, **critic.metrics}.items():
+                    meter.add(key, value, w)
+            actor_norm = torch.nn.utils.clip_grad_norm_(parts.policy.parameters(), cfg.ppo.max_grad_norm)
+            critic_norm = torch.nn.utils.clip_grad_norm_(parts.critic.parameters(), cfg.ppo.max_grad_norm)
+            meter.add("actor/grad_norm", actor_norm)
+            meter.add("critic/grad_norm", critic_norm)
+            if torch.isfinite(actor_norm):
+                parts.actor_opt.step()
+            if torch.isfinite(critic_norm):
+                parts.critic_opt.step()
+            set_training(False, parts.policy, parts.critic)  # issue 11: no-grad passes and sampling in eval mode
+    metrics = meter.result()
+    metrics["actor/lr"] = parts.actor_opt.param_groups[0]["lr"]
+    metrics["critic/lr"] = parts.critic_opt.param_groups[0]["lr"]
+    parts.critic_sched.step()
+    return metrics
+
+
+def train_step(parts: Parts, step: int) -> dict[str, float]:
+    """One PPO step; returns its metrics (namespaced)."""
+    cfg = parts.config
+    timings: dict[str, float] = {}
+    t0 = time.perf_counter()
+    examples = step_examples(parts.train, step, cfg.ppo.prompts_per_step, cfg.run.seed)
+    prompt_ids = [encode_prompt(parts.task, ex, parts.tokenizer, cfg.ppo.max_prompt_length) for ex in examples]
+    parts.engine.wake()
+    rollout = parts.engine.generate(prompt_ids, n=cfg.ppo.rollouts_per_prompt, max_new_tokens=parts.max_new_tokens,
+                                    temperature=cfg.rollout.temperature, top_p=cfg.rollout.top_p)
+    parts.engine.sleep()
+    timings["timing/gen_s"] = time.perf_counter() - t0
+
+    t = time.perf_counter()
+    answered = [examples[int(i)] for i in rollout.prompt_index]
+    scores = torch.tensor(parts.task.rewards(rollout.texts, answered), dtype=torch.float32)
+    timings["timing/reward_s"] = time.perf_counter() - t
+
+    t = time.perf_counter()
+    scored = score_rollout(parts, rollout, scores)
+    timings["timing/old_logprob_values_s"] = time.perf_counter() - t
+
+    t = time.perf_counter()
+    update_metrics = ppo_update(parts, rollout, scored, step)
+    timings["timing/update_s"] = time.perf_counter() - t
+    t = time.perf_counter()
+    parts.engine.sync_weights(parts.policy)
+    timings["timing/sync_s"] = time.perf_counter() - t
+    timings["timing/step_s"] = time.perf_counter() - t0
+    return {**_step_metrics(rollout, scores, scored, timings), **update_metrics, **timings,
+            **_memory_metrics(parts.device), **rollout_gap(rollout, scored)}
+
+
+def rollout_gap(rollout: Rollout, scored: Scored) -> dict[str, float]:
+    """How far the engine's sampling probabilities are from the trainer's recomputation of them
+    (verl's rollout_probs_diff): |exp(behaviour log-prob) - exp(old log-prob)| over the response
+    tokens. Nothing when the engine gave no full-vocabulary log-probs (vLLM with top_p < 1)."""
+    mask = rollout.response_mask.bool()
+    behaviour = rollout.logprobs[mask]
+    if behaviour.numel() == 0 or not torch.isfinite(behaviour).all():
+        return {}
+    diff = (behaviour.exp() - scored.old_logprob[mask].exp()).abs()
+    return {"rollout/probs_diff_mean": float(diff.mean()), "rollout/probs_diff_max": float(diff.max())}
+
+
+def _step_metrics(rollout: Rollout, scores: torch.Tensor, scored: Scored, timings: dict[str, float]) -> dict[str, Any]:
+    mask = rollout.response_mask.float()
+    lengths = rollout.response_lengths.float()
+    n_tokens = float(lengths.sum())
+    return {
+        "reward/mean": float(scores.mean()),
+        "reward/std": float(scores.std()) if scores.numel() > 1 else 0.0,
+        "reward/max": float(scores.max()),
+        "reward/solved_frac": float((scores >= 1.0 - 1e-9).float().mean()),
+        "response/length_mean": float(lengths.mean()),
+        "response/length_max": float(lengths.max()),
+        "response/truncated_frac": float((~rollout.finished).float().mean()),
+        "critic/advantages_abs": float(masked_mean(scored.advantages.abs(), mask)),
+        "critic/returns": float(masked_mean(scored.returns, mask)),
+        "perf/response_tokens": n_tokens,
+        "perf/gen_tokens_per_s": n_tokens / max(timings["timing/gen_s"], 1e-9),
+        "perf/update_tokens_per_s": n_tokens / max(timings["timing/update_s"], 1e-9),
+        "perf/tokens_per_s": n_tokens / max(timings["timing/step_s"], 1e-9),
+    }
+
+
+def _memory_metrics(device: str) -> dict[str, float]:
+    if device != "cuda" or not torch.cuda.is_available():
+        return {}
+    peak = torch.cuda.max_memory_allocated() / 2**30
+    torch.cuda.reset_peak_memory_stats()
+    return {"perf/max_memory_allocated_gib": peak}
