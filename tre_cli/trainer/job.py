@@ -12,7 +12,15 @@ from tre_cli.evaluation import EvalResult, evaluate
 from tre_cli.losses.registry import BASE
 from tre_cli.tracking import RunResult, Tracker, open_run_dir
 from tre_cli.trainer.checkpoint import load_checkpoint, read_trainer_state, save_checkpoint
-from tre_cli.trainer.parts import Parts, build, encode_prompt, make_engine, max_new_tokens_of, seed_everything
+from tre_cli.trainer.parts import (
+    Parts,
+    build,
+    encode_prompt,
+    make_engine,
+    max_new_tokens_of,
+    seed_everything,
+    task_and_examples,
+)
 from tre_cli.trainer.progress import progress_bar, progress_line, quiet_transformers
 from tre_cli.trainer.step import train_step
 
@@ -113,19 +121,14 @@ def evaluate_model(config: RunConfig, console: Any = None) -> RunResult:
     """`tre eval`: the evaluation protocol on a model or checkpoint, recorded as a run directory
     whose result is labelled Base (Table 1's Base row) and whose eval.jsonl has step 0."""
     from tre_cli.models import load_policy, load_tokenizer, resolve_model
-    from tre_cli.tasks import task_for_run
-    from tre_cli.tasks.base import fit_prompts
-
     console = _console(console)
     quiet_transformers()
     device = resolve_device(config.run.device)
     max_new_tokens = max_new_tokens_of(config)
     seed_everything(config.run.seed)
-    task = task_for_run(config.task.name, config.task.options, config.model.name)
-    test = task.load("test", limit=config.eval.limit)
     model_path = resolve_model(config.model.name)
     tokenizer = load_tokenizer(model_path)
-    test = fit_prompts(task, tokenizer, config.ppo.max_prompt_length, {"test": test})["test"]
+    task, _, test = task_and_examples(config, tokenizer, train=False)
     policy = load_policy(model_path, dtype=config.model.dtype, device=device) if config.rollout.engine == "hf" else None
     engine = make_engine(config, model_path, tokenizer, device, policy)
     prompts = [encode_prompt(task, ex, tokenizer, config.ppo.max_prompt_length) for ex in test]

@@ -73,26 +73,35 @@ def objective_of(config: RunConfig) -> ActorObjective:
                              kl_coef=config.ppo.kl_coef, kl_loss_type=config.ppo.kl_loss_type)
 
 
+def task_and_examples(config: RunConfig, tokenizer: Any,
+                      train: bool = True) -> tuple[TaskProtocol, list[dict], list[dict]]:
+    """The task as this run uses it (HH: the policy model's reward model), its train examples
+    (none when `train` is False) and its test examples (at most eval.limit), without prompts
+    longer than ppo.max_prompt_length (tasks.base.fit_prompts). `tre run` and `tre eval` share it."""
+    from tre_cli.tasks import task_for_run
+    from tre_cli.tasks.base import fit_prompts
+
+    task = task_for_run(config.task.name, config.task.options, config.model.name)
+    splits = {"train": task.load("train")} if train else {}
+    splits["test"] = task.load("test", limit=config.eval.limit)
+    if train and not splits["train"]:
+        raise ValueError(f"task {config.task.name!r} has no training examples")
+    fitted = fit_prompts(task, tokenizer, config.ppo.max_prompt_length, splits)
+    return task, fitted.get("train", []), fitted["test"]
+
+
 def build(config: RunConfig) -> Parts:
     from tre_cli.models import load_critic, load_policy, load_tokenizer, resolve_dtype, resolve_model
     from tre_cli.models.precision import training_precision
-    from tre_cli.tasks import task_for_run
-    from tre_cli.tasks.base import fit_prompts
 
     device = resolve_device(config.run.device)
     checkpointing = resolve_gradient_checkpointing(config.model.gradient_checkpointing, device)
     objective = objective_of(config)
-    task = task_for_run(config.task.name, config.task.options, config.model.name)
-    train = task.load("train")
-    test = task.load("test", limit=config.eval.limit)
-    if not train:
-        raise ValueError(f"task {config.task.name!r} has no training examples")
     model_path = resolve_model(config.model.name)
     # issue 11: the model must hold prompt + T positions; checked before any model is loaded.
     check_model_context(model_path, config.ppo.max_prompt_length, config.rollout.max_new_tokens, config.model.name)
     tokenizer = load_tokenizer(model_path)
-    fitted = fit_prompts(task, tokenizer, config.ppo.max_prompt_length, {"train": train, "test": test})
-    train, test = fitted["train"], fitted["test"]
+    task, train, test = task_and_examples(config, tokenizer)
     # issue 11: fp32 masters (parameters, gradients, optimizer state), forwards in the compute dtype (autocast).
     precision = training_precision(resolve_dtype(config.model.dtype, device), device)
     policy = load_policy(model_path, device=device, gradient_checkpointing=checkpointing, precision=precision)
