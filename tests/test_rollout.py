@@ -7,7 +7,7 @@ import torch
 
 from tre_cli.models import load_policy
 from tre_cli.rollout import Rollout, get_engine, response_logprobs_from_logits
-from tre_cli.rollout.hf import HFEngine, sample_tokens
+from tre_cli.rollout.hf import HFEngine, sample_tokens, sequence_uniforms
 
 
 def prompts_of(tokenizer, texts):
@@ -114,13 +114,74 @@ def test_static_cache_path_matches_dynamic(quick_testbed, quick_tokenizer, quick
 
 def test_top_p_sampling_keeps_the_nucleus():
     logprobs = torch.log(torch.tensor([[0.5, 0.3, 0.15, 0.05]])).repeat(4000, 1)
-    generator = torch.Generator().manual_seed(0)
-    tokens = sample_tokens(logprobs, 0.7, generator)
+    uniforms = sequence_uniforms(0, 0, torch.arange(4000), 0)
+    tokens = sample_tokens(logprobs, 0.7, uniforms)
     counts = torch.bincount(tokens, minlength=4).float() / 4000
     assert counts[2] == 0 and counts[3] == 0  # mass before token 2 is 0.8 >= 0.7
     assert abs(counts[0] - 0.5 / 0.8) < 0.03
-    tokens = sample_tokens(logprobs, 1.0, generator)
-    assert torch.bincount(tokens, minlength=4)[3] > 0
+    tokens = sample_tokens(logprobs, 1.0, uniforms)
+    counts = torch.bincount(tokens, minlength=4).float() / 4000
+    assert torch.allclose(counts, torch.tensor([0.5, 0.3, 0.15, 0.05]), atol=0.03), counts
+
+
+def test_inverse_transform_sampling_is_exact_at_the_boundaries():
+    """Token i is drawn for u in [F(i-1), F(i)) of the float64 cumulative mass; a token of zero
+    mass never is, whatever u."""
+    logprobs = torch.log(torch.tensor([[0.25, 0.0, 0.5, 0.25]])).repeat(5, 1)
+    uniforms = torch.tensor([0.0, 0.2499, 0.25, 0.7499, 0.9999999], dtype=torch.float64)
+    assert sample_tokens(logprobs, 1.0, uniforms).tolist() == [0, 0, 2, 2, 3]
+
+
+def _mix32_reference(x):
+    x ^= x >> 16
+    x = (x * 0x7FEB352D) & 0xFFFFFFFF
+    x ^= x >> 15
+    x = (x * 0x846CA68B) & 0xFFFFFFFF
+    return x ^ (x >> 16)
+
+
+def test_sequence_uniforms_are_the_reference_hash_and_look_uniform():
+    """The tensor hash (16-bit split products) equals plain integer arithmetic in Python, so
+    every device draws the same numbers; the draws fill [0, 1) evenly and differ by stream."""
+    from tre_cli.rollout.hf import _fold
+
+    seqs = torch.tensor([0, 1, 7, 2**31 + 5, 2**32 - 1])
+    got = sequence_uniforms(12345, 3, seqs, 9)
+    key = _fold((_fold(12345) << 32) | _fold(3))
+    for s, u in zip(seqs.tolist(), got.tolist()):
+        h = _mix32_reference(_mix32_reference(s ^ key) ^ _fold(9))
+        want = ((_mix32_reference(h ^ 0x9E3779B9) >> 5) * 2**26 + (_mix32_reference(h ^ 0x7F4A7C15) >> 6)) / 2**53
+        assert u == want
+    many = sequence_uniforms(0, 1, torch.arange(20000), 0)
+    assert ((many >= 0) & (many < 1)).all()
+    histogram = torch.histc(many.float(), bins=10, min=0, max=1) / 20000
+    assert (histogram - 0.1).abs().max() < 0.01, histogram
+    assert not torch.equal(many, sequence_uniforms(0, 2, torch.arange(20000), 0))
+    assert not torch.equal(many, sequence_uniforms(0, 1, torch.arange(20000), 1))
+    assert not torch.equal(many, sequence_uniforms(1, 1, torch.arange(20000), 0))
+
+
+def test_samples_do_not_depend_on_how_the_prompts_are_split(quick_testbed, quick_tokenizer, quick_policy):
+    """Issue 12: sample k's noise is (seed, stream, sequence index k), so prompts 0..7 in one call
+    equal prompts 0..3 and 4..7 in two (as two workers would generate them), token for token."""
+    texts = [f"Using the numbers [{a}, {a + 2}, {a + 5}], create an equation that equals {10 + 3 * a}."
+             for a in range(8)]
+    prompts = prompts_of(quick_tokenizer, texts)
+    engine = HFEngine(quick_policy, quick_tokenizer, seed=11)
+    whole = engine.generate(prompts, n=2, max_new_tokens=12, stream=5)
+    first = engine.generate(prompts[:4], n=2, max_new_tokens=12, stream=5)
+    second = engine.generate(prompts[4:], n=2, max_new_tokens=12, stream=5, first_sequence=8)
+    halves = [r[:int(m.sum())].tolist() for part in (first, second)
+              for r, m in zip(part.response_ids, part.response_mask)]
+    assert halves == [r[:int(m.sum())].tolist() for r, m in zip(whole.response_ids, whole.response_mask)]
+    assert first.texts + second.texts == whole.texts
+    assert torch.allclose(torch.cat([first.logprobs[:, :4], second.logprobs[:, :4]]), whole.logprobs[:, :4],
+                          atol=1e-5)
+    # Another stream samples other tokens; the call counter (no stream) gives a new stream per call.
+    assert engine.generate(prompts, n=2, max_new_tokens=12, stream=6).texts != whole.texts
+    counted = [HFEngine(quick_policy, quick_tokenizer, seed=11).generate(prompts, n=2, max_new_tokens=12).texts
+               for _ in range(2)]
+    assert counted[0] == counted[1]
 
 
 def test_generation_restores_training_mode(quick_testbed, quick_tokenizer, quick_policy):

@@ -53,8 +53,11 @@ def evaluate(
     max_new_tokens: int,
     metric: str,
     batch_prompts: int = 64,
+    stream: int | None = None,
 ) -> EvalResult:
-    """Sample `n_samples` responses per prompt with `engine`, score them with `task`."""
+    """Sample `n_samples` responses per prompt with `engine`, score them with `task`. `stream`:
+    the engine's sampling stream (issue 12; sample j of prompt i is sequence i * n_samples + j
+    of it, whatever batch_prompts is); None: one stream per engine call."""
     if len(examples) != len(prompt_ids):
         raise ValueError(f"{len(examples)} examples but {len(prompt_ids)} prompts")
     if not examples:
@@ -64,7 +67,8 @@ def evaluate(
     for start in range(0, len(examples), batch_prompts):
         batch = list(range(start, min(start + batch_prompts, len(examples))))
         rollout = engine.generate([prompt_ids[i] for i in batch], n=n_samples, max_new_tokens=max_new_tokens,
-                                  temperature=temperature, top_p=top_p)
+                                  temperature=temperature, top_p=top_p, stream=stream,
+                                  first_sequence=start * n_samples)
         answered = [examples[batch[int(i)]] for i in rollout.prompt_index]
         rewards.extend(task.rewards(rollout.texts, answered))
         tokens += rollout.num_response_tokens

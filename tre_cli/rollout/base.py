@@ -192,8 +192,13 @@ class RolloutEngine(Protocol):
         max_new_tokens: int,
         temperature: float = 1.0,
         top_p: float = 1.0,
+        stream: int | None = None,
+        first_sequence: int = 0,
     ) -> Rollout:
-        """n samples per prompt (token ids), grouped by prompt; see Rollout."""
+        """n samples per prompt (token ids), grouped by prompt; see Rollout. Sample k is
+        sequence `first_sequence + k` of sampling stream `stream` (the trainer's step; None: the
+        engine's next call): its noise depends on the engine's seed, the stream and that index,
+        not on the other prompts of the call (issue 12), where the engine can do so."""
         ...
 
     def sync_weights(self, weights: Weights = None) -> None:

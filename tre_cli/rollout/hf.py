@@ -33,10 +33,54 @@ from tre_cli.rollout.base import (
 STATIC_CACHE_BUCKET = 256
 
 
-def sample_tokens(
-    logprobs: torch.Tensor, top_p: float, generator: torch.Generator | None
-) -> torch.Tensor:
-    """One token per row from exp(logprobs), restricted to the top-p nucleus when top_p < 1.
+_MASK32 = 0xFFFFFFFF
+
+
+def _mul32(x: torch.Tensor, constant: int) -> torch.Tensor:
+    """(x * constant) mod 2**32 for int64 tensors holding 32-bit values, without int64 overflow
+    (the product is split at 16 bits), so the result is the same on every device."""
+    low = (x & 0xFFFF) * constant
+    high = (((x >> 16) * constant) & 0xFFFF) << 16
+    return (low + high) & _MASK32
+
+
+def _mix32(x: torch.Tensor) -> torch.Tensor:
+    """A 32-bit integer hash (Wellons' lowbias32 constants) of int64 tensors holding 32-bit values."""
+    x = x ^ (x >> 16)
+    x = _mul32(x, 0x7FEB352D)
+    x = x ^ (x >> 15)
+    x = _mul32(x, 0x846CA68B)
+    return x ^ (x >> 16)
+
+
+def _fold(value: int) -> int:
+    """A Python int of any size folded to 32 bits (hashed word by word)."""
+    value = int(value)
+    if value < 0:
+        raise ValueError(f"sampling keys must be >= 0, got {value}")
+    folded = 0
+    while True:
+        folded = int(_mix32(torch.tensor(folded ^ (value & _MASK32), dtype=torch.long)))
+        value >>= 32
+        if not value:
+            return folded
+
+
+def sequence_uniforms(seed: int, stream: int, sequences: torch.Tensor, position: int) -> torch.Tensor:
+    """One uniform in [0, 1) (float64, 53 random bits) per entry of `sequences` (int64 sequence
+    indices) at response `position`: a counter-based draw that depends only on (seed, stream,
+    sequence index, position), never on which other sequences share the batch or the device."""
+    key = _fold((_fold(seed) << 32) | _fold(stream))
+    h = _mix32((sequences.long() & _MASK32) ^ key)
+    h = _mix32(h ^ _fold(position))
+    high = _mix32(h ^ 0x9E3779B9) >> 5  # 27 bits
+    low = _mix32(h ^ 0x7F4A7C15) >> 6  # 26 bits
+    return (high * 67108864 + low).double() / 9007199254740992.0  # (high * 2**26 + low) / 2**53
+
+
+def sample_tokens(logprobs: torch.Tensor, top_p: float, uniforms: torch.Tensor) -> torch.Tensor:
+    """One token per row from exp(logprobs), restricted to the top-p nucleus when top_p < 1, by
+    inverse transform of the row's uniform in [0, 1) (float64 cumulative sums).
 
     The nucleus is the smallest prefix (by descending probability) whose mass reaches top_p:
     a token is kept when the mass strictly before it is below top_p, so the top token always is.
@@ -47,7 +91,10 @@ def sample_tokens(
         mass_before = sorted_probs.cumsum(-1) - sorted_probs
         sorted_probs = sorted_probs.masked_fill(mass_before >= top_p, 0.0)
         probs = torch.zeros_like(probs).scatter_(-1, order, sorted_probs)
-    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+    cdf = probs.cumsum(-1, dtype=torch.float64)
+    target = uniforms.to(cdf.device, torch.float64)[:, None] * cdf[:, -1:]
+    # The first token whose cumulative mass exceeds the target: a token of zero mass never is.
+    return torch.searchsorted(cdf, target, right=True).squeeze(-1).clamp_(max=probs.shape[-1] - 1)
 
 
 class HFEngine(EngineBase):
@@ -88,10 +135,12 @@ class HFEngine(EngineBase):
         if tokenizer.pad_token_id is None:
             raise ValueError("hf engine: the tokenizer has no pad token")
         self.pad_token_id = int(tokenizer.pad_token_id)
-        # The sampling stream lives on the device of the logits; seeded once, so successive
-        # calls differ and a re-created engine with the same seed repeats them.
-        self.generator = torch.Generator(device=self.device)
-        self.generator.manual_seed(int(seed))
+        # Per-sequence sampling (issue 12): sample k of a call draws its noise from (seed, stream,
+        # first_sequence + k, position). A call without a stream takes the next of the engine's
+        # own counter, so successive calls differ and a re-created engine with the same seed
+        # repeats them.
+        self.seed = int(seed)
+        self.calls = 0
         self._compiled_step = None
         self._static_caches: dict[tuple[int, int], object] = {}
 
@@ -118,12 +167,26 @@ class HFEngine(EngineBase):
         max_new_tokens: int,
         temperature: float = 1.0,
         top_p: float = 1.0,
+        stream: int | None = None,
+        first_sequence: int = 0,
     ) -> Rollout:
+        """n samples of each prompt. Sample k (prompt k // n) is sequence `first_sequence + k`
+        of sampling stream `stream` (the trainer: its step): its tokens depend on the engine's
+        seed, the stream, that index and the weights only, so a batch split across calls or
+        workers samples the same tokens. `stream` None: the engine's own call counter."""
         check_generate_args(prompts, n, max_new_tokens, temperature, top_p)
+        if stream is None:
+            stream = self.calls
+            self.calls += 1
+        if first_sequence < 0:
+            raise ValueError(f"first_sequence must be >= 0, got {first_sequence}")
+        sequences = torch.arange(first_sequence, first_sequence + len(prompts) * n, device=self.device)
         was_training = self.model.training
         self.model.eval()
         try:
-            responses, logprobs = self._sample(prompts, n, max_new_tokens, temperature, top_p)
+            responses, logprobs = self._sample(prompts, n, max_new_tokens, temperature, top_p,
+                                               lambda position: sequence_uniforms(self.seed, stream, sequences,
+                                                                                  position))
         finally:
             self.model.train(was_training)
         return assemble_rollout(
@@ -132,7 +195,7 @@ class HFEngine(EngineBase):
 
     # -- decoding ----------------------------------------------------------------------------
 
-    def _sample(self, prompts, n, max_new_tokens, temperature, top_p):
+    def _sample(self, prompts, n, max_new_tokens, temperature, top_p, uniforms):
         expanded = [list(prompts[k // n]) for k in range(len(prompts) * n)]
         prompt_ids, prompt_mask = left_pad(expanded, self.pad_token_id)
         prompt_ids, prompt_mask = prompt_ids.to(self.device), prompt_mask.to(self.device)
@@ -173,7 +236,7 @@ class HFEngine(EngineBase):
         step_fn = self._step_function()
         for step in range(max_new_tokens):
             logprobs = torch.log_softmax(logits.float() / temperature, dim=-1)
-            token = sample_tokens(logprobs, top_p, self.generator)
+            token = sample_tokens(logprobs, top_p, uniforms(step))
             token_logprob = logprobs.gather(-1, token[:, None]).squeeze(-1)
             alive_per_step.append(~done)
             token = torch.where(done, torch.full_like(token, self.pad_token_id), token)

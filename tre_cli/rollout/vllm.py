@@ -122,14 +122,21 @@ class VLLMEngine(EngineBase):
         max_new_tokens: int,
         temperature: float = 1.0,
         top_p: float = 1.0,
+        stream: int | None = None,
+        first_sequence: int = 0,
     ) -> Rollout:
         check_generate_args(prompts, n, max_new_tokens, temperature, top_p)
         if self.asleep:
             self.wake()
-        # One seed per prompt and call: reproducible for a given engine seed, different every
-        # call; vLLM gives the n samples of a request the seeds seed, seed + 1, ..., seed + n - 1.
-        rng = random.Random(f"{self.seed}:{self.calls}")
-        self.calls += 1
+        # One seed per prompt: from (engine seed, stream, the prompt's index first_sequence // n + i),
+        # so a batch split across calls or workers seeds each prompt alike (issue 12); vLLM gives
+        # the n samples of a request the seeds seed, seed + 1, ..., seed + n - 1.
+        if stream is None:
+            stream = self.calls
+            self.calls += 1
+        first_prompt = first_sequence // n
+        seeds = [random.Random(f"{self.seed}:{stream}:{first_prompt + i}").randrange(2**31 - n)
+                 for i in range(len(prompts))]
         params = [
             self._sampling_params(
                 n=n,
@@ -141,11 +148,11 @@ class VLLMEngine(EngineBase):
                 # vLLM's CPU runner cannot rewind a per-request generator when a chunked prefill
                 # discards a sample (RuntimeError "CPU Generator does not use offset"), so on CPU
                 # the engine-wide generator, seeded by LLM(seed=...), drives sampling.
-                seed=rng.randrange(2**31 - n) if self.on_gpu else None,
+                seed=seed if self.on_gpu else None,
                 skip_special_tokens=False,
                 detokenize=False,
             )
-            for _ in prompts
+            for seed in seeds
         ]
         requests = [self._tokens_prompt(prompt_token_ids=[int(t) for t in p]) for p in prompts]
         outputs = self.llm.generate(requests, params, use_tqdm=False)

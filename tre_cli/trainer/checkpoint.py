@@ -87,9 +87,7 @@ def _rng_state(parts: Parts) -> dict[str, Any]:
     state = {"python": random.getstate(), "torch": torch.get_rng_state()}
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state_all()
-    generator = getattr(parts.engine, "generator", None)
-    if isinstance(generator, torch.Generator):
-        state["engine"] = generator.get_state()
+    # No engine state (issue 12): sampling noise is a function of (run seed, step, sequence).
     return state
 
 
@@ -98,6 +96,3 @@ def _set_rng_state(parts: Parts, state: dict[str, Any]) -> None:
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
-    generator = getattr(parts.engine, "generator", None)
-    if "engine" in state and isinstance(generator, torch.Generator):
-        generator.set_state(state["engine"])

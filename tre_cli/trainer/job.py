@@ -17,6 +17,7 @@ from tre_cli.trainer.parts import (
     build,
     encode_prompt,
     make_engine,
+    eval_stream,
     max_new_tokens_of,
     seed_everything,
     task_and_examples,
@@ -110,7 +111,7 @@ def run_eval(parts: Parts, step: int, tracker: Tracker | None) -> EvalResult:
     cfg = parts.config
     result = evaluate(parts.engine, parts.task, parts.test, parts.test_prompts, n_samples=cfg.eval.n_samples,
                       temperature=cfg.eval.temperature, top_p=cfg.eval.top_p, max_new_tokens=parts.max_new_tokens,
-                      metric=metric_of(cfg))
+                      metric=metric_of(cfg), stream=eval_stream(step))
     if tracker is not None:
         tracker.log_eval(step=step, score=result.score, metric=result.metric, n_prompts=result.n_prompts,
                          n_samples=result.n_samples, extra=result.extra())
@@ -137,7 +138,7 @@ def evaluate_model(config: RunConfig, console: Any = None) -> RunResult:
                       f"x {config.eval.n_samples} samples -> {tracker.path}")
         result = evaluate(engine, task, test, prompts, n_samples=config.eval.n_samples,
                           temperature=config.eval.temperature, top_p=config.eval.top_p,
-                          max_new_tokens=max_new_tokens, metric=metric_of(config))
+                          max_new_tokens=max_new_tokens, metric=metric_of(config), stream=eval_stream(0))
         tracker.log_eval(step=0, score=result.score, metric=result.metric, n_prompts=result.n_prompts,
                          n_samples=result.n_samples, extra=result.extra())
         run_result = tracker.finish("finished", steps_done=0, method=BASE)

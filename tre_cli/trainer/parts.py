@@ -141,6 +141,16 @@ def make_engine(config: RunConfig, model_path: Path, tokenizer: Any, device: str
                       seed=config.run.seed, **options)
 
 
+# Sampling streams (issue 12): training step s samples stream s; the evaluation after step s
+# (0: before training, and `tre eval`) samples EVAL_STREAM + s. Every sample's noise is a function
+# of (run seed, stream, its index), whoever generates it.
+EVAL_STREAM = 1 << 40
+
+
+def eval_stream(step: int) -> int:
+    return EVAL_STREAM + int(step)
+
+
 def step_examples(train: Sequence[dict], step: int, per_step: int, seed: int) -> list[dict]:
     """The prompts of `step` (1-based): consecutive slices of a per-epoch shuffle, so the data
     position is a function of the step and a resumed run continues exactly where it stopped."""

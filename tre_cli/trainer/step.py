@@ -254,7 +254,7 @@ def train_step(parts: Parts, step: int) -> dict[str, float]:
     prompt_ids = [encode_prompt(parts.task, ex, parts.tokenizer, cfg.ppo.max_prompt_length) for ex in examples]
     parts.engine.wake()
     rollout = parts.engine.generate(prompt_ids, n=cfg.ppo.rollouts_per_prompt, max_new_tokens=parts.max_new_tokens,
-                                    temperature=cfg.rollout.temperature, top_p=cfg.rollout.top_p)
+                                    temperature=cfg.rollout.temperature, top_p=cfg.rollout.top_p, stream=step)
     parts.engine.sleep()
     timings["timing/gen_s"] = time.perf_counter() - t0
 
