@@ -253,9 +253,13 @@ class RunSection:
     resume: str | None = None
     # Directory of the append-only results.jsonl; None = the run directory's parent.
     results_store: str | None = None
+    # issue 12: data-parallel training processes of this run (Ray Train workers, policy and
+    # critic sharded with FSDP2); 1 = this process alone, as before.
+    workers: int = 1
 
     def __post_init__(self) -> None:
         _require(self.seed >= 0, "run.seed", "must be >= 0", self.seed)
+        _require(self.workers >= 1, "run.workers", "must be >= 1", self.workers)
         _require(self.save_every >= 0, "run.save_every", "must be >= 0", self.save_every)
         _require(self.keep_last >= 1, "run.keep_last", "must be >= 1", self.keep_last)
         _require(self.log_every >= 1, "run.log_every", "must be >= 1", self.log_every)

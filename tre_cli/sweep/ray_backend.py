@@ -1,4 +1,5 @@
-"""Ray: a sweep's trials as Ray Tune trials. The only module of tre that imports ray; the
+"""Ray: a sweep's trials as Ray Tune trials, and a run's workers (run.workers > 1) as a Ray
+Train TorchTrainer (`run_workers`, issue 12). The only module of tre that imports ray; the
 launcher (launch.py) imports it once the environment Ray reads is set.
 
 `drive` starts or joins a cluster and runs a Tuner whose function trainable (`train_trial`) calls
@@ -276,3 +277,37 @@ def _error_line(trial) -> str:
     except OSError:
         text = []
     return text[-1][:200] if text else "error"
+
+
+def run_workers(worker: Any, payload: dict[str, Any], workers: int, *, use_gpu: bool) -> None:
+    """issue 12: `worker(payload)` in `workers` processes through Ray Train's TorchTrainer (one
+    GPU a worker and NCCL on CUDA, gloo on CPU), on the cluster this process is connected to or
+    on a local one started (and stopped) here. A worker that fails fails the run: a RuntimeError
+    with Ray's first line of it (no retry here; a sweep trial is retried by Tune)."""
+    import tempfile
+
+    from ray.train import FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchConfig, TorchTrainer
+
+    started = not ray.is_initialized()
+    if started:
+        ray.init(num_cpus=max(workers, os.cpu_count() or 1), include_dashboard=False, log_to_driver=True,
+                 configure_logging=True, logging_level="ERROR")
+    try:
+        with tempfile.TemporaryDirectory(prefix="tre-ray-train-") as storage:
+            trainer = TorchTrainer(
+                worker,
+                train_loop_config=payload,
+                scaling_config=ScalingConfig(num_workers=workers, use_gpu=use_gpu),
+                torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
+                run_config=RunConfig(name=f"tre-{secrets.token_hex(4)}", storage_path=storage,
+                                     failure_config=FailureConfig(max_failures=0)),
+            )
+            try:
+                trainer.fit()
+            except ray.train.TrainingFailedError as error:
+                first = next((line for line in str(error).splitlines() if line.strip()), type(error).__name__)
+                raise RuntimeError(f"run.workers={workers}: a worker failed: {first.strip()[:300]}") from None
+    finally:
+        if started:
+            ray.shutdown()

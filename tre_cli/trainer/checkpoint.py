@@ -9,8 +9,12 @@ object runs code when it is unpickled) is refused with one line, never loaded.
 from __future__ import annotations
 
 import json
+import os
 import pickle
 import random
+import secrets
+import shutil
+import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -96,3 +100,78 @@ def _set_rng_state(parts: Parts, state: dict[str, Any]) -> None:
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
+
+
+# ----------------------------------------------------------------------------- issue 12: workers
+
+
+def _unsharded_class_name(module: torch.nn.Module) -> str:
+    """The model's own class name under FSDP2's generated FSDP<Name> subclass."""
+    from torch.distributed.fsdp import FSDPModule
+
+    for cls in type(module).__mro__:
+        if not issubclass(cls, FSDPModule):
+            return cls.__name__
+    return type(module).__name__
+
+
+def save_checkpoint_workers(parts: Parts, tracker: Tracker | None, step: int) -> Path:
+    """A checkpoint of a run of several workers (a collective; `tracker`: rank 0's, else None):
+    `sharded/` (torch.distributed.checkpoint: policy, critic and both optimizers, each worker its
+    shards), `workers.pt` (critic scheduler, RNG states), a consolidated safetensors policy and the
+    tokenizer (rank 0: what `tre eval` and resuming with weights only read) and `state.json`."""
+    from tre_cli.trainer import distributed
+
+    workers = parts.workers
+    target = tmp = None
+    if workers.main:
+        target = tracker.run_dir.checkpoint_dir(step)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".tmp-{target.name}-"))
+    target, tmp = distributed.broadcast_object((target, tmp))
+    distributed.save_sharded(tmp, {"policy": parts.policy, "critic": parts.critic},
+                             {"actor_opt": (parts.policy, parts.actor_opt),
+                              "critic_opt": (parts.critic, parts.critic_opt)})
+    policy_state = distributed.full_state_dict(parts.policy, rank0_cpu=True)
+    if workers.main:
+        parts.policy.save_pretrained(tmp / "policy", state_dict=policy_state, safe_serialization=True)
+        config_file = tmp / "policy" / "config.json"
+        config = json.loads(config_file.read_text())
+        config["architectures"] = [_unsharded_class_name(parts.policy)]
+        config_file.write_text(json.dumps(config, indent=2) + "\n")
+        parts.tokenizer.save_pretrained(tmp / "policy")
+        torch.save({"critic_sched": parts.critic_sched.state_dict(), "rng": _rng_state(parts)},
+                   distributed.workers_state_path(tmp))
+        (tmp / "state.json").write_text(json.dumps({"step": step, "workers": workers.world}))
+        if target.exists():
+            old = target.parent / f".old-{target.name}-{secrets.token_hex(4)}"
+            os.rename(target, old)
+            os.rename(tmp, target)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.rename(tmp, target)
+        tracker.run_dir.prune_checkpoints(parts.config.run.keep_last)
+    distributed.barrier()
+    return target
+
+
+def load_checkpoint_workers(parts: Parts, path: Path) -> int:
+    """Restore a save_checkpoint_workers checkpoint into parts built and sharded alike (the same
+    number of workers or another: torch.distributed.checkpoint reshards); returns its step."""
+    from tre_cli.trainer import distributed
+
+    if not distributed.is_sharded_checkpoint(path):
+        raise ValueError(f"checkpoint {path} was written by one process (no {distributed.SHARDED_DIR}/); "
+                         f"resume it with run.workers=1")
+    distributed.load_sharded(path, {"policy": parts.policy, "critic": parts.critic},
+                             {"actor_opt": (parts.policy, parts.actor_opt),
+                              "critic_opt": (parts.critic, parts.critic_opt)})
+    try:
+        saved = torch.load(distributed.workers_state_path(path), map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as error:
+        raise ValueError(f"refusing to load {distributed.workers_state_path(path)}: it holds more than "
+                         f"tensors and plain data ({str(error).strip()[:160]})") from None
+    parts.critic_sched.load_state_dict(saved["critic_sched"])
+    _set_rng_state(parts, saved["rng"])
+    parts.engine.sync_weights(distributed.full_state_dict(parts.policy))
+    return int(json.loads((path / "state.json").read_text())["step"])

@@ -10,8 +10,15 @@ from collections.abc import Callable
 from tre_cli.config import RunConfig, load_run_config, resolve_device, with_overrides
 from tre_cli.evaluation import EvalResult, evaluate
 from tre_cli.losses.registry import BASE
-from tre_cli.tracking import RunResult, Tracker, open_run_dir
-from tre_cli.trainer.checkpoint import load_checkpoint, read_trainer_state, save_checkpoint
+from tre_cli.tracking import RunResult, Tracker, default_run_dir, open_run_dir
+from tre_cli.trainer import distributed
+from tre_cli.trainer.checkpoint import (
+    load_checkpoint,
+    load_checkpoint_workers,
+    read_trainer_state,
+    save_checkpoint,
+    save_checkpoint_workers,
+)
 from tre_cli.trainer.parts import (
     Parts,
     build,
@@ -33,6 +40,8 @@ def run(config: RunConfig, on_step: StepCallback | None = None, console: Any = N
     """Train with `config`: a fresh run, or (`run.resume` set) the continuation of that run directory."""
     if config.run.resume:
         return resume(config.run.resume, on_step=on_step, console=console)
+    if config.run.workers > 1:
+        return _launch(config, Path(config.run.out) if config.run.out else default_run_dir(config), False, on_step)
     return _train(config, config.run.out, None, None, on_step, console)
 
 
@@ -40,6 +49,8 @@ def resume(run_dir: str | Path, on_step: StepCallback | None = None, console: An
     """Continue a run directory from its latest checkpoint, with the config it recorded."""
     opened = open_run_dir(run_dir)
     config = with_overrides(load_run_config(opened.path), {"run.resume": str(opened.path)})
+    if config.run.workers > 1:
+        return _launch(config, opened.path, True, on_step)
     latest = opened.latest_checkpoint()
     # Read (and vet) the trainer state before anything is built or written.
     state = read_trainer_state(latest[1]) if latest else None
@@ -96,6 +107,88 @@ def _train(config: RunConfig, run_dir: str | Path | None, resume_step: int | Non
         finally:
             bar.stop()
         result = tracker.finish("finished", steps_done=step)
+    parts.engine.close()
+    return result
+
+
+def _launch(config: RunConfig, run_dir: Path, resuming: bool, on_step: StepCallback | None) -> RunResult:
+    """issue 12: run.workers processes through Ray Train (sweep.ray_backend.run_workers); this
+    process waits and returns the RunResult rank 0 wrote. A worker that fails fails the run."""
+    from tre_cli.config import to_dict
+    from tre_cli.sweep.ray_backend import run_workers
+
+    if on_step is not None:
+        raise ValueError("run.workers > 1 cannot report steps to a caller yet (a sweep trial); use run.workers=1")
+    use_gpu = resolve_device(config.run.device) == "cuda"  # fail before any worker starts
+    payload = {"config": to_dict(config), "run_dir": str(run_dir), "resuming": resuming}
+    run_workers(worker_main, payload, config.run.workers, use_gpu=use_gpu)
+    return read_run_result(run_dir)
+
+
+def read_run_result(run_dir: str | Path) -> RunResult:
+    import json
+    import dataclasses
+
+    data = json.loads(open_run_dir(run_dir).result_file.read_text())
+    return RunResult(**{f.name: data[f.name] for f in dataclasses.fields(RunResult)})
+
+
+def worker_main(payload: dict[str, Any]) -> None:
+    """One worker of a run.workers > 1 run (torch.distributed already initialised by its launcher)."""
+    from tre_cli.config import from_dict
+
+    config = from_dict(payload["config"], "run.workers payload")
+    run_dir = Path(payload["run_dir"])
+    resume_step = None
+    if payload["resuming"]:
+        latest = open_run_dir(run_dir).latest_checkpoint()
+        resume_step = latest[0] if latest else 0
+    _train_workers(config, run_dir, resume_step, None)
+
+
+def _train_workers(config: RunConfig, run_dir: Path, resume_step: int | None, console: Any) -> RunResult | None:
+    """_train for one of several workers (issue 12): every worker trains; rank 0 alone writes
+    the run directory, evaluates, prints and returns the RunResult (None elsewhere)."""
+    import contextlib
+
+    workers = distributed.current_workers()
+    if not workers.many:
+        raise RuntimeError("run.workers > 1: torch.distributed is not initialised in this worker")
+    console = _console(console)
+    quiet_transformers()
+    resolve_device(config.run.device)
+    seed_everything(config.run.seed)
+    parts = build(config)
+    tracker = Tracker(config, run_dir, resume_step=resume_step) if workers.main else None
+    with tracker if tracker is not None else contextlib.nullcontext():
+        start = 1
+        if resume_step:
+            path = Path(run_dir) / "checkpoints" / f"step_{resume_step}"
+            start = load_checkpoint_workers(parts, path) + 1
+        cfg = parts.config = distributed.broadcast_object(tracker.config if tracker is not None else None)
+        if tracker is not None:
+            what = f"resumed[/] {tracker.path} from step {start - 1}" if resume_step else f"run[/] {tracker.path}"
+            console.print(f"[bold]{what} ({workers.world} workers)")
+        steps = cfg.ppo.steps
+        step = start - 1
+        if tracker is not None and cfg.eval.before_train and start == 1 and not tracker.has_eval(0):
+            evaluated = run_eval(parts, 0, tracker)
+            console.print(f"step {0:>4}/{steps}  [bold]eval {evaluated.metric} {evaluated.score:.3f}[/] "
+                          "(before training)")
+        for step in range(start, steps + 1):
+            distributed.exit_if_asked(step, workers)
+            metrics = train_step(parts, step)
+            evaluated = None
+            if tracker is not None:
+                tracker.log(metrics, step=step)
+                if (cfg.eval.every and step % cfg.eval.every == 0) or step == steps:
+                    evaluated = run_eval(parts, step, tracker)
+            if (cfg.run.save_every and step % cfg.run.save_every == 0) or step == steps:
+                save_checkpoint_workers(parts, tracker, step)
+            if tracker is not None:
+                console.print(progress_line(step, steps, metrics, evaluated), soft_wrap=True)
+            distributed.barrier()
+        result = tracker.finish("finished", steps_done=step) if tracker is not None else None
     parts.engine.close()
     return result
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import random
 from dataclasses import dataclass
 from pathlib import Path
@@ -16,6 +17,7 @@ from tre_cli.rollout.base import RolloutEngine
 from tre_cli.rollout.context import check_model_context
 from tre_cli.schedules import critic_warmup_factor
 from tre_cli.tasks import TaskProtocol
+from tre_cli.trainer.distributed import SINGLE, Workers, current_workers, shard_module
 
 
 @dataclass
@@ -39,6 +41,8 @@ class Parts:
     max_new_tokens: int
     # issue 11: the frozen starting policy for ppo.kl_coef > 0 (verl's use_kl_loss); None at kl_coef 0 (the paper).
     reference: torch.nn.Module | None = None
+    # issue 12: this process's place among the run's workers (run.workers); SINGLE: alone.
+    workers: Workers = SINGLE
 
 
 def seed_everything(seed: int) -> None:
@@ -95,6 +99,9 @@ def build(config: RunConfig) -> Parts:
     from tre_cli.models.precision import training_precision
 
     device = resolve_device(config.run.device)
+    workers = current_workers()
+    if workers.many and device == "cuda":  # one GPU a worker
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", workers.rank)))
     checkpointing = resolve_gradient_checkpointing(config.model.gradient_checkpointing, device)
     objective = objective_of(config)
     model_path = resolve_model(config.model.name)
@@ -111,7 +118,14 @@ def build(config: RunConfig) -> Parts:
     # issue 11: a frozen copy of the starting weights, computed like the policy, only when a KL loss is asked for.
     reference = (load_policy(model_path, device=device, precision=precision).requires_grad_(False)
                  if config.ppo.kl_coef > 0 else None)
-    engine = make_engine(config, model_path, tokenizer, device, policy)
+    if workers.many:
+        # issue 12: FSDP2 shards; the engine samples from its own unsharded copy (synced after updates).
+        for module in (policy, critic, reference):
+            if module is not None:
+                shard_module(module, precision.compute)
+        engine = make_engine(config, model_path, tokenizer, device, None)
+    else:
+        engine = make_engine(config, model_path, tokenizer, device, policy)
     # issue 11: AdamW weight decay and the critic's warm-up ramp as named options (defaults: the released code).
     actor_opt = torch.optim.AdamW(policy.parameters(), lr=config.ppo.actor_lr, weight_decay=config.ppo.weight_decay)
     critic_opt = torch.optim.AdamW(critic.parameters(), lr=config.ppo.critic_lr, weight_decay=config.ppo.weight_decay)
@@ -120,7 +134,7 @@ def build(config: RunConfig) -> Parts:
     max_new_tokens = max_new_tokens_of(config)
     test_prompts = [encode_prompt(task, ex, tokenizer, config.ppo.max_prompt_length) for ex in test]
     return Parts(config, device, task, tokenizer, policy, critic, engine, actor_opt, critic_opt, critic_sched,
-                 objective, train, test, test_prompts, max_new_tokens, reference=reference)
+                 objective, train, test, test_prompts, max_new_tokens, reference=reference, workers=workers)
 
 
 def make_engine(config: RunConfig, model_path: Path, tokenizer: Any, device: str,

@@ -26,7 +26,8 @@ from tre_cli.losses.selection_groups import selection_groups
 from tre_cli.losses.stats import token_stats
 from tre_cli.models.modes import set_training
 from tre_cli.models.precision import autocast_for
-from tre_cli.rollout.base import Rollout, position_ids_from_mask
+from tre_cli.rollout.base import Rollout, assemble_rollout, position_ids_from_mask
+from tre_cli.trainer import distributed
 from tre_cli.trainer.parts import Parts, encode_prompt, step_examples
 
 
@@ -84,6 +85,26 @@ def micro_batches(rows: torch.Tensor, lengths: torch.Tensor, prompt_width: int,
         yield chunk, int(lengths[chunk].max())
 
 
+def worker_micro_batches(parts: Parts, rows: torch.Tensor, lengths: torch.Tensor, prompt_width: int,
+                         token_budget: int) -> list[tuple[torch.Tensor, int, bool]]:
+    """(rows, response width, real) of this worker's micro-batches of `rows`. One worker: all of
+    `rows`' micro-batches, all real. Several (issue 12): those of its contiguous share, then
+    empty ones (`real` False: a row of `rows` whose results are dropped and whose loss has
+    mask 0) up to the most any worker has, since every sharded forward is a collective."""
+    workers = parts.workers
+    if not workers.many:
+        return [(chunk, width, True) for chunk, width in micro_batches(rows, lengths, prompt_width, token_budget)]
+    mine = rows[share(len(rows), workers).start:share(len(rows), workers).stop]
+    micro = [(chunk, width, True) for chunk, width in micro_batches(mine, lengths, prompt_width, token_budget)] \
+        if len(mine) else []
+    filler = rows[:1]
+    micro += [(filler, int(lengths[filler].max()), False)] * (distributed.all_max(len(micro)) - len(micro))
+    return micro
+
+
+share = distributed.share
+
+
 @torch.no_grad()
 def _old_logprob_and_values(parts: Parts, rollout: Rollout) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """Old log-probs (recomputed by the policy, as verl does), old values and (with a reference
@@ -95,7 +116,15 @@ def _old_logprob_and_values(parts: Parts, rollout: Rollout) -> tuple[torch.Tenso
     ref_logprob = torch.zeros(n, width) if parts.reference is not None else None
     rows = torch.arange(n)
     budget = parts.config.ppo.micro_batch_tokens
-    for chunk, r_width in micro_batches(rows, rollout.response_lengths, rollout.prompt_ids.shape[1], budget):
+    for chunk, r_width, real in worker_micro_batches(parts, rows, rollout.response_lengths,
+                                                     rollout.prompt_ids.shape[1], budget):
+        if not real:  # issue 12: join the other workers' collectives, keep nothing
+            inputs = _model_inputs(rollout, chunk, r_width, parts.device)
+            _response_logits(parts.policy, inputs, r_width)
+            _response_values(parts.critic, inputs, r_width)
+            if parts.reference is not None:
+                _response_logits(parts.reference, inputs, r_width)
+            continue
         inputs = _model_inputs(rollout, chunk, r_width, parts.device)
         logits = _response_logits(parts.policy, inputs, r_width)
         stats = token_stats(logits, rollout.response_ids[chunk, :r_width].to(parts.device),
@@ -106,6 +135,9 @@ def _old_logprob_and_values(parts: Parts, rollout: Rollout) -> tuple[torch.Tenso
             ref_logprob[chunk, :r_width] = token_stats(_response_logits(parts.reference, inputs, r_width),
                                                        rollout.response_ids[chunk, :r_width].to(parts.device),
                                                        temperature=rollout.temperature).logprob.float().cpu()
+    if parts.workers.many:  # issue 12: each row was computed by one worker; the sum is the whole batch
+        old_logprob, old_values = distributed.all_reduce_sum(old_logprob), distributed.all_reduce_sum(old_values)
+        ref_logprob = distributed.all_reduce_sum(ref_logprob) if ref_logprob is not None else None
     mask = rollout.response_mask.float()
     return old_logprob * mask, old_values * mask, (ref_logprob * mask if ref_logprob is not None else None)
 
@@ -138,36 +170,41 @@ class _Mean:
 
 
 @torch.no_grad()
-def _selection(parts: Parts, rollout: Rollout, scored: Scored, micro: list[tuple[torch.Tensor, int]],
-               generator: torch.Generator) -> list[torch.Tensor]:
+def _selection(parts: Parts, rollout: Rollout, scored: Scored, rows: torch.Tensor,
+               micro: list[tuple[torch.Tensor, int, bool]], generator: torch.Generator) -> list[torch.Tensor]:
     """The method's selected tokens of each micro-batch of a mini-batch (issue 11): the selector
     chooses within groups of ppo.selection_group_size sequences (scope "group", the released
     code's per-GPU micro-batch) or over the whole mini-batch (scope "global"); never per
     micro-batch, which is a memory knob. Its scores come from a no-grad pass of the current
-    policy (it does not change within a mini-batch) over all the mini-batch's sequences first."""
+    policy (it does not change within a mini-batch) over all the mini-batch's sequences first;
+    with several workers (issue 12) each scores its share and the scores are summed into the
+    whole mini-batch's, so the choice is the one a single worker makes."""
     selector = parts.objective.selector
     assert selector is not None
-    rows = torch.cat([chunk for chunk, _ in micro])
-    width = max(r_width for _, r_width in micro)
+    width = int(rollout.response_lengths[rows].max())
+    position = {row: i for i, row in enumerate(rows.tolist())}
+
+    def at(chunk: torch.Tensor) -> torch.Tensor:
+        return torch.tensor([position[row] for row in chunk.tolist()], dtype=torch.long)
+
     entropy, logprob = torch.zeros(len(rows), width), torch.zeros(len(rows), width)
-    offset = 0
-    for chunk, r_width in micro:
+    for chunk, r_width, real in micro:
         inputs = _model_inputs(rollout, chunk, r_width, parts.device)
         logits = _response_logits(parts.policy, inputs, r_width)
+        if not real:
+            continue
         stats = token_stats(logits, rollout.response_ids[chunk, :r_width].to(parts.device),
                             temperature=rollout.temperature)
-        entropy[offset:offset + len(chunk), :r_width] = stats.entropy.float().cpu()
-        logprob[offset:offset + len(chunk), :r_width] = stats.logprob.float().cpu()
-        offset += len(chunk)
+        entropy[at(chunk), :r_width] = stats.entropy.float().cpu()
+        logprob[at(chunk), :r_width] = stats.logprob.float().cpu()
+    if parts.workers.many:
+        entropy, logprob = distributed.all_reduce_sum(entropy), distributed.all_reduce_sum(logprob)
     mask = rollout.response_mask[rows, :width].float()
     group_size = parts.config.ppo.selection_group_size if selector.scope == "group" else None
     groups = selection_groups(len(rows), group_size, generator)
     chosen = selector.choose(entropy, logprob, scored.advantages[rows, :width], mask, groups)
-    out, offset = [], 0
-    for chunk, r_width in micro:
-        out.append(chosen[offset:offset + len(chunk), :r_width])
-        offset += len(chunk)
-    return out
+    return [chosen[at(chunk), :r_width] if real else torch.zeros_like(chosen[:len(chunk), :r_width])
+            for chunk, r_width, real in micro]
 
 
 def ppo_update(parts: Parts, rollout: Rollout, scored: Scored, step: int) -> dict[str, float]:
@@ -183,12 +220,13 @@ def ppo_update(parts: Parts, rollout: Rollout, scored: Scored, step: int) -> dic
     gen = torch.Generator().manual_seed(cfg.run.seed * 7919 + step)
     n_prompts = rollout.num_samples // n_rollouts
     dev = parts.device
+    scale = distributed.loss_scale(parts.workers)  # issue 12: FSDP averages gradients over workers
     for _epoch in range(cfg.ppo.epochs):
         prompt_order = torch.randperm(n_prompts, generator=gen)
         for mb_start in range(0, n_prompts, cfg.ppo.mini_batch_prompts):
             prompts = prompt_order[mb_start:mb_start + cfg.ppo.mini_batch_prompts]
             rows = (prompts[:, None] * n_rollouts + torch.arange(n_rollouts)[None, :]).reshape(-1)
-            micro = list(micro_batches(rows, lengths, prompt_width, cfg.ppo.micro_batch_tokens))
+            micro = worker_micro_batches(parts, rows, lengths, prompt_width, cfg.ppo.micro_batch_tokens)
             mb_mask = mask_all[rows]
             total_tokens = float(mb_mask.sum())
             total_seqs = float((mb_mask.sum(-1) > 0).sum())
@@ -198,15 +236,18 @@ def ppo_update(parts: Parts, rollout: Rollout, scored: Scored, step: int) -> dic
                 # issue 11: selections in fixed groups of sequences, seeded by run, step, epoch and mini-batch.
                 group_gen = torch.Generator().manual_seed(cfg.run.seed * 1_000_003 + step * 7919 + _epoch * 131
                                                           + mb_start)
-                selected = _selection(parts, rollout, scored, micro, group_gen)
+                selected = _selection(parts, rollout, scored, rows, micro, group_gen)
                 selected_total = float(sum(s.sum() for s in selected))
+                if parts.workers.many:  # issue 12: the whole mini-batch's count
+                    selected_total = float(distributed.all_reduce_sum(torch.tensor([selected_total],
+                                                                                   dtype=torch.float64)))
             parts.actor_opt.zero_grad(set_to_none=True)
             parts.critic_opt.zero_grad(set_to_none=True)
             set_training(True, parts.policy, parts.critic)  # issue 11: checkpointing runs in training mode only
-            for i, (chunk, r_width) in enumerate(micro):
+            for i, (chunk, r_width, real) in enumerate(micro):
                 inputs = _model_inputs(rollout, chunk, r_width, dev)
                 batch = PPOBatch(
-                    mask=mask_all[chunk, :r_width].to(dev),
+                    mask=(mask_all[chunk, :r_width] if real else torch.zeros(len(chunk), r_width)).to(dev),
                     old_logprob=scored.old_logprob[chunk, :r_width].to(dev),
                     advantages=scored.advantages[chunk, :r_width].to(dev),
                     old_values=scored.old_values[chunk, :r_width].to(dev),
@@ -220,17 +261,21 @@ def ppo_update(parts: Parts, rollout: Rollout, scored: Scored, step: int) -> dic
                                     temperature=rollout.temperature)
                 del logits
                 actor = actor_loss(stats, batch, objective)
-                actor.loss.backward()
+                (actor.loss * scale).backward() if parts.workers.many else actor.loss.backward()
                 values = _response_values(parts.critic, inputs, r_width)
                 critic = critic_loss(values, batch, clip=cfg.ppo.value_clip, loss_agg=cfg.ppo.loss_agg,
                                      scale=cfg.ppo.critic_loss_coef)  # issue 11: released 1.0 (no 0.5)
-                critic.loss.backward()
+                (critic.loss * scale).backward() if parts.workers.many else critic.loss.backward()
+                if not real:  # issue 12: an empty micro-batch (mask 0, zero gradients) has no metrics
+                    continue
                 # Metrics, weighted by tokens.
                 w = float(batch.mask.sum())
                 for key, value in {**actor.metrics, **critic.metrics}.items():
                     meter.add(key, value, w)
             actor_norm = torch.nn.utils.clip_grad_norm_(parts.policy.parameters(), cfg.ppo.max_grad_norm)
             critic_norm = torch.nn.utils.clip_grad_norm_(parts.critic.parameters(), cfg.ppo.max_grad_norm)
+            if parts.workers.many:  # issue 12: the norm of the sharded gradients, on every worker
+                actor_norm, critic_norm = distributed.local_tensor(actor_norm), distributed.local_tensor(critic_norm)
             meter.add("actor/grad_norm", actor_norm)
             meter.add("critic/grad_norm", critic_norm)
             if torch.isfinite(actor_norm):
@@ -238,7 +283,7 @@ def ppo_update(parts: Parts, rollout: Rollout, scored: Scored, step: int) -> dic
             if torch.isfinite(critic_norm):
                 parts.critic_opt.step()
             set_training(False, parts.policy, parts.critic)  # issue 11: no-grad passes and sampling in eval mode
-    metrics = meter.result()
+    metrics = distributed.merge_weighted_means(meter.sums, meter.weights) if parts.workers.many else meter.result()
     metrics["actor/lr"] = parts.actor_opt.param_groups[0]["lr"]
     metrics["critic/lr"] = parts.critic_opt.param_groups[0]["lr"]
     parts.critic_sched.step()
@@ -253,8 +298,12 @@ def train_step(parts: Parts, step: int) -> dict[str, float]:
     examples = step_examples(parts.train, step, cfg.ppo.prompts_per_step, cfg.run.seed)
     prompt_ids = [encode_prompt(parts.task, ex, parts.tokenizer, cfg.ppo.max_prompt_length) for ex in examples]
     parts.engine.wake()
-    rollout = parts.engine.generate(prompt_ids, n=cfg.ppo.rollouts_per_prompt, max_new_tokens=parts.max_new_tokens,
-                                    temperature=cfg.rollout.temperature, top_p=cfg.rollout.top_p, stream=step)
+    if parts.workers.many:
+        rollout = _generate_shared(parts, prompt_ids, step)
+    else:
+        rollout = parts.engine.generate(prompt_ids, n=cfg.ppo.rollouts_per_prompt,
+                                        max_new_tokens=parts.max_new_tokens, temperature=cfg.rollout.temperature,
+                                        top_p=cfg.rollout.top_p, stream=step)
     parts.engine.sleep()
     timings["timing/gen_s"] = time.perf_counter() - t0
 
@@ -271,11 +320,29 @@ def train_step(parts: Parts, step: int) -> dict[str, float]:
     update_metrics = ppo_update(parts, rollout, scored, step)
     timings["timing/update_s"] = time.perf_counter() - t
     t = time.perf_counter()
-    parts.engine.sync_weights(parts.policy)
+    # issue 12: with several workers the engine's copy takes the weights gathered from the shards.
+    parts.engine.sync_weights(distributed.full_state_dict(parts.policy) if parts.workers.many else parts.policy)
     timings["timing/sync_s"] = time.perf_counter() - t
     timings["timing/step_s"] = time.perf_counter() - t0
     return {**_step_metrics(rollout, scores, scored, timings), **update_metrics, **timings,
             **_memory_metrics(parts.device), **rollout_gap(rollout, scored)}
+
+
+def _generate_shared(parts: Parts, prompt_ids: list[list[int]], step: int) -> Rollout:
+    """issue 12: this worker samples its contiguous share of the prompts (sequence indices as in
+    the whole batch, so the samples are those of one worker); every worker gets the whole Rollout."""
+    cfg = parts.config
+    n = cfg.ppo.rollouts_per_prompt
+    mine = share(len(prompt_ids), parts.workers)
+    local = None
+    if len(mine):
+        local = parts.engine.generate([prompt_ids[i] for i in mine], n=n, max_new_tokens=parts.max_new_tokens,
+                                      temperature=cfg.rollout.temperature, top_p=cfg.rollout.top_p, stream=step,
+                                      first_sequence=mine.start * n)
+    responses, logprobs = distributed.gather_samples(local, len(mine) * n)
+    engine = parts.engine
+    return assemble_rollout(prompt_ids, n, responses, logprobs, engine.eos_token_ids, engine.pad_token_id,
+                            parts.tokenizer, cfg.rollout.temperature)
 
 
 def rollout_gap(rollout: Rollout, scored: Scored) -> dict[str, float]:
