@@ -134,6 +134,10 @@ def save_checkpoint_workers(parts: Parts, tracker: Tracker | None, step: int) ->
                               "critic_opt": (parts.critic, parts.critic_opt)})
     policy_state = distributed.full_state_dict(parts.policy, rank0_cpu=True)
     if workers.main:
+        if getattr(parts.policy.config, "tie_word_embeddings", False):
+            # Gathered tensors are separate copies, so save_pretrained cannot see the tie; the
+            # single-process checkpoint has no lm_head.weight either.
+            policy_state.pop("lm_head.weight", None)
         parts.policy.save_pretrained(tmp / "policy", state_dict=policy_state, safe_serialization=True)
         config_file = tmp / "policy" / "config.json"
         config = json.loads(config_file.read_text())

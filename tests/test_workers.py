@@ -1,0 +1,104 @@
+"""run.workers (issue 12): 2 FSDP2 workers on CPU (gloo) against 1, a killed worker, resuming.
+
+The workers are started by tests/workers_harness.py (torch.multiprocessing + gloo, the entry
+Ray Train calls); the Ray path itself is the last, slow test.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from workers_harness import run_workers_locally
+
+from test_trainer import _config, _metrics, _stable
+from tre_cli import trainer
+from tre_cli.trainer.distributed import EXIT_AT_ENV, SINGLE, Workers, share
+
+CLOSE = ("actor/p_max", "actor/entropy", "actor/pg_loss", "critic/vf_loss")
+EXACT = ("reward/mean", "reward/std", "response/length_mean", "response/length_max", "response/truncated_frac")
+KEEP = ["run.save_every=1", "run.keep_last=3"]
+
+
+def test_share_splits_contiguously_and_covers_everything():
+    for n in (0, 1, 5, 8):
+        for world in (1, 2, 3):
+            parts = [share(n, Workers(rank, world)) for rank in range(world)]
+            assert [i for part in parts for i in part] == list(range(n))
+            assert max(map(len, parts)) - min(map(len, parts)) <= 1
+    assert share(7, SINGLE) == range(7)
+
+
+def test_workers_must_be_positive(tiny_testbed, tmp_path):
+    with pytest.raises(ValueError, match="run.workers"):
+        _config(tiny_testbed, tmp_path / "r", extra=["run.workers=0"])
+
+
+def _policy(run_dir, step):
+    return load_file(str(run_dir / "checkpoints" / f"step_{step}" / "policy" / "model.safetensors"))
+
+
+@pytest.fixture(scope="module")
+def two_runs(tiny_testbed, tmp_path_factory):
+    """One run of Forking-Tokens (global scope: selection over the whole mini-batch) with 1
+    worker and with 2, 2 steps, checkpoints at both."""
+    root = tmp_path_factory.mktemp("workers")
+    extra = [*KEEP, "method.scope=global"]
+    one = root / "one"
+    trainer.run(_config(tiny_testbed, one, "forking-tokens", steps=2, extra=extra))
+    two = root / "two"
+    run_workers_locally(_config(tiny_testbed, two, "forking-tokens", steps=2, extra=[*extra, "run.workers=2"]), two, 2)
+    return one, two
+
+
+def test_two_workers_train_like_one(two_runs):
+    one, two = two_runs
+    a, b = _metrics(one), _metrics(two)
+    assert [r["step"] for r in b] == [1, 2]
+    for ra, rb in zip(a, b):
+        for key in EXACT:  # the same samples (per-sequence seeding), so the same rewards and lengths
+            assert ra[key] == rb[key], (ra["step"], key)
+        for key in (*CLOSE, "actor/forking_kept_frac", "critic/advantages_abs"):
+            assert math.isclose(ra[key], rb[key], rel_tol=1e-3, abs_tol=1e-7), (ra["step"], key, ra[key], rb[key])
+    # Weights after step 1 (rank 0's consolidated policy against the single process's).
+    first, second = _policy(one, 1), _policy(two, 1)
+    assert sorted(first) == sorted(second)
+    for name in first:
+        assert torch.allclose(first[name], second[name], rtol=1e-4, atol=1e-6), name
+    # The step moved the weights, so the agreement is not that of two untouched copies.
+    assert any(not torch.equal(first[n], _policy(one, 2)[n]) for n in first)
+    # Only rank 0 wrote: one metrics line a step, one result; the checkpoint is sharded.
+    assert json.loads((two / "result.json").read_text())["status"] == "finished"
+    assert (two / "checkpoints" / "step_2" / "sharded").is_dir()
+    assert json.loads((two / "checkpoints" / "step_2" / "state.json").read_text()) == {"step": 2, "workers": 2}
+
+
+def test_the_consolidated_policy_loads_for_eval_by_one_process(two_runs, tmp_path):
+    from tre_cli.models import load_policy
+
+    _, two = two_runs
+    policy = load_policy(two / "checkpoints" / "step_2" / "policy")
+    assert "FSDP" not in type(policy).__name__
+    state = _policy(two, 2)
+    own = policy.state_dict()
+    assert all(torch.equal(own[name], tensor) for name, tensor in state.items())
+
+
+def test_a_dead_worker_fails_the_run_and_it_resumes_exactly(two_runs, tiny_testbed, tmp_path):
+    """Rank 1 dies as step 2 starts: the run stops; resuming from step 1's sharded checkpoint
+    gives the metrics of the uninterrupted 2-worker run."""
+    _, whole = two_runs
+    cut = tmp_path / "cut"
+    config = _config(tiny_testbed, cut, "forking-tokens", steps=2, extra=[*KEEP, "method.scope=global",
+                                                                          "run.workers=2"])
+    with pytest.raises(Exception, match="terminated"):
+        run_workers_locally(config, cut, 2, env={EXIT_AT_ENV: "1:2"})
+    assert [r["step"] for r in _metrics(cut)] == [1]
+    run_workers_locally(config, cut, 2, resuming=True)
+    a, b = _metrics(whole), _metrics(cut)
+    assert [r["step"] for r in b] == [1, 2]
+    assert [_stable(r) for r in a] == [_stable(r) for r in b]
+    assert json.loads((cut / "result.json").read_text())["status"] == "finished"
