@@ -63,6 +63,13 @@ def _one_line_errors():
     except KeyboardInterrupt:
         typer.echo("interrupted", err=True)
         raise typer.Exit(130)
+    except RuntimeError as error:  # issue 12: a worker of run.workers > 1 died or raised
+        from tre_cli.trainer.distributed import WorkerFailure
+
+        if not isinstance(error, WorkerFailure):
+            raise
+        typer.echo(f"error: {error}", err=True)
+        raise typer.Exit(1)
 
 
 def _resolve_run_config(method, task, model, preset, config, sets, out, rollout, device):

@@ -282,8 +282,9 @@ def _error_line(trial) -> str:
 def run_workers(worker: Any, payload: dict[str, Any], workers: int, *, use_gpu: bool) -> None:
     """issue 12: `worker(payload)` in `workers` processes through Ray Train's TorchTrainer (one
     GPU a worker and NCCL on CUDA, gloo on CPU), on the cluster this process is connected to or
-    on a local one started (and stopped) here. A worker that fails fails the run: a RuntimeError
-    with Ray's first line of it (no retry here; a sweep trial is retried by Tune)."""
+    on a local one started (and stopped) here. A worker that fails fails the run: one line
+    with Ray's first line of it (a WorkerFailure; no retry here: `tre run --resume` continues
+    from the last checkpoint)."""
     import tempfile
 
     from ray.train import FailureConfig, RunConfig, ScalingConfig
@@ -306,8 +307,9 @@ def run_workers(worker: Any, payload: dict[str, Any], workers: int, *, use_gpu: 
             try:
                 trainer.fit()
             except ray.train.TrainingFailedError as error:
-                first = next((line for line in str(error).splitlines() if line.strip()), type(error).__name__)
-                raise RuntimeError(f"run.workers={workers}: a worker failed: {first.strip()[:300]}") from None
+                from tre_cli.trainer.distributed import WorkerFailure, failure_line
+
+                raise WorkerFailure(failure_line(workers, str(error))) from None
     finally:
         if started:
             ray.shutdown()

@@ -48,6 +48,19 @@ WORKERS_STATE = "workers.pt"
 EXIT_AT_ENV = "TRE_WORKER_EXIT_AT"
 
 
+class WorkerFailure(RuntimeError):
+    """A worker of a run.workers > 1 run failed (crashed, was killed, raised): the run failed."""
+
+
+def failure_line(workers: int, report: str) -> str:
+    """One line for a failed worker group: the first informative line of the launcher's report
+    (not a heading ending in a colon), cut to 240 characters."""
+    lines = [line.strip() for line in report.splitlines() if line.strip()]
+    informative = [line for line in lines if not line.endswith(":")]
+    detail = (informative or lines or ["no detail"])[0]
+    return f"run.workers={workers}: a worker failed, so the run did: {detail[:240]}"
+
+
 @dataclass(frozen=True)
 class Workers:
     """This process's place among the run's workers."""
