@@ -102,3 +102,23 @@ def test_a_dead_worker_fails_the_run_and_it_resumes_exactly(two_runs, tiny_testb
     assert [r["step"] for r in b] == [1, 2]
     assert [_stable(r) for r in a] == [_stable(r) for r in b]
     assert json.loads((cut / "result.json").read_text())["status"] == "finished"
+
+
+@pytest.mark.slow
+def test_through_ray_train_and_a_dead_worker_is_one_line(two_runs, tiny_testbed, tmp_path, monkeypatch):
+    """`trainer.run` with run.workers=2 starts the workers through Ray Train's TorchTrainer (a
+    local cluster): the same metrics as the harness's workers; a worker that dies fails the run
+    with one line (WorkerFailure, which the CLI prints as `error: ...`, exit 1)."""
+    from tre_cli.trainer.distributed import WorkerFailure
+
+    _, harness = two_runs
+    extra = [*KEEP, "method.scope=global", "run.workers=2"]
+    through_ray = tmp_path / "ray"
+    result = trainer.run(_config(tiny_testbed, through_ray, "forking-tokens", steps=2, extra=extra))
+    assert result.status == "finished" and result.steps_done == 2
+    assert [_stable(r) for r in _metrics(harness)] == [_stable(r) for r in _metrics(through_ray)]
+    monkeypatch.setenv(EXIT_AT_ENV, "1:1")
+    with pytest.raises(WorkerFailure) as failed:
+        trainer.run(_config(tiny_testbed, tmp_path / "dies", "forking-tokens", steps=2, extra=extra))
+    message = str(failed.value)
+    assert "\n" not in message and message.startswith("run.workers=2: a worker failed"), message
