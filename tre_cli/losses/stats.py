@@ -33,13 +33,20 @@ from typing import NamedTuple, Optional
 
 import torch
 
-# Candidates examined first when searching a TRE-P nucleus; rows needing more are retried with
-# 8x as many (real 135M-model rows at P=0.99 have a median nucleus of ~180 tokens, p99 ~4,400).
+# TRE-P candidate rows are sorted in groups by candidate count, padded to FIRST_CANDIDATES x
+# CANDIDATE_GROWTH^i (real 135M-model rows at P=0.99 have a median nucleus of ~180 tokens, p99 ~4,400).
 FIRST_CANDIDATES = 1024
 CANDIDATE_GROWTH = 8
 RELEASED_CODE_TOP = 256
+# Widest block of contiguous ids whose maxima stand in for the row in max / argmax / top-K.
+BLOCK = 64
+# The TRE-P candidate histogram: float32 bits of exp(z - max) >> 20 (8 buckets per factor 2;
+# values in [0, 1] give keys below 1,024), and the extra mass it asks for against float32 sums.
+_BUCKET_SHIFT = 20
+_N_BUCKETS = 1 << 10
+HISTOGRAM_MARGIN = 1e-4
 # Elements of one chunk of rows: each float32 temporary of a chunk is at most 4 * this bytes.
-DEFAULT_CHUNK_ELEMENTS = 1 << 24
+DEFAULT_CHUNK_ELEMENTS = 1 << 21
 
 
 @dataclass(frozen=True)
@@ -85,11 +92,49 @@ class TokenStats(NamedTuple):
 
 
 # ----------------------------------------------------------------------------------------------
-# Region search (no gradient). Each search finds, per row, the region size m and the m-th largest
+# Row scans shared by every statistic. A row is viewed as blocks of `_block_width(V)` contiguous
+# ids: the block maxima (one cheap reduction) give the row maximum, its lowest-id position and
+# the K largest values without a per-element selection over the whole row.
+
+
+def _block_width(vocab: int) -> int:
+    """The largest divisor of the vocabulary size that is at most BLOCK (1 for a prime)."""
+    return next(b for b in range(min(BLOCK, vocab), 0, -1) if vocab % b == 0)
+
+
+def _blocks(z: torch.Tensor) -> torch.Tensor:
+    rows, vocab = z.shape
+    width = _block_width(vocab)
+    return z.view(rows, vocab // width, width)
+
+
+def _first_argmax(blocks: torch.Tensor, block_max: torch.Tensor, zmax: torch.Tensor) -> torch.Tensor:
+    """Lowest id holding the row maximum: the first block whose maximum it is, then the first
+    position inside that block (argmax answers the first of equal maxima)."""
+    rows = torch.arange(blocks.shape[0], device=blocks.device)
+    first_block = (block_max == zmax[:, None]).to(torch.uint8).argmax(-1)
+    inner = (blocks[rows, first_block] == zmax[:, None]).to(torch.uint8).argmax(-1)
+    return first_block * blocks.shape[-1] + inner
+
+
+def _top_values(z: torch.Tensor, blocks: torch.Tensor, block_max: torch.Tensor, k: int) -> torch.Tensor:
+    """The k largest values of each row, sorted descending. As values (whichever tied token
+    carries them) they are the k largest of the k blocks with the largest maxima: those k maxima
+    are each >= every value outside those blocks."""
+    n_blocks, width = blocks.shape[1:]
+    if k * width >= z.shape[-1] or k >= n_blocks:
+        return torch.topk(z, k, dim=-1, sorted=True).values
+    chosen = torch.topk(block_max, k, dim=-1, sorted=False).indices
+    cand = blocks.gather(1, chosen[:, :, None].expand(-1, -1, width)).reshape(z.shape[0], k * width)
+    return torch.topk(cand, k, dim=-1, sorted=True).values
+
+
+# ----------------------------------------------------------------------------------------------
+# Region search (no gradient). Each search finds, per row, the region size m and the m largest
 # logits in sorted order, from which `_local_stats` derives everything the forward and backward
 # need: the threshold (m-th largest logit), how many tokens equal to it are inside (lowest ids
-# first), and the log-normaliser and entropy of the local softmax. No full-row pass is needed:
-# the region's values are the top-m candidates, whichever tied token carries each value.
+# first), and the log-normaliser and entropy of the local softmax. The region's values are the
+# top-m values, whichever tied token carries each value.
 
 
 class _Region(NamedTuple):
@@ -125,53 +170,143 @@ def _fill(region: _Region, rows: torch.Tensor, size: torch.Tensor, vals: torch.T
         buf[rows] = value
 
 
-def _nucleus(z: torch.Tensor, lse64: torch.Tensor, p: float) -> _Region:
-    """Exact TRE-P nucleus per row, from top-c candidate sets grown until they decide it."""
+def _band_edges(e: torch.Tensor, zmax: torch.Tensor, sum_e: torch.Tensor, p: float, margin: float):
+    """Logits t_lo <= t_hi per row such that, very probably, the tokens with z >= t_hi hold less
+    than P of the mass and those with z >= t_lo at least P: the nucleus boundary lies in the band
+    t_lo <= z < t_hi.
+
+    A float32 histogram of the mass by the float32 bits of e = exp(z - max) (8 buckets per
+    factor 2) gives the edges: the band is the bucket(s) where the mass from the top crosses
+    P (1 -/+ margin), widened by 1e-3 in logit against rounding; t_lo = -inf where no bucket
+    edge holds enough. Nothing depends on the edges being right: the caller checks both masses
+    in float64."""
+    e32 = e.to(torch.float32)  # no copy unless the logits are float64
+    keys = torch.bitwise_right_shift(e32.view(torch.int32), _BUCKET_SHIFT)
+    hist = torch.zeros(e.shape[0], _N_BUCKETS, dtype=torch.float32, device=e.device)
+    hist.scatter_add_(1, keys.long(), e32)
+    del keys
+    from_top = hist.double().flip(-1).cumsum(-1).flip(-1)  # mass of the buckets >= each bucket
+    target = p * sum_e.double()[:, None]
+    lo = (from_top >= target * (1.0 + margin)).sum(-1) - 1  # the highest bucket holding enough
+    hi = (from_top >= target * (1.0 - margin)).sum(-1)  # the lowest bucket above holding too little
+
+    def logit_at(bucket: torch.Tensor) -> torch.Tensor:  # lower edge of a bucket, as a logit
+        edge = torch.bitwise_left_shift(bucket.clamp(min=0).to(torch.int32), _BUCKET_SHIFT).view(torch.float32)
+        return zmax.double() + torch.log(edge.double())  # log(0) = -inf: the whole row
+
+    t_lo = torch.where(lo >= 0, logit_at(lo) - 1e-3, -math.inf)
+    t_hi = logit_at(hi) + 1e-3  # bucket 1,024 has edge 2: nothing is above it
+    return t_lo.to(e.dtype), t_hi.to(e.dtype)
+
+
+def _by_row_then_value(owner: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
+    """Permutation sorting flat entries by row, then by value descending (two stable sorts)."""
+    order = torch.sort(values, descending=True, stable=True).indices
+    return order[torch.sort(owner[order], stable=True).indices]
+
+
+def _nucleus(z: torch.Tensor, e: torch.Tensor, zmax: torch.Tensor, sum_e: torch.Tensor, lse64: torch.Tensor,
+             p: float, margin: float = HISTOGRAM_MARGIN) -> _Region:
+    """Exact TRE-P nucleus per row (P < 1), without sorting the vocabulary.
+
+    With the band edges of `_band_edges`: every token with z >= t_hi is inside (their float64
+    mass A is < P, so the mass before each of them is too), no token below the band is (the mass
+    before it is >= P), and the band's tokens, sorted by value descending, enter while
+    A + (the band's mass before them) < P, accumulated in float64 per row. Band rows are padded
+    for that accumulation in groups of FIRST_CANDIDATES x CANDIDATE_GROWTH^i tokens. The local
+    log-normaliser and entropy come from the same float64 masses. A row whose edges fail either
+    check is redone over its whole sorted row."""
     n_rows, vocab = z.shape
+    dev = z.device
+    t_lo, t_hi = _band_edges(e, zmax, sum_e, p, margin)
+    flat = (z >= t_lo[:, None]).view(-1).nonzero().squeeze(-1)
+    owner = flat // vocab
+    values = z.view(-1)[flat]
+    del flat
+    q = torch.exp(values.double() - lse64[owner])  # the probabilities, in float64
+    u = values.double() - zmax.double()[owner]  # log q - log p_max (exact in float64)
+    above = values >= t_hi[owner]
+    zeros = torch.zeros(n_rows, dtype=torch.float64, device=dev)
+    a_owner = owner[above]
+    mass_above = zeros.index_add(0, a_owner, q[above])
+    tilt_above = zeros.index_add(0, a_owner, q[above] * u[above])
+    n_above = torch.bincount(a_owner, minlength=n_rows)
+    del a_owner
+    band = ~above
+    owner, values, q, u = owner[band], values[band], q[band], u[band]
+    order = _by_row_then_value(owner, values)
+    owner, values, q, u = owner[order], values[order], q[order], u[order]
+    counts = torch.bincount(owner, minlength=n_rows)
+    rank = torch.arange(owner.numel(), device=dev) - (counts.cumsum(0) - counts)[owner]
+
     region = _empty_region(n_rows, z)
-    todo = torch.arange(n_rows, device=z.device)
-    c = vocab if p >= 1.0 else min(FIRST_CANDIDATES, vocab)
-    while todo.numel():
-        rows = z if todo.numel() == n_rows else z[todo]  # no copy on the first pass
-        vals = torch.topk(rows, c, dim=-1, sorted=True).values
-        del rows
-        if p >= 1.0:  # the smallest prefix with all the mass is the whole vocabulary
-            _fill(region, todo, torch.full_like(todo, vocab), vals)
+    done = torch.zeros(n_rows, dtype=torch.bool, device=dev)
+    lower, width = 0, min(FIRST_CANDIDATES, vocab)
+    while True:
+        rows = ((counts > lower) & (counts <= width)).nonzero().squeeze(-1)
+        if rows.numel():
+            local = torch.full((n_rows,), -1, dtype=torch.long, device=dev)
+            local[rows] = torch.arange(rows.numel(), device=dev)
+            take = local[owner] >= 0
+            at = (local[owner[take]], rank[take])
+            q_pad = q.new_zeros((rows.numel(), width)).index_put_(at, q[take])
+            u_pad = u.new_zeros((rows.numel(), width)).index_put_(at, u[take])
+            v_pad = values.new_full((rows.numel(), width), math.inf).index_put_(at, values[take])
+            a = mass_above[rows]
+            cum = q_pad.cumsum(-1)  # padding adds 0
+            inside = (torch.arange(width, device=dev) < counts[rows, None]) & (a[:, None] + (cum - q_pad) < p)
+            k = inside.sum(-1)
+            ok = (a < p) & (a + cum[:, -1] >= p)
+            threshold = v_pad.gather(1, (k - 1).clamp(min=0)[:, None]).squeeze(1)
+            ties_in = (inside & (v_pad == threshold[:, None])).sum(-1)
+            mass = a + (q_pad * inside).sum(-1)
+            tilt = tilt_above[rows] + (q_pad * u_pad * inside).sum(-1)
+            # log q = u + c with c = zmax - lse: H_local = log(mass) - c - tilt / mass (both >= 0).
+            c = zmax.double()[rows] - lse64[rows]
+            local_lse = lse64[rows] + torch.log(mass)
+            local_entropy = (torch.log(mass) - c) - tilt / mass
+            rows, parts = rows[ok], (n_above[rows] + k, threshold, ties_in, local_lse, local_entropy)
+            for buf, value in zip(region, parts):
+                buf[rows] = value[ok].to(buf.dtype)
+            done[rows] = True
+        if width == vocab:
             break
-        mass = torch.exp(vals.double() - lse64[todo, None]).cumsum(-1)
-        # size = 1 + #{r < c : S_r < P}, valid when S_c >= P (or c covers the vocabulary).
-        decided = (mass[:, -1] >= p) | (c == vocab)
-        counted = 1 + (mass[:, :-1] < p).sum(-1)
-        _fill(region, todo[decided], counted[decided], vals[decided])
-        todo = todo[~decided]
-        c = min(c * CANDIDATE_GROWTH, vocab)
+        lower, width = width, min(width * CANDIDATE_GROWTH, vocab)
+    redo = (~done).nonzero().squeeze(-1)
+    if redo.numel():
+        vals = torch.sort(z[redo], dim=-1, descending=True).values
+        mass = torch.exp(vals.double() - lse64[redo, None]).cumsum(-1)
+        _fill(region, redo, 1 + (mass[:, :-1] < p).sum(-1), vals)
     return region
 
 
-def _released_nucleus(z: torch.Tensor, lse: torch.Tensor, p: float) -> _Region:
-    """The released code's nucleus: top-256 candidates, probabilities accumulated and compared
-    with P in bf16. A bf16 running sum near 1 stops growing when the next probability is below
-    half its spacing, and P = 0.999 itself rounds to 1.0, so such nuclei run to the cap."""
-    c = min(RELEASED_CODE_TOP, z.shape[-1])
-    vals = torch.topk(z, c, dim=-1, sorted=True).values
-    probs = torch.exp(vals - lse[:, None]).to(torch.bfloat16)
+def _whole_vocabulary(z: torch.Tensor, lse: torch.Tensor, entropy: torch.Tensor) -> _Region:
+    """P = 1: the region is every token, so the local softmax is the full one."""
+    zmin = z.amin(-1)
+    size = torch.full_like(zmin, z.shape[-1], dtype=torch.long)
+    return _Region(size, zmin, (z == zmin[:, None]).sum(-1), lse.clone(), entropy.clone())
+
+
+def _released_nucleus(z: torch.Tensor, top: torch.Tensor, lse: torch.Tensor, p: float) -> _Region:
+    """The released code's nucleus: top-256 candidates (`top`, sorted), probabilities accumulated
+    and compared with P in bf16. A bf16 running sum near 1 stops growing when the next probability
+    is below half its spacing, and P = 0.999 itself rounds to 1.0, so such nuclei run to the cap."""
+    probs = torch.exp(top - lse[:, None]).to(torch.bfloat16)
     p_bf16 = torch.tensor(p, dtype=torch.bfloat16, device=z.device)
     running = torch.zeros_like(probs[:, 0])
     below = torch.zeros(z.shape[0], dtype=torch.long, device=z.device)
-    for j in range(c - 1):  # sequential, each partial sum rounded to bf16
+    for j in range(top.shape[-1] - 1):  # sequential, each partial sum rounded to bf16
         running = running + probs[:, j]
         below += running < p_bf16
     region = _empty_region(z.shape[0], z)
-    _fill(region, torch.arange(z.shape[0], device=z.device), 1 + below, vals)
+    _fill(region, torch.arange(z.shape[0], device=z.device), 1 + below, top)
     return region
 
 
-def _top_k(z: torch.Tensor, k: int) -> _Region:
-    k = min(k, z.shape[-1])
-    vals = torch.topk(z, k, dim=-1, sorted=True).values
-    region = _empty_region(z.shape[0], z)
-    rows = torch.arange(z.shape[0], device=z.device)
-    _fill(region, rows, torch.full_like(rows, k), vals)
+def _top_k(top: torch.Tensor) -> _Region:
+    region = _empty_region(top.shape[0], top)
+    rows = torch.arange(top.shape[0], device=top.device)
+    _fill(region, rows, torch.full_like(rows, top.shape[-1]), top)
     return region
 
 
@@ -199,19 +334,24 @@ def _region_members(z: torch.Tensor, threshold: torch.Tensor, ties_in: torch.Ten
 
 def _chunk_forward(z, tokens, region: Optional[RegionSpec]):
     vocab = z.shape[-1]
-    zmax, argmax = z.max(-1)  # the first (lowest id) maximiser on ties
+    blocks = _blocks(z)
+    block_max = blocks.amax(-1)
+    zmax = block_max.amax(-1)
+    argmax = _first_argmax(blocks, block_max, zmax)  # the lowest id on ties
     d = z - zmax[:, None]
-    d.clamp_(min=torch.finfo(d.dtype).min)  # -inf logits: exp -> 0 and 0 * d stays 0
     e = torch.exp(d)
     sum_e = e.sum(-1)
+    dot = torch.linalg.vecdot(e, d)
+    if not bool(torch.isfinite(dot).all()):  # -inf logits: 0 * -inf; a finite floor gives 0
+        dot = torch.linalg.vecdot(e, d.clamp_(min=torch.finfo(d.dtype).min))
+    del d
     # H = log S - sum(e d) / S: both terms are >= 0, so no cancellation near H = 0.
-    entropy = torch.log(sum_e) - torch.linalg.vecdot(e, d) / sum_e
-    del d, e
+    log_sum = torch.log(sum_e)
+    entropy = log_sum - dot / sum_e
     # The log-normaliser in float64 (one number per row): a float32 one is off by up to an ulp
     # of the largest logit (1e-6 at z ~ 10), which would move the nucleus mass by as much.
     lse64 = zmax.double() + torch.log(sum_e.double())
     lse = lse64.to(z.dtype)
-    min_entropy = torch.log(sum_e)
     p_max = 1.0 / sum_e
     if tokens is not None:
         logprob = z.gather(-1, tokens[:, None]).squeeze(-1) - lse
@@ -224,16 +364,19 @@ def _chunk_forward(z, tokens, region: Optional[RegionSpec]):
         region_entropy = torch.zeros_like(lse)
     else:
         if region.kind == "k":
-            found = _top_k(z, region.k)
+            found = _top_k(_top_values(z, blocks, block_max, min(region.k, vocab)))
         elif region.released_code_compat:
-            found = _released_nucleus(z, lse, region.p)
+            top = _top_values(z, blocks, block_max, min(RELEASED_CODE_TOP, vocab))
+            found = _released_nucleus(z, top, lse, region.p)
+        elif region.p >= 1.0:  # the smallest prefix with all the mass is the whole vocabulary
+            found = _whole_vocabulary(z, lse, entropy)
         else:
-            found = _nucleus(z, lse64, region.p)
+            found = _nucleus(z, e, zmax, sum_e, lse64, region.p)
         size = found.size
         scale = _scale(vocab, size)
         region_entropy = scale * found.entropy
         saved.update(region=found, scale=scale)
-    outputs = (logprob, entropy, p_max, min_entropy, size.to(torch.float32), region_entropy)
+    outputs = (logprob, entropy, p_max, log_sum, size.to(torch.float32), region_entropy)
     return outputs, saved
 
 
@@ -287,7 +430,7 @@ def _chunk_backward(z, tokens, saved, grads, inv_temperature: float):
         # Rows whose term has no gradient (one-token regions, zero upstream) are skipped.
         threshold = region.threshold.masked_fill(weight == 0, math.inf)
         rows, cols, values = _region_members(z, threshold, region.ties_in)
-        shifted = values - region.lse[rows]  # log q
+        shifted = (values - region.lse[rows]).clamp_(min=torch.finfo(z.dtype).min)  # log q
         # d(local H)/dz = -q (log q + H_local) inside the region, 0 outside.
         local = -weight[rows] * torch.exp(shifted) * (shifted + region.entropy[rows])
         grad.index_put_((rows, cols), local, accumulate=True)
@@ -333,7 +476,7 @@ class _TokenStatsFunction(torch.autograd.Function):
 
 def _scaled(logits_chunk: torch.Tensor, temperature: float) -> torch.Tensor:
     z = logits_chunk.to(torch.float32) if logits_chunk.dtype != torch.float64 else logits_chunk
-    return z / temperature if temperature != 1.0 else z
+    return z / temperature if temperature != 1.0 else z.contiguous()
 
 
 def token_stats(
