@@ -170,7 +170,8 @@ def _fill(region: _Region, rows: torch.Tensor, size: torch.Tensor, vals: torch.T
         buf[rows] = value
 
 
-def _band_edges(e: torch.Tensor, zmax: torch.Tensor, sum_e: torch.Tensor, p: float, margin: float):
+def _band_edges(e: torch.Tensor, zmax: torch.Tensor, sum_e: torch.Tensor, p: float, margin: float,
+                scratch: "_Scratch"):
     """Logits t_lo <= t_hi per row such that, very probably, the tokens with z >= t_hi hold less
     than P of the mass and those with z >= t_lo at least P: the nucleus boundary lies in the band
     t_lo <= z < t_hi.
@@ -181,10 +182,10 @@ def _band_edges(e: torch.Tensor, zmax: torch.Tensor, sum_e: torch.Tensor, p: flo
     edge holds enough. Nothing depends on the edges being right: the caller checks both masses
     in float64."""
     e32 = e.to(torch.float32)  # no copy unless the logits are float64
-    keys = torch.bitwise_right_shift(e32.view(torch.int32), _BUCKET_SHIFT)
+    keys = scratch.get("keys", e32, torch.int64).copy_(e32.view(torch.int32))
+    keys.bitwise_right_shift_(_BUCKET_SHIFT)
     hist = torch.zeros(e.shape[0], _N_BUCKETS, dtype=torch.float32, device=e.device)
-    hist.scatter_add_(1, keys.long(), e32)
-    del keys
+    hist.scatter_add_(1, keys, e32)
     from_top = hist.double().flip(-1).cumsum(-1).flip(-1)  # mass of the buckets >= each bucket
     target = p * sum_e.double()[:, None]
     lo = (from_top >= target * (1.0 + margin)).sum(-1) - 1  # the highest bucket holding enough
@@ -205,39 +206,102 @@ def _by_row_then_value(owner: torch.Tensor, values: torch.Tensor) -> torch.Tenso
     return order[torch.sort(owner[order], stable=True).indices]
 
 
+class _Tokens(NamedTuple):
+    """Flat per-token arrays of some rows' tokens: the row, the logit, its probability q and
+    log q - log p_max (both float64)."""
+
+    owner: torch.Tensor
+    values: torch.Tensor
+    q: torch.Tensor
+    u: torch.Tensor
+
+    def where(self, keep: torch.Tensor) -> "_Tokens":
+        """The tokens where `keep` (bool) holds, or at `keep` (indices), in their order."""
+        idx = keep.nonzero().squeeze(-1) if keep.dtype == torch.bool else keep
+        return _Tokens(*(t.index_select(0, idx) for t in self))
+
+
+class _Sums(NamedTuple):
+    """Per row, over the tokens known to be inside: how many, their float64 mass and sum q * u."""
+
+    count: torch.Tensor
+    mass: torch.Tensor
+    tilt: torch.Tensor
+
+    def plus(self, tokens: _Tokens) -> "_Sums":
+        n = self.count.shape[0]
+        return _Sums(self.count + torch.bincount(tokens.owner, minlength=n),
+                     self.mass.index_add(0, tokens.owner, tokens.q),
+                     self.tilt.index_add(0, tokens.owner, tokens.q * tokens.u))
+
+
+def _narrow(band: _Tokens, inside: _Sums, p: float, n_rows: int) -> tuple:
+    """Shrink bands of more than FIRST_CANDIDATES tokens: 1,024 equal-width value buckets per
+    row, their float64 masses, and the bucket where inside.mass + (mass from the top) reaches P.
+    Tokens of higher buckets are inside (the mass before each is < P), of lower ones outside (the
+    mass before each is >= P); the band keeps that bucket. Bucketing is monotone in the value, so
+    ties stay together; a band of one repeated value cannot shrink and is left as it is."""
+    stuck = torch.zeros(n_rows, dtype=torch.bool, device=band.owner.device)
+    while True:
+        counts = torch.bincount(band.owner, minlength=n_rows)
+        wide = (counts > FIRST_CANDIDATES) & ~stuck
+        if not bool(wide.any()):
+            return band, inside
+        sel = wide[band.owner]
+        owner, v = band.owner[sel], band.values[sel].double()
+        vmin = torch.full((n_rows,), math.inf, dtype=torch.float64, device=v.device).scatter_reduce(0, owner, v, "amin")
+        vmax = torch.full((n_rows,), -math.inf, dtype=torch.float64, device=v.device).scatter_reduce(0, owner, v, "amax")
+        span = vmax - vmin
+        stuck |= wide & (span == 0)
+        buckets = _N_BUCKETS
+        bucket = ((v - vmin[owner]) / span[owner].clamp(min=1e-300) * buckets).floor().clamp_(max=buckets - 1).long()
+        hist = torch.zeros(n_rows * buckets, dtype=torch.float64, device=v.device)
+        hist.index_add_(0, owner * buckets + bucket, band.q[sel])
+        from_top = hist.view(n_rows, buckets).flip(-1).cumsum(-1).flip(-1)  # mass of buckets >= b
+        cut = ((inside.mass[:, None] + from_top) >= p).sum(-1) - 1  # the bucket holding the boundary
+        keep = torch.ones_like(band.owner, dtype=torch.bool)
+        keep[sel] = bucket == cut[owner]
+        enter = torch.zeros_like(keep)
+        enter[sel] = bucket > cut[owner]
+        before = counts
+        inside = inside.plus(band.where(enter))
+        band = band.where(keep)
+        stuck |= wide & (torch.bincount(band.owner, minlength=n_rows) == before)  # no progress
+
+
 def _nucleus(z: torch.Tensor, e: torch.Tensor, zmax: torch.Tensor, sum_e: torch.Tensor, lse64: torch.Tensor,
-             p: float, margin: float = HISTOGRAM_MARGIN) -> _Region:
+             p: float, margin: float = HISTOGRAM_MARGIN, scratch: Optional["_Scratch"] = None) -> _Region:
     """Exact TRE-P nucleus per row (P < 1), without sorting the vocabulary.
 
     With the band edges of `_band_edges`: every token with z >= t_hi is inside (their float64
     mass A is < P, so the mass before each of them is too), no token below the band is (the mass
-    before it is >= P), and the band's tokens, sorted by value descending, enter while
-    A + (the band's mass before them) < P, accumulated in float64 per row. Band rows are padded
-    for that accumulation in groups of FIRST_CANDIDATES x CANDIDATE_GROWTH^i tokens. The local
-    log-normaliser and entropy come from the same float64 masses. A row whose edges fail either
-    check is redone over its whole sorted row."""
+    before it is >= P), and the band's tokens (narrowed by `_narrow` if wide), sorted by value
+    descending, enter while A + (the band's mass before them) < P, accumulated in float64 per
+    row. Band rows are padded for that accumulation in groups of FIRST_CANDIDATES x
+    CANDIDATE_GROWTH^i tokens. The local log-normaliser and entropy come from the same float64
+    masses. A row whose edges fail either check is redone over its whole sorted row."""
     n_rows, vocab = z.shape
     dev = z.device
-    t_lo, t_hi = _band_edges(e, zmax, sum_e, p, margin)
-    flat = (z >= t_lo[:, None]).view(-1).nonzero().squeeze(-1)
-    owner = flat // vocab
-    values = z.view(-1)[flat]
+    scratch = scratch or _Scratch()
+    t_lo, t_hi = _band_edges(e, zmax, sum_e, p, margin, scratch)
+    flat = torch.ge(z, t_lo[:, None], out=scratch.get("mask", z, torch.bool)).view(-1).nonzero().squeeze(-1)
+    owner = torch.div(flat, vocab, rounding_mode="floor")
+    values = z.view(-1).index_select(0, flat)
     del flat
-    q = torch.exp(values.double() - lse64[owner])  # the probabilities, in float64
-    u = values.double() - zmax.double()[owner]  # log q - log p_max (exact in float64)
-    above = values >= t_hi[owner]
-    zeros = torch.zeros(n_rows, dtype=torch.float64, device=dev)
-    a_owner = owner[above]
-    mass_above = zeros.index_add(0, a_owner, q[above])
-    tilt_above = zeros.index_add(0, a_owner, q[above] * u[above])
-    n_above = torch.bincount(a_owner, minlength=n_rows)
-    del a_owner
-    band = ~above
-    owner, values, q, u = owner[band], values[band], q[band], u[band]
-    order = _by_row_then_value(owner, values)
-    owner, values, q, u = owner[order], values[order], q[order], u[order]
-    counts = torch.bincount(owner, minlength=n_rows)
-    rank = torch.arange(owner.numel(), device=dev) - (counts.cumsum(0) - counts)[owner]
+    v64 = values.double()
+    cand = _Tokens(owner, values, torch.exp(v64 - lse64.index_select(0, owner)),  # q, in float64
+                   v64 - zmax.double().index_select(0, owner))  # log q - log p_max, exact
+    in_band = values < t_hi.index_select(0, owner)
+    band = cand.where(in_band)
+    # Every candidate above the band is inside: their sums are all candidates' minus the band's.
+    everything = _Sums(torch.zeros(n_rows, dtype=torch.long, device=dev), *(torch.zeros(
+        n_rows, dtype=torch.float64, device=dev) for _ in range(2))).plus(cand)
+    band_sums = _Sums(*(torch.zeros_like(t) for t in everything)).plus(band)
+    inside = _Sums(*(a - b for a, b in zip(everything, band_sums)))
+    band, inside = _narrow(band, inside, p, n_rows)
+    band = band.where(_by_row_then_value(band.owner, band.values))
+    counts = torch.bincount(band.owner, minlength=n_rows)
+    rank = torch.arange(band.owner.numel(), device=dev) - (counts.cumsum(0) - counts)[band.owner]
 
     region = _empty_region(n_rows, z)
     done = torch.zeros(n_rows, dtype=torch.bool, device=dev)
@@ -247,25 +311,25 @@ def _nucleus(z: torch.Tensor, e: torch.Tensor, zmax: torch.Tensor, sum_e: torch.
         if rows.numel():
             local = torch.full((n_rows,), -1, dtype=torch.long, device=dev)
             local[rows] = torch.arange(rows.numel(), device=dev)
-            take = local[owner] >= 0
-            at = (local[owner[take]], rank[take])
-            q_pad = q.new_zeros((rows.numel(), width)).index_put_(at, q[take])
-            u_pad = u.new_zeros((rows.numel(), width)).index_put_(at, u[take])
-            v_pad = values.new_full((rows.numel(), width), math.inf).index_put_(at, values[take])
-            a = mass_above[rows]
+            take = local[band.owner] >= 0
+            at = (local[band.owner[take]], rank[take])
+            q_pad = band.q.new_zeros((rows.numel(), width)).index_put_(at, band.q[take])
+            u_pad = band.u.new_zeros((rows.numel(), width)).index_put_(at, band.u[take])
+            v_pad = band.values.new_full((rows.numel(), width), math.inf).index_put_(at, band.values[take])
+            a = inside.mass[rows]
             cum = q_pad.cumsum(-1)  # padding adds 0
-            inside = (torch.arange(width, device=dev) < counts[rows, None]) & (a[:, None] + (cum - q_pad) < p)
-            k = inside.sum(-1)
+            into = (torch.arange(width, device=dev) < counts[rows, None]) & (a[:, None] + (cum - q_pad) < p)
+            k = into.sum(-1)
             ok = (a < p) & (a + cum[:, -1] >= p)
             threshold = v_pad.gather(1, (k - 1).clamp(min=0)[:, None]).squeeze(1)
-            ties_in = (inside & (v_pad == threshold[:, None])).sum(-1)
-            mass = a + (q_pad * inside).sum(-1)
-            tilt = tilt_above[rows] + (q_pad * u_pad * inside).sum(-1)
+            ties_in = (into & (v_pad == threshold[:, None])).sum(-1)
+            mass = a + (q_pad * into).sum(-1)
+            tilt = inside.tilt[rows] + (q_pad * u_pad * into).sum(-1)
             # log q = u + c with c = zmax - lse: H_local = log(mass) - c - tilt / mass (both >= 0).
             c = zmax.double()[rows] - lse64[rows]
             local_lse = lse64[rows] + torch.log(mass)
             local_entropy = (torch.log(mass) - c) - tilt / mass
-            rows, parts = rows[ok], (n_above[rows] + k, threshold, ties_in, local_lse, local_entropy)
+            rows, parts = rows[ok], (inside.count[rows] + k, threshold, ties_in, local_lse, local_entropy)
             for buf, value in zip(region, parts):
                 buf[rows] = value[ok].to(buf.dtype)
             done[rows] = True
@@ -310,11 +374,13 @@ def _top_k(top: torch.Tensor) -> _Region:
     return region
 
 
-def _region_members(z: torch.Tensor, threshold: torch.Tensor, ties_in: torch.Tensor):
+def _region_members(z: torch.Tensor, threshold: torch.Tensor, ties_in: torch.Tensor, scratch=None):
     """(row, token) indices of the region: tokens above the threshold plus the `ties_in`
     lowest-id tokens equal to it. Rows with an infinite threshold contribute nothing."""
-    rows, cols = (z >= threshold[:, None]).nonzero(as_tuple=True)  # ids ascend within a row
-    values = z[rows, cols]
+    mask = torch.ge(z, threshold[:, None], out=scratch.get("mask", z, torch.bool)) if scratch else z >= threshold[:, None]
+    flat = mask.view(-1).nonzero().squeeze(-1)  # ids ascend within a row
+    rows, cols = flat // z.shape[-1], flat % z.shape[-1]
+    values = z.view(-1)[flat]
     equal = values == threshold[rows]
     # Rank of each equal entry among its row's equal entries, by id: a cumulative count minus
     # the count before the row's first entry.
@@ -332,19 +398,36 @@ def _region_members(z: torch.Tensor, threshold: torch.Tensor, ties_in: torch.Ten
 # One chunk of rows, forward and backward.
 
 
-def _chunk_forward(z, tokens, region: Optional[RegionSpec]):
+class _Scratch:
+    """Buffers that every chunk of one call reuses: a chunk's [rows, V] temporaries are allocated
+    (and their pages first touched) once per call, not once per chunk."""
+
+    def __init__(self) -> None:
+        self._buffers: dict = {}
+
+    def get(self, name: str, like: torch.Tensor, dtype: Optional[torch.dtype] = None) -> torch.Tensor:
+        dtype = dtype or like.dtype
+        n = like.numel()
+        buf = self._buffers.get(name)
+        if buf is None or buf.numel() < n or buf.dtype != dtype or buf.device != like.device:
+            buf = torch.empty(n, dtype=dtype, device=like.device)
+            self._buffers[name] = buf
+        return buf[:n].view(like.shape)
+
+
+def _chunk_forward(z, tokens, region: Optional[RegionSpec], scratch: _Scratch):
     vocab = z.shape[-1]
     blocks = _blocks(z)
     block_max = blocks.amax(-1)
     zmax = block_max.amax(-1)
     argmax = _first_argmax(blocks, block_max, zmax)  # the lowest id on ties
-    d = z - zmax[:, None]
-    e = torch.exp(d)
+    d = torch.sub(z, zmax[:, None], out=scratch.get("d", z))
+    e = torch.exp(d, out=scratch.get("e", z))
     sum_e = e.sum(-1)
     dot = torch.linalg.vecdot(e, d)
-    if not bool(torch.isfinite(dot).all()):  # -inf logits: 0 * -inf; a finite floor gives 0
+    finite = torch.isfinite(dot)
+    if not bool(finite.all()):  # -inf logits: 0 * -inf; a finite floor gives 0
         dot = torch.linalg.vecdot(e, d.clamp_(min=torch.finfo(d.dtype).min))
-    del d
     # H = log S - sum(e d) / S: both terms are >= 0, so no cancellation near H = 0.
     log_sum = torch.log(sum_e)
     entropy = log_sum - dot / sum_e
@@ -358,7 +441,7 @@ def _chunk_forward(z, tokens, region: Optional[RegionSpec]):
     else:
         logprob = torch.zeros_like(lse)
 
-    saved = {"lse": lse, "argmax": argmax, "entropy": entropy, "p_max": p_max}
+    saved = {"lse": lse, "argmax": argmax, "entropy": entropy, "p_max": p_max, "finite": finite}
     if region is None:
         size = torch.zeros(z.shape[0], dtype=torch.long, device=z.device)
         region_entropy = torch.zeros_like(lse)
@@ -371,7 +454,7 @@ def _chunk_forward(z, tokens, region: Optional[RegionSpec]):
         elif region.p >= 1.0:  # the smallest prefix with all the mass is the whole vocabulary
             found = _whole_vocabulary(z, lse, entropy)
         else:
-            found = _nucleus(z, e, zmax, sum_e, lse64, region.p)
+            found = _nucleus(z, e, zmax, sum_e, lse64, region.p, scratch=scratch)
         size = found.size
         scale = _scale(vocab, size)
         region_entropy = scale * found.entropy
@@ -387,8 +470,9 @@ def _scale(vocab: int, size: torch.Tensor) -> torch.Tensor:
     return torch.where(size > 1, math.log(vocab) / torch.log(safe), torch.zeros_like(size_f))
 
 
-def _chunk_backward(z, tokens, saved, grads, inv_temperature: float):
-    """Gradient of sum_i g_i * output_i with respect to the chunk's (unscaled) logits.
+def _chunk_backward(z, tokens, saved, grads, inv_temperature: float, out: torch.Tensor, scratch: _Scratch):
+    """Write into `out` the gradient of sum_i g_i * output_i with respect to the chunk's
+    (unscaled) logits.
 
     Every full-softmax term is p_j * (a + b * log p_j) plus one-hot corrections:
       d logprob = onehot(token) - p         d H     = -p (log p + H)
@@ -405,16 +489,16 @@ def _chunk_backward(z, tokens, saved, grads, inv_temperature: float):
         a -= g_pmax * saved["p_max"]
     if g_minent is not None:
         a += g_minent
-    logp = z - saved["lse"][:, None]
-    logp.clamp_(min=torch.finfo(logp.dtype).min)
-    p = torch.exp(logp)
+    logp = torch.sub(z, saved["lse"][:, None], out=scratch.get("d", z))
+    if not bool(saved["finite"].all()):
+        logp.clamp_(min=torch.finfo(logp.dtype).min)
+    p = torch.exp(logp, out=scratch.get("e", z))
     if g_entropy is not None:
         a -= g_entropy * saved["entropy"]
-        grad = logp.mul_(-g_entropy[:, None] * inv_temperature)
-        grad.add_(a[:, None] * inv_temperature).mul_(p)
+        grad = torch.addcmul((a * inv_temperature)[:, None], logp, (-g_entropy * inv_temperature)[:, None], out=out)
+        grad.mul_(p)
     else:
-        grad = p.mul_(a[:, None] * inv_temperature)
-    del logp, p
+        grad = torch.mul(p, (a * inv_temperature)[:, None], out=out)
     if g_logprob is not None:
         grad.scatter_add_(-1, tokens[:, None], g_logprob[:, None] * inv_temperature)
     at_max = zeros.clone()
@@ -429,7 +513,7 @@ def _chunk_backward(z, tokens, saved, grads, inv_temperature: float):
         weight = g_region * saved["scale"] * inv_temperature
         # Rows whose term has no gradient (one-token regions, zero upstream) are skipped.
         threshold = region.threshold.masked_fill(weight == 0, math.inf)
-        rows, cols, values = _region_members(z, threshold, region.ties_in)
+        rows, cols, values = _region_members(z, threshold, region.ties_in, scratch)
         shifted = (values - region.lse[rows]).clamp_(min=torch.finfo(z.dtype).min)  # log q
         # d(local H)/dz = -q (log q + H_local) inside the region, 0 outside.
         local = -weight[rows] * torch.exp(shifted) * (shifted + region.entropy[rows])
@@ -443,11 +527,12 @@ class _TokenStatsFunction(torch.autograd.Function):
         n = logits2d.shape[0]
         outs = [torch.empty(n, dtype=torch.float32, device=logits2d.device) for _ in range(6)]
         saved_chunks = []
+        scratch = _Scratch()
         for start in range(0, n, chunk_rows):
             stop = min(start + chunk_rows, n)
-            z = _scaled(logits2d[start:stop], temperature)
+            z = _scaled(logits2d[start:stop], temperature, scratch)
             toks = tokens1d[start:stop] if tokens1d is not None else None
-            chunk_out, saved = _chunk_forward(z, toks, region)
+            chunk_out, saved = _chunk_forward(z, toks, region, scratch)
             for buf, val in zip(outs, chunk_out):
                 buf[start:stop] = val
             saved_chunks.append(saved)
@@ -463,20 +548,29 @@ class _TokenStatsFunction(torch.autograd.Function):
         logits2d, tokens1d = ctx.saved_tensors
         grad_logits = torch.empty_like(logits2d)
         n = logits2d.shape[0]
+        scratch = _Scratch()
         for i, start in enumerate(range(0, n, ctx.chunk_rows)):
             stop = min(start + ctx.chunk_rows, n)
-            z = _scaled(logits2d[start:stop], ctx.temperature)
+            z = _scaled(logits2d[start:stop], ctx.temperature, scratch)
             toks = tokens1d[start:stop] if tokens1d is not None else None
             chunk_grads = tuple(None if g is None else g[start:stop].to(z.dtype)
                                 for g in (g_logprob, g_entropy, g_pmax, g_minent, g_region))
-            grad_logits[start:stop] = _chunk_backward(
-                z, toks, ctx.saved_chunks[i], chunk_grads, 1.0 / ctx.temperature)
+            target = grad_logits[start:stop]
+            direct = target.dtype == z.dtype and target.is_contiguous()
+            out = target if direct else scratch.get("grad", z)
+            _chunk_backward(z, toks, ctx.saved_chunks[i], chunk_grads, 1.0 / ctx.temperature, out, scratch)
+            if not direct:
+                target.copy_(out)
         return grad_logits, None, None, None, None
 
 
-def _scaled(logits_chunk: torch.Tensor, temperature: float) -> torch.Tensor:
-    z = logits_chunk.to(torch.float32) if logits_chunk.dtype != torch.float64 else logits_chunk
-    return z / temperature if temperature != 1.0 else z.contiguous()
+def _scaled(logits_chunk: torch.Tensor, temperature: float, scratch: _Scratch) -> torch.Tensor:
+    """The chunk divided by the temperature, in float32 (float64 stays float64), contiguous."""
+    dtype = torch.float64 if logits_chunk.dtype == torch.float64 else torch.float32
+    if logits_chunk.dtype == dtype and temperature == 1.0 and logits_chunk.is_contiguous():
+        return logits_chunk
+    z = scratch.get("z", logits_chunk, dtype).copy_(logits_chunk)
+    return z.div_(temperature) if temperature != 1.0 else z
 
 
 def token_stats(
