@@ -17,6 +17,16 @@ package next to transformers).
     python bench/token_stats.py                       # CUDA: N in {4096, 16384, 65536}
     python bench/token_stats.py --real ../shared/models/smollm2-135m-instruct/SmolLM2-135M-Instruct.Q4_1.gguf
     python bench/token_stats.py --quick               # CPU smoke test under the interpreter
+
+--vs-model (CPU, issue 13): the torch path against the model it serves. In one run, interleaved
+round by round: a bare forward+backward of a SmolLM2-135M-shaped Llama (random weights, built
+locally from LlamaConfig: hidden 576, 30 layers, 9 heads, 3 KV heads, intermediate 1,536,
+V = 49,152, tied embeddings) on 8 x 256 tokens with a plain log-prob loss, and token_stats
+forward+backward (every statistic, with TRE-P 0.99 and with TRE-K 2) on 8 x 256 rows of
+SmolLM2-like logits (bench/losses.smollm_like_logits), both as committed at --old-ref (read
+with git) and as in this checkout; each as wall and CPU seconds and as a ratio to the bare step.
+
+    python bench/token_stats.py --vs-model --rounds 3
 """
 
 from __future__ import annotations
@@ -26,8 +36,11 @@ import importlib.util
 import json
 import math
 import os
+import statistics
 import subprocess
 import sys
+import time
+import types
 
 import torch
 
@@ -188,6 +201,141 @@ def table(title, rows, floor_row):
     return t
 
 
+# ---------------------------------------------------------------------------------------------
+# --vs-model: the CPU torch path against a bare forward+backward of the model it serves.
+
+SMOLLM2_135M = dict(vocab_size=49_152, hidden_size=576, intermediate_size=1_536, num_hidden_layers=30,
+                    num_attention_heads=9, num_key_value_heads=3, tie_word_embeddings=True,
+                    max_position_embeddings=2_048, rms_norm_eps=1e-5, rope_theta=100_000.0)
+
+
+def smollm_shaped_model(seed: int = 0):
+    """SmolLM2-135M's architecture with random weights (no download), float32."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    return LlamaForCausalLM(LlamaConfig(**SMOLLM2_135M)).float()
+
+
+def stats_module_at(ref: str) -> types.ModuleType:
+    """tre_cli/losses/stats.py as committed at `ref`, imported under its own name."""
+    root = os.path.join(HERE, "..")
+    source = subprocess.run(["git", "-C", root, "show", f"{ref}:tre_cli/losses/stats.py"], check=True,
+                            capture_output=True, text=True).stdout
+    module = types.ModuleType(f"stats_at_{ref}")
+    sys.modules[module.__name__] = module  # dataclasses look their module up
+    exec(compile(source, f"{ref}:tre_cli/losses/stats.py", "exec"), module.__dict__)
+    return module
+
+
+def distribution(logits, p: float = P) -> dict:
+    """What the statistics see: P_max and the TRE-P nucleus sizes of these rows."""
+    from tre_cli.losses import RegionSpec, token_stats
+
+    with torch.no_grad():
+        s = token_stats(logits, region=RegionSpec.top_p(p))
+    sizes = s.region_size.double()
+    q = torch.quantile(sizes, torch.tensor([0.5, 0.9, 0.99], dtype=torch.float64)).tolist()
+    return {"rows": len(sizes), "p_max_mean": round(s.p_max.mean().item(), 3), "nucleus_mean": round(sizes.mean().item()),
+            "nucleus_median": q[0], "nucleus_p90": q[1], "nucleus_p99": q[2], "nucleus_max": sizes.max().item(),
+            "one_token": round((sizes == 1).double().mean().item(), 3),
+            "over_256": round((sizes > 256).double().mean().item(), 3)}
+
+
+def agreement_old_new(old, logits, tokens) -> dict:
+    """The two implementations' outputs on these very logits (they must agree)."""
+    from tre_cli.losses import stats as new
+
+    out = {}
+    with torch.no_grad():
+        for name, spec in (("tre-p", (P,)), ("tre-k", (2,))):
+            a = old.token_stats(logits, tokens, (old.RegionSpec.top_p if name == "tre-p" else old.RegionSpec.top_k)(*spec))
+            b = new.token_stats(logits, tokens, (new.RegionSpec.top_p if name == "tre-p" else new.RegionSpec.top_k)(*spec))
+            out[name] = {"size_mismatches": int((a.region_size != b.region_size).sum()),
+                         "max_abs_diff": max((x - y).abs().max().item() for x, y in zip(a, b))}
+    return out
+
+
+def _timed(fn) -> tuple:
+    wall, cpu = time.perf_counter(), time.process_time()
+    fn()
+    return time.perf_counter() - wall, time.process_time() - cpu
+
+
+def vs_model(args, console) -> list:
+    from rich.table import Table
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    n = args.batch * args.seq
+    model = smollm_shaped_model()
+    ids = torch.randint(SMOLLM2_135M["vocab_size"], (args.batch, args.seq), generator=torch.Generator().manual_seed(1))
+    logits, tokens = L.smollm_like_logits(n, SMOLLM2_135M["vocab_size"])
+    console.print(f"SmolLM2-135M shape, {sum(p.numel() for p in model.parameters()) / 1e6:.1f}M parameters, "
+                  f"{args.batch} x {args.seq} tokens, {torch.get_num_threads()} threads")
+    console.print(f"logits: {distribution(logits)}")
+    from tre_cli.losses import stats as new
+
+    impls = {"new": new}
+    try:
+        impls["old"] = stats_module_at(args.old_ref)
+        console.print(f"old = tre_cli/losses/stats.py at {args.old_ref}; agreement with new: "
+                      f"{agreement_old_new(impls['old'], logits, tokens)}")
+    except (subprocess.CalledProcessError, FileNotFoundError) as err:
+        console.print(f"no old implementation ({args.old_ref}: {err}); measuring the new one only")
+
+    def bare():
+        out = model(input_ids=ids).logits
+        torch.log_softmax(out.float(), -1).gather(-1, ids[..., None]).sum().backward()
+        model.zero_grad(set_to_none=True)
+
+    leaf = logits.requires_grad_(True)
+
+    def stats(module, region):
+        def run():
+            leaf.grad = None
+            s = module.token_stats(leaf, tokens, region)
+            (s.logprob + s.entropy + s.p_max + s.min_entropy + s.region_entropy).sum().backward()
+        return run
+
+    tasks = {"bare forward+backward": bare}
+    for name in ("old", "new"):
+        if name in impls:
+            spec = impls[name].RegionSpec
+            tasks[f"{name}: all stats + TRE-P {P}"] = stats(impls[name], spec.top_p(P))
+            tasks[f"{name}: all stats + TRE-K 2"] = stats(impls[name], spec.top_k(2))
+    times = {name: [] for name in tasks}
+    for r in range(args.warmup + args.rounds):
+        for name, fn in tasks.items():  # interleaved: every round sees the same machine load
+            t = _timed(fn)
+            if r >= args.warmup:
+                times[name].append(t)
+        console.print(f"round {r + 1}/{args.warmup + args.rounds}" + (" (warm-up)" if r < args.warmup else "")
+                      + ": " + ", ".join(f"{k.split(':')[0]} {v[-1][0]:.1f}s" for k, v in times.items() if v))
+    bare_wall = [w for w, _ in times["bare forward+backward"]]
+    table = Table(title=f"CPU, {n:,} tokens x V = {SMOLLM2_135M['vocab_size']:,}, {args.rounds} rounds "
+                        f"(min and median), shared machine: ranges, not points")
+    for col in ("task", "wall s min", "wall s median", "cpu s min", "x bare (min)", "x bare (median)"):
+        table.add_column(col, justify="left" if col == "task" else "right")
+    rows = []
+    for name, ts in times.items():
+        wall = [w for w, _ in ts]
+        row = {"task": name, "wall": wall, "cpu": [c for _, c in ts],
+               "x_bare_min": min(wall) / min(bare_wall),
+               "x_bare_median": statistics.median(wall) / statistics.median(bare_wall)}
+        rows.append(row)
+        table.add_row(name, f"{min(wall):.2f}", f"{statistics.median(wall):.2f}", f"{min(row['cpu']):.2f}",
+                      f"{row['x_bare_min']:.3f}", f"{row['x_bare_median']:.3f}")
+    console.print(table)
+    for kind in ("TRE-P", "TRE-K"):
+        old_row = next((r for r in rows if r["task"].startswith("old") and kind in r["task"]), None)
+        new_row = next((r for r in rows if r["task"].startswith("new") and kind in r["task"]), None)
+        if old_row and new_row:
+            console.print(f"{kind}: old / new = {min(old_row['wall']) / min(new_row['wall']):.1f}x (wall, min), "
+                          f"{min(old_row['cpu']) / min(new_row['cpu']):.1f}x (cpu, min)")
+    return rows
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--n", type=int, nargs="*")
@@ -201,8 +349,24 @@ def main() -> None:
     ap.add_argument("--real-tokens", type=int, default=256)
     ap.add_argument("--quick", action="store_true", help="tiny sizes on the CPU under the interpreter")
     ap.add_argument("--json", help="also write all rows to this JSON file")
+    ap.add_argument("--vs-model", action="store_true", help="CPU: the torch path against a SmolLM2-135M-shaped "
+                    "forward+backward, old vs new (see above)")
+    ap.add_argument("--rounds", type=int, default=3, help="--vs-model: timed rounds")
+    ap.add_argument("--warmup", type=int, default=1, help="--vs-model: untimed rounds first")
+    ap.add_argument("--batch", type=int, default=8, help="--vs-model: sequences")
+    ap.add_argument("--seq", type=int, default=256, help="--vs-model: tokens per sequence")
+    ap.add_argument("--old-ref", default="c51f083", help="--vs-model: the git commit of the old implementation")
+    ap.add_argument("--threads", type=int, help="--vs-model: torch threads (default: torch's)")
     ap.add_argument("--child", nargs=8, help=argparse.SUPPRESS)
     args = ap.parse_args()
+    if args.vs_model:
+        from rich.console import Console
+
+        rows = vs_model(args, Console())
+        if args.json:
+            with open(args.json, "w") as f:
+                json.dump(rows, f, indent=1)
+        return
     if args.child:
         impl, source, n, vocab, device, dtype, repeats, backward = args.child
         print(json.dumps(measure_one(impl, source, int(n), int(vocab), device, dtype, int(repeats),

@@ -46,7 +46,7 @@ _BUCKET_SHIFT = 20
 _N_BUCKETS = 1 << 10
 HISTOGRAM_MARGIN = 1e-4
 # Elements of one chunk of rows: each float32 temporary of a chunk is at most 4 * this bytes.
-DEFAULT_CHUNK_ELEMENTS = 1 << 21
+DEFAULT_CHUNK_ELEMENTS = 1 << 24
 
 
 @dataclass(frozen=True)
