@@ -16,9 +16,15 @@ Trust regions (REFERENCE.md, Algorithm 1 of the paper):
   log|V| / log|region|; it is 0 when the region has one token. The region itself is not
   differentiated: the gradient flows only into the region's logits through the local softmax.
 
-The nucleus is found without sorting the vocabulary: the top-`c` candidates of each row (a
-partial selection) decide it whenever their mass reaches P; rows they cannot decide are retried
-with 8x more candidates, up to the full row, so no row is ever approximated.
+The nucleus is found without sorting the vocabulary (`_nucleus`). A float32 histogram of each
+row's mass by the float32 bits of exp(z - max) (8 buckets per factor 2) proposes a band of logit
+values that holds the boundary. The tokens above the band are inside (their float64 mass A is
+< P), those below it outside, and the band's tokens, sorted by value (after narrowing by a float64
+value histogram when there are more than FIRST_CANDIDATES of them), enter while A + the band's
+mass before them is < P, accumulated in float64 per row. Both sides of the proposal are checked
+in float64 (A < P <= A + band mass); a row that fails is redone over its whole sorted row, so no
+row is ever approximated. The row maximum, its lowest-id position and the K largest values come
+from the maxima of blocks of 64 ids.
 
 `released_code_compat=True` reproduces the released code's two deviations on purpose: the
 nucleus is searched among the top 256 tokens only, and the cumulative mass is compared with P in
@@ -33,9 +39,12 @@ from typing import NamedTuple, Optional
 
 import torch
 
-# TRE-P candidate rows are sorted in groups by candidate count, padded to FIRST_CANDIDATES x
-# CANDIDATE_GROWTH^i (real 135M-model rows at P=0.99 have a median nucleus of ~180 tokens, p99 ~4,400).
+# TRE-P: a row's band (the tokens around the nucleus boundary, sorted to find it) is narrowed
+# first when it has more than FIRST_CANDIDATES tokens; band rows are accumulated in groups padded
+# to FIRST_BAND_WIDTH x CANDIDATE_GROWTH^i tokens. (Real 135M-model rows at P=0.99 have a median
+# nucleus of ~180 tokens, p99 ~4,400; their bands are a few dozen tokens.)
 FIRST_CANDIDATES = 1024
+FIRST_BAND_WIDTH = 64
 CANDIDATE_GROWTH = 8
 RELEASED_CODE_TOP = 256
 # Widest block of contiguous ids whose maxima stand in for the row in max / argmax / top-K.
@@ -45,7 +54,8 @@ BLOCK = 64
 _BUCKET_SHIFT = 20
 _N_BUCKETS = 1 << 10
 HISTOGRAM_MARGIN = 1e-4
-# Elements of one chunk of rows: each float32 temporary of a chunk is at most 4 * this bytes.
+# Elements of one chunk of rows: a chunk's temporaries are a few [rows, V] buffers of float32 and
+# int32 (4 * this bytes each), reused from chunk to chunk.
 DEFAULT_CHUNK_ELEMENTS = 1 << 24
 
 
@@ -181,12 +191,13 @@ def _band_edges(e: torch.Tensor, zmax: torch.Tensor, sum_e: torch.Tensor, p: flo
     P (1 -/+ margin), widened by 1e-3 in logit against rounding; t_lo = -inf where no bucket
     edge holds enough. Nothing depends on the edges being right: the caller checks both masses
     in float64."""
+    n_rows = e.shape[0]
     e32 = e.to(torch.float32)  # no copy unless the logits are float64
-    keys = scratch.get("keys", e32, torch.int64).copy_(e32.view(torch.int32))
-    keys.bitwise_right_shift_(_BUCKET_SHIFT)
-    hist = torch.zeros(e.shape[0], _N_BUCKETS, dtype=torch.float32, device=e.device)
-    hist.scatter_add_(1, keys, e32)
-    from_top = hist.double().flip(-1).cumsum(-1).flip(-1)  # mass of the buckets >= each bucket
+    keys = torch.bitwise_right_shift(e32.view(torch.int32), _BUCKET_SHIFT, out=scratch.get("keys", e32, torch.int32))
+    keys += torch.arange(0, n_rows * _N_BUCKETS, _N_BUCKETS, dtype=torch.int32, device=e.device)[:, None]
+    hist = torch.zeros(n_rows * _N_BUCKETS, dtype=torch.float32, device=e.device)
+    hist.index_add_(0, keys.view(-1), e32.view(-1))
+    from_top = hist.view(n_rows, _N_BUCKETS).double().flip(-1).cumsum(-1).flip(-1)  # mass at or above each bucket
     target = p * sum_e.double()[:, None]
     lo = (from_top >= target * (1.0 + margin)).sum(-1) - 1  # the highest bucket holding enough
     hi = (from_top >= target * (1.0 - margin)).sum(-1)  # the lowest bucket above holding too little
@@ -277,7 +288,7 @@ def _nucleus(z: torch.Tensor, e: torch.Tensor, zmax: torch.Tensor, sum_e: torch.
     mass A is < P, so the mass before each of them is too), no token below the band is (the mass
     before it is >= P), and the band's tokens (narrowed by `_narrow` if wide), sorted by value
     descending, enter while A + (the band's mass before them) < P, accumulated in float64 per
-    row. Band rows are padded for that accumulation in groups of FIRST_CANDIDATES x
+    row. Band rows are padded for that accumulation in groups of FIRST_BAND_WIDTH x
     CANDIDATE_GROWTH^i tokens. The local log-normaliser and entropy come from the same float64
     masses. A row whose edges fail either check is redone over its whole sorted row."""
     n_rows, vocab = z.shape
@@ -305,7 +316,7 @@ def _nucleus(z: torch.Tensor, e: torch.Tensor, zmax: torch.Tensor, sum_e: torch.
 
     region = _empty_region(n_rows, z)
     done = torch.zeros(n_rows, dtype=torch.bool, device=dev)
-    lower, width = 0, min(FIRST_CANDIDATES, vocab)
+    lower, width = 0, min(FIRST_BAND_WIDTH, vocab)
     while True:
         rows = ((counts > lower) & (counts <= width)).nonzero().squeeze(-1)
         if rows.numel():
