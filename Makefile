@@ -6,7 +6,7 @@ TORCH_PIN := torch==2.13.0
 
 .PHONY: test test-kernels demo bench clean
 
-$(VENV)/.installed: pyproject.toml
+$(VENV)/.installed: pyproject.toml setup.py
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet "$(TORCH_PIN)"
@@ -32,7 +32,7 @@ test: $(VENV)/.installed $(VENV)/.vllm
 # have triton (vLLM's CPU build breaks with it). About 2 min to create, under a minute to test.
 KVENV := .venv-kernel
 
-$(KVENV)/.installed: pyproject.toml
+$(KVENV)/.installed: pyproject.toml setup.py
 	$(PYTHON) -m venv $(KVENV)
 	$(KVENV)/bin/python -m pip install --quiet --upgrade pip
 	$(KVENV)/bin/python -m pip install --quiet "$(TORCH_PIN)"
@@ -56,3 +56,11 @@ demo: $(VENV)/.installed
 	$(VENV)/bin/tre sweep horizon --task countdown --preset smoke --out $(DEMO_OUT) \
 		--set run.wandb.mode=offline $$(test -f $(DEMO_OUT)/sweep.json && echo --resume)
 	$(VENV)/bin/tre report $(DEMO_OUT) --out $(DEMO_OUT)/report
+
+# On a lent GPU (torch, transformers and triton installed; no venv is built, nothing downloaded):
+# the mixed-precision check, PPO steps at Qwen2.5-1.5B's shape, the native kernel tests and the
+# token-statistics benchmark in about 8 minutes; one JSON summary (bench/gpu_check.py).
+GPU_PYTHON ?= python3
+.PHONY: gpu-check
+gpu-check:
+	PYTHONPATH=$(CURDIR) $(GPU_PYTHON) bench/gpu_check.py --out gpu-check.json

@@ -47,6 +47,18 @@ def test_bad_input_is_one_line_and_writes_nothing(args, message, tmp_path):
     assert not out.exists()
 
 
+def test_vllm_engine_without_vllm_is_one_line_naming_the_extra(tmp_path, monkeypatch):
+    import sys
+
+    monkeypatch.setitem(sys.modules, "vllm", None)  # what `import vllm` sees where it is not installed
+    out = tmp_path / "run"
+    result = _invoke(["run", "--preset", "smoke", "--rollout", "vllm", "--out", str(out)])
+    assert result.exit_code == 2
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and "pip install 'tre-cli[vllm]'" in lines[0], result.stderr
+    assert not out.exists()
+
+
 def test_malformed_yaml_config_names_the_file_and_line(tmp_path):
     bad = tmp_path / "bad.yaml"
     bad.write_text("ppo:\n  actor_lr: 1e-6\n  clip: [0.2\n")

@@ -285,7 +285,10 @@ def test_bad_type_in_a_file(tmp_path):
         ("tre-k", "method.k=0", "config key 'method.k' must be an integer >= 1, got 0"),
         ("tre-k", "method.k=2.5", "config key 'method.k' expects an integer or null, got '2.5'"),
         ("ent", "method.alpha=-0.1", "config key 'method.alpha' must be >= 0, got -0.1"),
-        ("forking-tokens", "method.scope=per-gpu", "config key 'method.scope' expects one of 'micro-batch', 'global' or null, got 'per-gpu'"),
+        ("forking-tokens", "method.scope=per-gpu", "config key 'method.scope' expects one of 'group', 'global' or null, got 'per-gpu'"),
+        # issue 11: the old per-micro-batch scope is gone (the micro-batch is a memory knob).
+        ("forking-tokens", "method.scope=micro-batch", "config key 'method.scope' expects one of 'group', 'global' or null, got 'micro-batch'"),
+        ("forking-tokens", "method.count_rounding=round", "config key 'method.count_rounding' expects one of 'ceil', 'floor' or null, got 'round'"),
         ("forking-tokens", "method.top_ratio=0", "config key 'method.top_ratio' must be in (0, 1], got 0.0"),
         ("kl-cov", "method.ratio=2", "config key 'method.ratio' must be in (0, 1], got 2.0"),
         ("kl-cov", "method.beta=-1", "config key 'method.beta' must be >= 0, got -1.0"),
@@ -306,7 +309,8 @@ def test_p_equal_one_is_allowed():
     [
         ("tre-p", "method.k=3", "config key 'method.k' is not a parameter of method 'tre-p' (its parameters: alpha, p, released_code_compat)"),
         ("vanilla", "method.alpha=0.001", "config key 'method.alpha' is not a parameter of method 'vanilla' (its parameters: none)"),
-        ("kl-cov", "method.scope=global", "config key 'method.scope' is not a parameter of method 'kl-cov' (its parameters: ratio, beta)"),
+        ("kl-cov", "method.top_ratio=0.1", "config key 'method.top_ratio' is not a parameter of method 'kl-cov' (its parameters: ratio, beta, scope)"),
+        ("kl-cov", "method.count_rounding=floor", "config key 'method.count_rounding' is not a parameter of method 'kl-cov' (its parameters: ratio, beta, scope)"),
     ],
 )
 def test_params_the_method_does_not_have_are_rejected(method, item, message):

@@ -16,6 +16,7 @@ def test_tiny_testbed_builds_and_loads(quick_testbed):
     card = json.loads((quick_testbed / "testbed.json").read_text())
     assert card["spec"]["steps"] == QUICK_TESTBED["steps"]
     assert card["spec"]["hidden_size"] // card["spec"]["num_attention_heads"] == 32
+    assert card["final_loss"] < card["first_loss"] - 0.5  # the warm start learns even in 8 steps
     model = load_policy(quick_testbed)
     tokenizer = load_tokenizer(quick_testbed)
     assert model.config.model_type == "qwen2"
@@ -114,6 +115,53 @@ def test_ensure_testbed_builds_once_into_the_cache(tmp_path, monkeypatch):
     assert [p.name for p in tmp_path.iterdir() if p.is_dir()] == [path.name]  # no staging left
 
 
+def test_testbed_resolves_to_the_shipped_copy_without_building(tmp_path, monkeypatch):
+    monkeypatch.setenv("TRE_CACHE_DIR", str(tmp_path / "cache"))
+    path = resolve_model("testbed")
+    assert path == testbed.SHIPPED_DIR
+    assert not (tmp_path / "cache").exists()  # nothing built, nothing cached
+    card = testbed.verify_testbed(path)
+    assert card["spec_hash"] == testbed.spec_hash(testbed.TESTBED_SPEC)  # shipped from today's recipe
+    assert card["spec"] == testbed.TESTBED_SPEC
+    # The shipped model is the one the smoke runs and the learning test were measured on: a
+    # reward above zero and below its ceiling, and the slip PPO unlearns.
+    assert 0.03 <= card["countdown_reward_t1"] <= 0.3 and card["answer_slip_rate_t1"] >= 0.2
+    policy = load_policy("testbed")
+    assert sum(p.numel() for p in policy.parameters()) == card["parameters"]
+
+
+def test_an_altered_testbed_is_refused(tmp_path):
+    import shutil
+
+    copy = tmp_path / "testbed"
+    shutil.copytree(testbed.SHIPPED_DIR, copy)
+    testbed.verify_testbed(copy)
+    weights = copy / "model.safetensors"
+    data = bytearray(weights.read_bytes())
+    data[-1] ^= 1
+    weights.write_bytes(bytes(data))
+    with pytest.raises(ValueError, match="checksum mismatch"):
+        testbed.verify_testbed(copy)
+    (copy / testbed.CHECKSUMS).unlink()
+    with pytest.raises(ValueError, match="no SHA256SUMS"):
+        testbed.verify_testbed(copy)
+
+
+def test_ship_replaces_a_shipped_copy_only_with_a_build_of_todays_recipe(tmp_path):
+    import shutil
+
+    build = tmp_path / "build"
+    shutil.copytree(testbed.SHIPPED_DIR, build)
+    target = testbed.ship(build, target=tmp_path / "shipped")
+    assert testbed.verify_testbed(target)["spec_hash"] == testbed.spec_hash(testbed.TESTBED_SPEC)
+    assert not (tmp_path / "shipped.new").exists()
+    card = json.loads((build / "testbed.json").read_text())
+    (build / "testbed.json").write_text(json.dumps({**card, "spec_hash": "0" * 12}))
+    with pytest.raises(ValueError, match="not built from today's TESTBED_SPEC"):
+        testbed.ship(build, target=tmp_path / "shipped")
+    testbed.verify_testbed(target)  # the earlier copy is untouched
+
+
 def test_missing_local_path_is_one_clear_line(tmp_path):
     missing = tmp_path / "nope"
     with pytest.raises(FileNotFoundError, match="model directory not found") as info:
@@ -148,14 +196,14 @@ def test_hub_id_without_network_fails_fast(tmp_path, monkeypatch):
 
 def test_critic_values_shape_and_training(quick_testbed):
     torch.manual_seed(0)
-    critic = load_critic(quick_testbed)
+    critic = load_critic(quick_testbed, value_head_std=1e-3)
     assert isinstance(critic, ValueModel)
     input_ids = torch.randint(3, 100, (3, 7))
     attention_mask = torch.ones_like(input_ids)
     attention_mask[0, :2] = 0
     values = critic(input_ids, attention_mask)
     assert values.shape == (3, 7) and values.dtype == torch.float32
-    assert values.abs().max() < 0.5  # small head: the critic starts near zero
+    assert values.abs().max() < 0.5  # a small head: the critic starts near zero
     target = torch.ones(3, 7)
     optimizer = torch.optim.Adam(critic.parameters(), lr=1e-2)
     first = None
@@ -168,6 +216,22 @@ def test_critic_values_shape_and_training(quick_testbed):
     assert loss.item() < 0.1 * first
     # Gradients reach the backbone, not just the head.
     assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in critic.backbone.parameters())
+
+
+def test_value_head_init_defaults_to_the_models_initializer_range(quick_testbed):
+    """The released code's head: transformers' token-classification init, N(0, initializer_range^2)
+    weights and a zero bias, no dropout (verl sets it to 0)."""
+    torch.manual_seed(0)
+    critic = load_critic(quick_testbed)
+    std = critic.config.initializer_range
+    weight = critic.value_head.weight
+    assert weight.shape[1] >= 64 and abs(weight.std().item() - std) < 0.3 * std
+    assert torch.equal(critic.value_head.bias, torch.zeros(1))
+    assert not any(isinstance(m, torch.nn.Dropout) and m.p > 0 for m in critic.modules())
+    small = load_critic(quick_testbed, value_head_std=1e-3)
+    assert small.value_head.weight.std().item() < 2e-3
+    with pytest.raises(ValueError, match="init std"):
+        load_critic(quick_testbed, value_head_std=0.0)
 
 
 def test_gradient_checkpointing_gives_the_same_gradients(quick_testbed):

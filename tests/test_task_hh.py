@@ -108,8 +108,109 @@ def test_scorer_is_batch_invariant_and_truncates(tmp_path):
 
 
 def test_missing_reward_model_is_one_clear_line(tmp_path):
-    with pytest.raises(ValueError, match="task.reward_model=PATH"):
+    with pytest.raises(ValueError, match="task.options.reward_model=PATH"):
         get_task("hh", reward_model=str(tmp_path / "absent")).rewards(["x"], [{"prompt": "p"}])
+
+
+SMALL, LARGE = "Qwen/Qwen2.5-1.5B-Instruct", "Qwen/Qwen2.5-7B-Instruct"
+
+
+def test_each_policy_model_gets_its_reward_model(tmp_path):
+    from tre_cli.tasks import task_for_run
+
+    small_rm, large_rm = tmp_path / "rm-small", tmp_path / "rm-large"
+    small_rm.mkdir(), large_rm.mkdir()
+    options = {"reward_models": {SMALL: str(small_rm), LARGE: str(large_rm)}}
+    assert task_for_run("hh", options, SMALL)._scorer.model_name == str(small_rm)
+    assert task_for_run("hh", options, LARGE)._scorer.model_name == str(large_rm)
+    # The single reward_model serves any policy model the mapping does not name...
+    assert task_for_run("hh", {**options, "reward_model": "org/any-rm"}, "other/model")._scorer.model_name == "org/any-rm"
+    # ...and agreeing with the mapping is fine; disagreeing is one line naming both.
+    assert task_for_run("hh", {**options, "reward_model": str(small_rm)}, SMALL)._scorer.model_name == str(small_rm)
+    with pytest.raises(ValueError, match="disagree"):
+        task_for_run("hh", {**options, "reward_model": str(large_rm)}, SMALL)
+    # Other tasks do not depend on the policy model.
+    assert task_for_run("countdown", {}, SMALL).name == "countdown"
+
+
+def test_an_hh_run_without_a_reward_model_fails_before_loading_anything(tmp_path):
+    from tre_cli.tasks import task_for_run
+
+    with pytest.raises(ValueError, match=f"no reward model for policy model '{SMALL}'.*task.options.reward_model=PATH"):
+        task_for_run("hh", {"reward_models": {LARGE: "org/rm-7b", SMALL: None}}, SMALL)
+    with pytest.raises(ValueError, match="does not exist"):
+        task_for_run("hh", {"reward_models": {SMALL: str(tmp_path / "absent")}}, SMALL)
+    with pytest.raises(ValueError, match="reward_models must map policy models to reward models"):
+        get_task("hh", reward_models=["org/rm"])
+
+
+def _main_sweep_with(tmp_path, reward_models):
+    """sweeps/main.yaml with its HH reward models filled in, as a user would."""
+    import yaml
+
+    from tre_cli import sweep
+
+    content = yaml.safe_load(sweep.sweep_path("main").read_text())
+    content["task_set"]["hh"]["task.options.reward_models"] = reward_models
+    path = tmp_path / "main.yaml"
+    path.write_text(yaml.safe_dump(content))
+    return path
+
+
+def test_sweep_plan_fails_for_an_hh_trial_without_its_reward_model(tmp_path):
+    from tre_cli import sweep
+
+    # As shipped, sweeps/main.yaml names the two backbones with no reward model yet.
+    with pytest.raises(ValueError, match=f"trial hh-Qwen2.5-1.5B-Instruct-base-s0: task 'hh' has no reward model for policy model '{SMALL}'"):
+        sweep.plan_sweep("main", ["hh"], out=tmp_path / "a")
+    small_rm = tmp_path / "rm-small"
+    small_rm.mkdir()
+    with pytest.raises(ValueError, match=f"no reward model for policy model '{LARGE}'"):
+        sweep.plan_sweep(_main_sweep_with(tmp_path, {SMALL: str(small_rm)}), ["hh"], out=tmp_path / "b")
+    # Math and Countdown trials never need one.
+    assert len(sweep.plan_sweep("main", ["math", "countdown"], out=tmp_path / "c").trials) == 2 * 2 * 7
+
+
+def test_sweep_plan_gives_each_hh_trial_its_models_reward_model(tmp_path):
+    from tre_cli import sweep
+    from tre_cli.tasks import task_for_run
+
+    rms = {SMALL: tmp_path / "rm-small", LARGE: tmp_path / "rm-large"}
+    for folder in rms.values():
+        folder.mkdir()
+    plan = sweep.plan_sweep(_main_sweep_with(tmp_path, {k: str(v) for k, v in rms.items()}), out=tmp_path / "p")
+    hh = [p for p in plan.trials if p.trial.task == "hh"]
+    assert len(hh) == 2 * 7
+    for planned in hh:
+        config = planned.config
+        task = task_for_run(config.task.name, config.task.options, config.model.name)
+        assert task._scorer.model_name == str(rms[config.model.name])
+    others = [p for p in plan.trials if p.trial.task != "hh"]
+    assert others and all("reward_models" not in p.config.task.options for p in others)
+
+
+def test_sweep_dry_run_without_reward_models_is_one_line():
+    from typer.testing import CliRunner
+
+    from tre_cli.cli import app
+
+    result = CliRunner().invoke(app, ["sweep", "main", "--task", "hh", "--dry-run"])
+    assert result.exit_code != 0
+    lines = [line for line in result.output.strip().splitlines() if line.strip()]
+    assert len(lines) == 1 and "no reward model for policy model" in lines[0], result.output
+
+
+def test_task_set_names_known_tasks(tmp_path):
+    import yaml
+
+    from tre_cli import sweep
+
+    content = yaml.safe_load(sweep.sweep_path("main").read_text())
+    content["task_set"] = {"hhh": {"ppo.steps": 1}}
+    path = tmp_path / "bad.yaml"
+    path.write_text(yaml.safe_dump(content))
+    with pytest.raises(ValueError, match="'task_set' names an unknown task 'hhh'"):
+        sweep.load_sweep(path)
 
 
 @pytest.mark.slow

@@ -79,7 +79,7 @@ def _resolve_run_config(method, task, model, preset, config, sets, out, rollout,
 def run(
     method: Optional[str] = typer.Option(None, help="Training method (see `tre methods`); default tre-p."),
     task: Optional[str] = typer.Option(None, help="math, countdown or hh; default countdown."),
-    model: Optional[str] = typer.Option(None, help="Hub id, local directory, or `testbed` (built locally)."),
+    model: Optional[str] = typer.Option(None, help="Hub id, local directory, or `testbed` (the built-in model that ships with tre)."),
     preset: Optional[str] = typer.Option(None, help="smoke (2 CPU cores, minutes) or paper (Table 2)."),
     config: Optional[Path] = typer.Option(None, "--config", help="YAML file with config sections."),
     sets: List[str] = typer.Option([], "--set", help="Override a config key: --set ppo.actor_lr=1e-6 (repeatable)."),

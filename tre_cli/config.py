@@ -39,7 +39,7 @@ import yaml
 from tre_cli.losses.registry import METHODS
 
 # Every method parameter any method may have; which ones a method has is METHODS[name].defaults.
-METHOD_PARAMS = ("alpha", "k", "p", "released_code_compat", "top_ratio", "scope", "ratio", "beta")
+METHOD_PARAMS = ("alpha", "k", "p", "released_code_compat", "top_ratio", "scope", "ratio", "beta", "count_rounding")
 
 
 def _key_error(key: str, message: str) -> ValueError:
@@ -61,9 +61,14 @@ class ModelConfig:
     gradient_checkpointing: Union[bool, Literal["auto"]] = "auto"
     # The critic's base model; None = the same as `name` (as in the paper).
     critic_name: Optional[str] = None
+    # issue 11: std of the value head's initial weights; None = the model's initializer_range
+    # (0.02 for Qwen2.5), as the released code; tre used 1e-3 before (a critic starting near V = 0).
+    value_head_init_std: Optional[float] = None
 
     def __post_init__(self) -> None:
         _require(bool(self.name.strip()), "model.name", "must not be empty", self.name)
+        if self.value_head_init_std is not None:
+            _require(self.value_head_init_std > 0, "model.value_head_init_std", "must be > 0 (or null)", self.value_head_init_std)
 
 
 @dataclass(frozen=True)
@@ -86,9 +91,13 @@ class MethodConfig:
     p: Optional[float] = None  # TRE-P nucleus mass
     released_code_compat: Optional[bool] = None  # TRE-P: reproduce the released code's top-256 cap and bf16 cumsum
     top_ratio: Optional[float] = None  # Forking-Tokens: fraction of highest-entropy tokens kept
-    scope: Optional[Literal["micro-batch", "global"]] = None  # Forking-Tokens: where the top fraction is taken
+    # issue 11: Forking-Tokens / KL-Cov select within groups of ppo.selection_group_size sequences
+    # ("group", the released code's per-GPU micro-batch) or over the whole mini-batch ("global").
+    scope: Optional[Literal["group", "global"]] = None
     ratio: Optional[float] = None  # KL-Cov: fraction of tokens penalised
     beta: Optional[float] = None  # KL-Cov: penalty coefficient
+    # issue 11: Forking-Tokens' count of kept tokens: "ceil" (the released code) or "floor".
+    count_rounding: Optional[Literal["ceil", "floor"]] = None
 
     def __post_init__(self) -> None:
         if self.name not in METHODS:
@@ -128,6 +137,12 @@ class PPOConfig:
     critic_lr: float = 1e-5
     # The critic's learning rate ramps up linearly over this fraction of the steps.
     critic_warmup_ratio: float = 0.05
+    # issue 11: "released" i / w (the first step at lr 0, verl) or "shifted" (i + 1) / (w + 1) (tre before).
+    critic_warmup_ramp: Literal["released", "shifted"] = "released"
+    # issue 11: AdamW weight decay of actor and critic (the released code: verl's 0.01; tre used 0).
+    weight_decay: float = 0.01
+    # issue 11: factor of the critic's squared error (the released code: 1.0; 0.5 is TRL's, tre before).
+    critic_loss_coef: float = 1.0
     prompts_per_step: int = 512
     rollouts_per_prompt: int = 8
     # One optimizer update per mini-batch of prompts (with all their rollouts): 512 / 64 = 8 per step.
@@ -136,6 +151,10 @@ class PPOConfig:
     # (padded) tokens; a longer sequence goes alone. A token budget rather than a sequence count
     # because response lengths vary by 100x within a step (MATH: up to 8,192).
     micro_batch_tokens: int = 16384
+    # issue 11: sequences per Forking-Tokens / KL-Cov selection group (method.scope=group), the
+    # released scripts' per-GPU micro-batch; independent of micro_batch_tokens (a memory knob).
+    # Task overlays set the released 1.5B values: MATH 8, Countdown 16, HH 16.
+    selection_group_size: int = 16
     epochs: int = 1
     clip: float = 0.2
     # Dual-clip bound c for negative advantages; None disables it.
@@ -146,7 +165,11 @@ class PPOConfig:
     lam: float = 1.0
     # Whiten advantages over the step's response tokens, as the released code (verl's GAE) does.
     whiten_advantages: bool = True
+    # issue 11: > 0 adds kl_coef * KL(pi || pi_ref) to the actor loss against a frozen copy of the
+    # starting policy (verl's actor.use_kl_loss); 0 (the paper) loads no reference model.
     kl_coef: float = 0.0
+    # The per-token KL estimator (tre_cli/losses/kl.py); verl's default is low_var_kl (Schulman's k3).
+    kl_loss_type: Literal["low_var_kl", "k1", "abs", "mse"] = "low_var_kl"
     loss_agg: Literal["token-mean", "seq-mean-token-sum", "seq-mean-token-mean"] = "token-mean"
     max_grad_norm: float = 1.0
     # The paper: MATH 300, Countdown 400, HH 300; task overlays set theirs.
@@ -154,10 +177,12 @@ class PPOConfig:
     max_prompt_length: int = 1024
 
     def __post_init__(self) -> None:
-        for name in ("actor_lr", "critic_lr", "clip", "max_grad_norm"):
+        for name in ("actor_lr", "critic_lr", "clip", "max_grad_norm", "critic_loss_coef"):
             _require(getattr(self, name) > 0, f"ppo.{name}", "must be > 0", getattr(self, name))
+        _require(self.weight_decay >= 0, "ppo.weight_decay", "must be >= 0", self.weight_decay)
         _require(0 <= self.critic_warmup_ratio < 1, "ppo.critic_warmup_ratio", "must be in [0, 1)", self.critic_warmup_ratio)
-        for name in ("prompts_per_step", "rollouts_per_prompt", "mini_batch_prompts", "micro_batch_tokens", "epochs", "steps", "max_prompt_length"):
+        for name in ("prompts_per_step", "rollouts_per_prompt", "mini_batch_prompts", "micro_batch_tokens", "epochs", "steps",
+                     "max_prompt_length", "selection_group_size"):
             _require(getattr(self, name) >= 1, f"ppo.{name}", "must be >= 1", getattr(self, name))
         if self.prompts_per_step % self.mini_batch_prompts:
             raise _key_error(
@@ -310,6 +335,10 @@ PRESETS: Mapping[str, Mapping[str, Any]] = {
             "kl_coef": 0.0,
             "loss_agg": "token-mean",
             "max_prompt_length": 1024,
+            # issue 11: the released code's optimizer and critic details (README: "Released configuration").
+            "weight_decay": 0.01,
+            "critic_loss_coef": 1.0,
+            "critic_warmup_ramp": "released",
         },
         "rollout": {"engine": "vllm", "temperature": 1.0, "top_p": 1.0},
         "eval": {"n_samples": 8, "temperature": 1.0, "top_p": 0.7, "limit": None},

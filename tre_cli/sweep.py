@@ -56,7 +56,7 @@ _FAIL_MARKER = ".sweep-failed-once"
 # Every key a sweep file (and each of its presets) may have.
 SWEEP_KEYS = (
     "description", "tasks", "run_preset", "models", "variants", "max_new_tokens", "seeds", "set",
-    "resources", "max_concurrent", "max_failures", "notes", "base",
+    "resources", "max_concurrent", "max_failures", "notes", "base", "task_set",
 )
 # The variant name of Base evaluations (`tre eval` of the untrained model: Table 1's Base row).
 BASE_VARIANT = "base"
@@ -67,8 +67,10 @@ PathLike = Union[str, Path]
 
 
 def sweeps_dir() -> Path:
-    """The repository's sweeps/ folder (beside tasks/)."""
-    return Path(__file__).resolve().parent.parent / "sweeps"
+    """The sweeps/ folder: the checkout's, or the copy an installed wheel carries."""
+    from tre_cli.resources import data_dir
+
+    return data_dir("sweeps")
 
 
 def available_sweeps() -> List[str]:
@@ -117,6 +119,8 @@ class SweepSpec:
     notes: Tuple[str, ...]
     # Also evaluate the untrained model once per task x model x T x seed (trainer.evaluate_model).
     base: bool = False
+    # task -> run-config keys for that task's trials only (above `set`), e.g. HH's reward models.
+    task_set: Dict[str, Dict[str, Any]] = field(default_factory=dict)
 
 
 def sweep_path(name: PathLike) -> Path:
@@ -259,6 +263,11 @@ def load_sweep(name: PathLike, preset: Optional[str] = None) -> SweepSpec:
     base = merged.get("base", False)
     if not isinstance(base, bool):
         raise ValueError(f"{where}: 'base' must be true or false, got {base!r}")
+    task_set = _mapping(merged.get("task_set"), "task_set", where)
+    for task, values in task_set.items():
+        if task not in TASKS:
+            raise ValueError(f"{where}: 'task_set' names an unknown task {task!r}; known tasks: {', '.join(TASKS)}")
+        task_set[task] = _mapping(values, f"task_set.{task}", where)
     max_failures = merged.get("max_failures", 2)
     if isinstance(max_failures, bool) or not isinstance(max_failures, int) or max_failures < 0:
         raise ValueError(f"{where}: 'max_failures' must be an integer >= 0, got {max_failures!r}")
@@ -279,6 +288,7 @@ def load_sweep(name: PathLike, preset: Optional[str] = None) -> SweepSpec:
         max_failures=max_failures,
         notes=tuple(notes),
         base=base,
+        task_set=task_set,
     )
 
 
@@ -376,7 +386,8 @@ def expand_grid(spec: SweepSpec, tasks: Sequence[str] = (), seeds: Optional[Sequ
                         if horizon is not None:
                             grid["rollout.max_new_tokens"] = horizon
                         grid["run.seed"] = seed
-                        overrides = _set_items(spec.set) + _set_items(variant.set) + _set_items(grid)
+                        overrides = (_set_items(spec.set) + _set_items(spec.task_set.get(task, {})) + _set_items(variant.set)
+                                     + _set_items(grid))
                         kind = "eval" if variant.name == BASE_VARIANT else "train"
                         trials.append(Trial("-".join(parts), task, model, horizon, variant.name, seed, tuple(overrides), kind))
     names = [t.name for t in trials]
@@ -462,7 +473,7 @@ def plan_sweep(
         raise ValueError(f"--max-concurrent must be >= 1, got {max_concurrent}")
     if max_failures is not None and max_failures < 0:
         raise ValueError(f"--max-failures must be >= 0, got {max_failures}")
-    from tre_cli.tasks import get_task
+    from tre_cli.tasks import task_for_run
 
     planned = []
     checked_tasks = set()
@@ -474,9 +485,10 @@ def plan_sweep(
         try:
             config = resolve(preset=spec.run_preset, overrides=[*trial.overrides, *sets, *owned],
                              task_overlay=task_overlay, check_device=False)
-            options_key = (config.task.name, json.dumps(config.task.options, sort_keys=True, default=str))
+            options_key = (config.task.name, config.model.name, json.dumps(config.task.options, sort_keys=True, default=str))
             if options_key not in checked_tasks:
-                get_task(config.task.name, **config.task.options)  # options are checked here, not in resolve
+                # Options are checked here, not in resolve; HH also needs the model's reward model.
+                task_for_run(config.task.name, config.task.options, config.model.name)
                 checked_tasks.add(options_key)
         except (ValueError, FileNotFoundError) as error:
             raise type(error)(f"sweep {spec.name!r}, trial {trial.name}: {error}") from None
@@ -766,16 +778,6 @@ class SweepOutcome:
     wall_s: float = 0.0
 
 
-def _ensure_local_models(plan: SweepPlan, console) -> None:
-    """Build the testbed once here, so that parallel trials do not each wait on its lock."""
-    if any(p.config.model.name == "testbed" or p.config.model.critic_name == "testbed" for p in plan.trials):
-        from tre_cli.models.testbed import ensure_testbed, testbed_dir
-
-        if not (testbed_dir() / "config.json").exists():
-            console.print("building the testbed model once (cached for later runs)...")
-        ensure_testbed()
-
-
 def _private_dirs(out: Path) -> Dict[str, Path]:
     base = out / ".ray"
     return {"base": base, "temp": base / "tmp", "token": base / "auth_token", "wandb": base / "wandb"}
@@ -902,7 +904,6 @@ def run_sweep(
         from tre_cli.tracking import atomic_write_text
 
         atomic_write_text(plan.out / SWEEP_FILE, json.dumps(plan.manifest(), indent=2) + "\n")
-    _ensure_local_models(plan, console)
 
     env = _common_env(plan.out)
     if address is None:

@@ -507,7 +507,7 @@ class Tracker:
         try:
             import wandb
         except ImportError:
-            log.warning("wandb is not installed: logging to %s only (pip install 'tre-cli[track]')", self.run_dir.path)
+            log.warning("wandb is not installed: logging to %s only (pip install wandb)", self.run_dir.path)
             return
         id_file = self.run_dir.path / WANDB_ID_FILE
         if id_file.exists():
@@ -585,7 +585,7 @@ def read_wandb_project(path: str, metric_keys: Tuple[str, ...] = ("actor/p_max",
     try:
         import wandb
     except ImportError:
-        raise ValueError("reading a W&B project needs wandb: pip install 'tre-cli[track]'") from None
+        raise ValueError("reading a W&B project needs wandb: pip install wandb") from None
     try:
         runs = list(wandb.Api().runs(path))
     except Exception as error:  # the public API raises several types (auth, 404, network)
@@ -606,7 +606,7 @@ def log_report_to_wandb(
     try:
         import wandb
     except ImportError:
-        log.warning("wandb is not installed: the report is not logged to W&B (pip install 'tre-cli[track]')")
+        log.warning("wandb is not installed: the report is not logged to W&B (pip install wandb)")
         return None
     run = wandb.init(
         project=project,

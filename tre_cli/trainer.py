@@ -36,10 +36,16 @@ from tre_cli.config import (
 )
 from tre_cli.evaluation import default_metric, evaluate
 from tre_cli.losses import selectors
+from tre_cli.losses.kl import kl_estimate
+from tre_cli.losses.selection_groups import forking_tokens_in_groups, kl_cov_in_groups, selection_groups
 from tre_cli.losses.ppo import aggregate_share, gae, masked_mean, place_terminal_reward, policy_loss, value_loss, whiten
 from tre_cli.losses.registry import REGULARIZERS, get_method
 from tre_cli.losses.stats import token_stats
+from tre_cli.models.modes import set_training
+from tre_cli.models.precision import autocast_for
 from tre_cli.rollout.base import position_ids_from_mask
+from tre_cli.rollout.context import check_model_context
+from tre_cli.schedules import critic_warmup_factor
 from tre_cli.tracking import RunResult, Tracker, atomic_dir, open_run_dir
 
 # on_step(step, metrics, checkpoint_dir or None): how a sweep trial hears about progress.
@@ -64,6 +70,8 @@ class Parts:
     test: List[dict]
     test_prompts: List[List[int]]
     max_new_tokens: int
+    # issue 11: the frozen starting policy for ppo.kl_coef > 0 (verl's use_kl_loss); None at kl_coef 0 (the paper).
+    reference: Optional[torch.nn.Module] = None
 
 
 # ------------------------------------------------------------------------------------ building
@@ -81,40 +89,55 @@ def _seed_everything(seed: int) -> None:
 
 
 def encode_prompt(task, example: dict, tokenizer, max_prompt_length: int) -> List[int]:
-    """The rendered prompt's ids, keeping the last max_prompt_length tokens (the question's end
-    and the assistant header matter most)."""
+    """The rendered prompt's ids. Prompts longer than max_prompt_length were dropped when the
+    task was loaded (tasks.base.fit_prompts) unless task.options.overlong_prompts=truncate_left,
+    which keeps the last max_prompt_length tokens (the question's end and the assistant header)."""
     ids = tokenizer(task.render(example, tokenizer), add_special_tokens=False)["input_ids"]
     return list(ids[-max_prompt_length:])
 
 
 def build(config: RunConfig) -> Parts:
     from tre_cli.models import load_critic, load_policy, load_tokenizer, resolve_model
-    from tre_cli.tasks import get_task
+    from tre_cli.models import resolve_dtype as resolve_torch_dtype
+    from tre_cli.models.precision import training_precision
+    from tre_cli.tasks import task_for_run
+    from tre_cli.tasks.base import fit_prompts
 
     device = resolve_device(config.run.device)
     dtype = resolve_dtype(config.model.dtype, device)
     checkpointing = resolve_gradient_checkpointing(config.model.gradient_checkpointing, device)
-    task = get_task(config.task.name, **config.task.options)
+    task = task_for_run(config.task.name, config.task.options, config.model.name)
     train = task.load("train")
     test = task.load("test", limit=config.eval.limit)
     if not train:
         raise ValueError(f"task {config.task.name!r} has no training examples")
     model_path = resolve_model(config.model.name)
+    # issue 11: the model must hold prompt + T positions; checked before any model is loaded.
+    check_model_context(model_path, config.ppo.max_prompt_length, config.rollout.max_new_tokens, config.model.name)
     tokenizer = load_tokenizer(model_path)
-    policy = load_policy(model_path, dtype=dtype, device=device, gradient_checkpointing=checkpointing)
-    critic = load_critic(resolve_model(config.model.critic_name or config.model.name), dtype=dtype,
-                         device=device, gradient_checkpointing=checkpointing)
+    fitted = fit_prompts(task, tokenizer, config.ppo.max_prompt_length, {"train": train, "test": test})
+    train, test = fitted["train"], fitted["test"]
+    # issue 11: fp32 masters (parameters, gradients, optimizer state), forwards in `dtype` (autocast).
+    precision = training_precision(resolve_torch_dtype(dtype, device), device)
+    policy = load_policy(model_path, device=device, gradient_checkpointing=checkpointing, precision=precision)
+    critic = load_critic(resolve_model(config.model.critic_name or config.model.name), device=device,
+                         gradient_checkpointing=checkpointing, precision=precision,
+                         value_head_std=config.model.value_head_init_std)  # issue 11: None = the model's initializer_range
+    # issue 11: a frozen copy of the starting weights, computed like the policy, only when a KL loss is asked for.
+    reference = (load_policy(model_path, device=device, precision=precision).requires_grad_(False)
+                 if config.ppo.kl_coef > 0 else None)
     engine = make_engine(config, model_path, tokenizer, device, dtype, policy)
-    actor_opt = torch.optim.AdamW(policy.parameters(), lr=config.ppo.actor_lr, weight_decay=0.0)
-    critic_opt = torch.optim.AdamW(critic.parameters(), lr=config.ppo.critic_lr, weight_decay=0.0)
-    warmup = int(config.ppo.critic_warmup_ratio * config.ppo.steps)
-    critic_sched = torch.optim.lr_scheduler.LambdaLR(critic_opt, lambda i: min(1.0, (i + 1) / (warmup + 1)))
+    # issue 11: AdamW weight decay and the critic's warm-up ramp as named options (defaults: the released code).
+    actor_opt = torch.optim.AdamW(policy.parameters(), lr=config.ppo.actor_lr, weight_decay=config.ppo.weight_decay)
+    critic_opt = torch.optim.AdamW(critic.parameters(), lr=config.ppo.critic_lr, weight_decay=config.ppo.weight_decay)
+    warmup, ramp = int(config.ppo.critic_warmup_ratio * config.ppo.steps), config.ppo.critic_warmup_ramp
+    critic_sched = torch.optim.lr_scheduler.LambdaLR(critic_opt, lambda i: critic_warmup_factor(i, warmup, ramp))
     max_new_tokens = config.rollout.max_new_tokens
     if max_new_tokens is None:
         raise ValueError("rollout.max_new_tokens is not set (the task overlay should set it)")
     test_prompts = [encode_prompt(task, ex, tokenizer, config.ppo.max_prompt_length) for ex in test]
     return Parts(config, device, task, tokenizer, policy, critic, engine, actor_opt, critic_opt, critic_sched,
-                 train, test, test_prompts, max_new_tokens)
+                 train, test, test_prompts, max_new_tokens, reference=reference)
 
 
 def make_engine(config: RunConfig, model_path, tokenizer, device: str, dtype: str, policy=None):
@@ -122,11 +145,14 @@ def make_engine(config: RunConfig, model_path, tokenizer, device: str, dtype: st
     of the weights (synced from the trainer after every update)."""
     from tre_cli.rollout import get_engine
 
+    # issue 11: vLLM's context is prompt + T (eval: its own T), never a fixed cap.
+    max_model_len = check_model_context(model_path, config.ppo.max_prompt_length, config.rollout.max_new_tokens,
+                                        config.model.name)
     if config.rollout.engine == "hf":
         options = {"model": policy}
     else:
         options = {"gpu_memory_utilization": config.rollout.gpu_memory_utilization,
-                   "kv_cache_memory_bytes": config.rollout.kv_cache_memory_bytes}
+                   "kv_cache_memory_bytes": config.rollout.kv_cache_memory_bytes, "max_model_len": max_model_len}
     return get_engine(config.rollout.engine, model_path, tokenizer, device=device, dtype=dtype,
                       seed=config.run.seed, **options)
 
@@ -161,8 +187,9 @@ def _response_logits(policy, inputs: dict, response_width: int) -> torch.Tensor:
     """Logits [b, R, V] that predict the response tokens, computing the LM head on those positions only."""
     start = inputs["prompt_width"] - 1
     keep = torch.arange(start, start + response_width, device=inputs["input_ids"].device)
-    out = policy(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"],
-                 position_ids=inputs["position_ids"], logits_to_keep=keep, use_cache=False)
+    with autocast_for(policy):  # issue 11: the compute dtype over fp32 masters; statistics stay outside
+        out = policy(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"],
+                     position_ids=inputs["position_ids"], logits_to_keep=keep, use_cache=False)
     return out.logits
 
 
@@ -189,6 +216,7 @@ def _score_rollout(parts: Parts, rollout) -> Dict[str, torch.Tensor]:
     width = rollout.response_ids.shape[1]
     old_logprob = torch.zeros(n, width)
     old_values = torch.zeros(n, width)
+    ref_logprob = torch.zeros(n, width)
     lengths = rollout.response_lengths
     rows = torch.arange(n)
     for chunk, r_width in _micro_batches(rows, lengths, rollout.prompt_ids.shape[1], cfg.ppo.micro_batch_tokens):
@@ -198,8 +226,15 @@ def _score_rollout(parts: Parts, rollout) -> Dict[str, torch.Tensor]:
                             temperature=rollout.temperature)
         old_logprob[chunk, :r_width] = stats.logprob.float().cpu()
         old_values[chunk, :r_width] = _response_values(parts.critic, inputs, r_width).float().cpu()
+        if parts.reference is not None:  # issue 11: the reference policy's log-probs, once per step as verl
+            ref_logprob[chunk, :r_width] = token_stats(_response_logits(parts.reference, inputs, r_width),
+                                                       rollout.response_ids[chunk, :r_width].to(parts.device),
+                                                       temperature=rollout.temperature).logprob.float().cpu()
     mask = rollout.response_mask.float()
-    return {"old_logprob": old_logprob * mask, "old_values": old_values * mask}
+    scored = {"old_logprob": old_logprob * mask, "old_values": old_values * mask}
+    if parts.reference is not None:
+        scored["ref_logprob"] = ref_logprob * mask
+    return scored
 
 
 class _Mean:
@@ -246,10 +281,14 @@ def ppo_update(parts: Parts, rollout, batch: Dict[str, torch.Tensor], step: int)
             mb_mask = mask_all[rows]
             total_tokens = float(mb_mask.sum())
             total_seqs = float((mb_mask.sum(-1) > 0).sum())
-            kept = _forking_masks(parts, rollout, micro, params) if method.selector == "forking-tokens" else None
+            # issue 11: selections in fixed groups of sequences, seeded by run, step, epoch and mini-batch.
+            group_gen = torch.Generator().manual_seed(cfg.run.seed * 1_000_003 + step * 7919 + _epoch * 131 + mb_start)
+            selected = _selection_masks(parts, rollout, batch, micro, method.selector, params, group_gen) if method.selector else None
+            kept = selected if method.selector == "forking-tokens" else None
             kept_total = float(sum(k.sum() for k in kept)) if kept is not None else None
             parts.actor_opt.zero_grad(set_to_none=True)
             parts.critic_opt.zero_grad(set_to_none=True)
+            set_training(True, parts.policy, parts.critic)  # issue 11: checkpointing runs in training mode only
             for i, (chunk, r_width) in enumerate(micro):
                 inputs = _model_inputs(rollout, chunk, r_width, parts.device)
                 dev = parts.device
@@ -267,7 +306,7 @@ def ppo_update(parts: Parts, rollout, batch: Dict[str, torch.Tensor], step: int)
                 if method.selector == "forking-tokens":
                     agg_mask, agg_total = kept[i].to(dev).float(), kept_total
                 elif method.selector == "kl-cov":
-                    chosen = selectors.kl_cov_penalty_mask(adv, stats.logprob, mask, ratio=float(params["ratio"]))
+                    chosen = selected[i].to(dev)  # issue 11: chosen per selection group, not per micro-batch
                     per_token = selectors.kl_cov_loss(per_token, stats.logprob, old_lp, chosen, beta=float(params["beta"]))
                     meter.add("actor/klcov_selected_frac", chosen.float().sum() / mask.sum().clamp(min=1), float(mask.sum()))
                 loss = aggregate_share(per_token, agg_mask, mode, agg_total, total_seqs, cfg.rollout.max_new_tokens)
@@ -275,11 +314,17 @@ def ppo_update(parts: Parts, rollout, batch: Dict[str, torch.Tensor], step: int)
                     bonus = getattr(stats, bonus_field)
                     reg = aggregate_share(bonus, mask, mode, total_tokens, total_seqs, cfg.rollout.max_new_tokens)
                     loss = loss - alpha * reg
+                if parts.reference is not None:  # issue 11: + kl_coef * KL(pi || pi_ref), verl's use_kl_loss
+                    kld = kl_estimate(stats.logprob, batch["ref_logprob"][chunk, :r_width].to(dev), cfg.ppo.kl_loss_type)
+                    loss = loss + cfg.ppo.kl_coef * aggregate_share(kld, mask, mode, total_tokens, total_seqs,
+                                                                    cfg.rollout.max_new_tokens)
+                    meter.add("actor/kl_loss", masked_mean(kld.detach(), mask), float(mask.sum()))
                 loss.backward()
                 # Critic.
                 values = _response_values(parts.critic, inputs, r_width)
                 vl = value_loss(values, batch["old_values"][chunk, :r_width].to(dev),
-                                batch["returns"][chunk, :r_width].to(dev), mask, clip=cfg.ppo.value_clip)
+                                batch["returns"][chunk, :r_width].to(dev), mask, clip=cfg.ppo.value_clip,
+                                scale=cfg.ppo.critic_loss_coef)  # issue 11: released 1.0 (no 0.5)
                 aggregate_share(vl.per_token, mask, mode, total_tokens, total_seqs, cfg.rollout.max_new_tokens).backward()
                 # Metrics, weighted by tokens.
                 w = float(mask.sum())
@@ -307,6 +352,7 @@ def ppo_update(parts: Parts, rollout, batch: Dict[str, torch.Tensor], step: int)
                 parts.actor_opt.step()
             if torch.isfinite(critic_norm):
                 parts.critic_opt.step()
+            set_training(False, parts.policy, parts.critic)  # issue 11: no-grad passes and sampling in eval mode
     metrics = meter.result()
     metrics["actor/lr"] = parts.actor_opt.param_groups[0]["lr"]
     metrics["critic/lr"] = parts.critic_opt.param_groups[0]["lr"]
@@ -315,23 +361,35 @@ def ppo_update(parts: Parts, rollout, batch: Dict[str, torch.Tensor], step: int)
 
 
 @torch.no_grad()
-def _forking_masks(parts: Parts, rollout, micro, params) -> List[torch.Tensor]:
-    """Forking-Tokens' kept tokens for each micro-batch of a mini-batch. Micro-batch scope (the
-    released code) ranks within each micro-batch; global scope ranks the whole mini-batch (a
-    no-grad forward first). Both use the current policy's entropies, before this update."""
-    entropies, masks = [], []
+def _selection_masks(parts: Parts, rollout, batch, micro, selector: str, params, generator) -> List[torch.Tensor]:
+    """issue 11: the Forking-Tokens kept tokens or KL-Cov penalised tokens of each micro-batch of a
+    mini-batch, chosen within groups of ppo.selection_group_size sequences (scope "group", the
+    released code's per-GPU micro-batch) or over the whole mini-batch (scope "global"); never per
+    micro-batch, which is a memory knob. Scores come from a no-grad pass of the current policy
+    (it does not change within a mini-batch) over all the mini-batch's sequences first."""
+    rows = torch.cat([chunk for chunk, _ in micro])
+    width = max(r_width for _, r_width in micro)
+    entropy, logprob = torch.zeros(len(rows), width), torch.zeros(len(rows), width)
+    offset = 0
     for chunk, r_width in micro:
         inputs = _model_inputs(rollout, chunk, r_width, parts.device)
         logits = _response_logits(parts.policy, inputs, r_width)
-        entropies.append(token_stats(logits, temperature=rollout.temperature).entropy.cpu())
-        masks.append(rollout.response_mask[chunk, :r_width].float())
-    ratio, scope = float(params["top_ratio"]), params["scope"]
-    if scope == "micro-batch":
-        return [selectors.forking_tokens_mask(e, m, ratio, "micro-batch") for e, m in zip(entropies, masks)]
-    flat_e = torch.cat([e.reshape(-1) for e in entropies])
-    flat_m = torch.cat([m.reshape(-1) for m in masks])
-    threshold = selectors.entropy_threshold(flat_e, flat_m, ratio)
-    return [selectors.forking_tokens_mask(e, m, ratio, "global", threshold=threshold) for e, m in zip(entropies, masks)]
+        stats = token_stats(logits, rollout.response_ids[chunk, :r_width].to(parts.device), temperature=rollout.temperature)
+        entropy[offset:offset + len(chunk), :r_width] = stats.entropy.float().cpu()
+        logprob[offset:offset + len(chunk), :r_width] = stats.logprob.float().cpu()
+        offset += len(chunk)
+    mask = rollout.response_mask[rows, :width].float()
+    group_size = parts.config.ppo.selection_group_size if params["scope"] == "group" else None
+    groups = selection_groups(len(rows), group_size, generator)
+    if selector == "forking-tokens":
+        chosen = forking_tokens_in_groups(entropy, mask, groups, float(params["top_ratio"]), params["count_rounding"])
+    else:
+        chosen = kl_cov_in_groups(batch["advantages"][rows, :width], logprob, mask, groups, float(params["ratio"]))
+    out, offset = [], 0
+    for chunk, r_width in micro:
+        out.append(chosen[offset:offset + len(chunk), :r_width])
+        offset += len(chunk)
+    return out
 
 
 def train_step(parts: Parts, step: int) -> Dict[str, float]:
@@ -366,7 +424,7 @@ def train_step(parts: Parts, step: int) -> Dict[str, float]:
     update_metrics = ppo_update(parts, rollout, batch, step)
     timings["timing/update_s"] = time.perf_counter() - t
     t = time.perf_counter()
-    parts.engine.sync_weights(parts.policy.state_dict() if cfg.rollout.engine != "hf" else None)
+    parts.engine.sync_weights(parts.policy.state_dict())  # issue 11: each engine casts/skips as it needs
     timings["timing/sync_s"] = time.perf_counter() - t
     timings["timing/step_s"] = time.perf_counter() - t0
 
@@ -432,7 +490,7 @@ def load_checkpoint(parts: Parts, path: Path) -> int:
     parts.critic_opt.load_state_dict(saved["critic_opt"])
     parts.critic_sched.load_state_dict(saved["critic_sched"])
     _set_rng_state(parts, saved["rng"])
-    parts.engine.sync_weights(parts.policy.state_dict() if parts.config.rollout.engine != "hf" else None)
+    parts.engine.sync_weights(parts.policy.state_dict())  # issue 11: each engine casts/skips as it needs
     return int(json.loads((path / "state.json").read_text())["step"])
 
 
@@ -465,16 +523,18 @@ def evaluate_model(config: RunConfig, console=None) -> RunResult:
     from rich.console import Console
 
     from tre_cli.models import load_policy, load_tokenizer, resolve_model
-    from tre_cli.tasks import get_task
+    from tre_cli.tasks import task_for_run
+    from tre_cli.tasks.base import fit_prompts
 
     console = console or Console(stderr=True)
     _quiet_transformers()
     device = resolve_device(config.run.device)
     _seed_everything(config.run.seed)
-    task = get_task(config.task.name, **config.task.options)
+    task = task_for_run(config.task.name, config.task.options, config.model.name)
     test = task.load("test", limit=config.eval.limit)
     model_path = resolve_model(config.model.name)
     tokenizer = load_tokenizer(model_path)
+    test = fit_prompts(task, tokenizer, config.ppo.max_prompt_length, {"test": test})["test"]
     dtype = resolve_dtype(config.model.dtype, device)
     policy = load_policy(model_path, dtype=dtype, device=device) if config.rollout.engine == "hf" else None
     engine = make_engine(config, model_path, tokenizer, device, dtype, policy)

@@ -236,7 +236,7 @@ def policy_loss(
 
 
 class ValueLoss(NamedTuple):
-    """`loss`: aggregated scalar; `per_token`: [B, T] (already times 0.5); `metrics`: detached."""
+    """`loss`: aggregated scalar; `per_token`: [B, T] (already times `scale`); `metrics`: detached."""
 
     loss: torch.Tensor
     per_token: torch.Tensor
@@ -251,11 +251,15 @@ def value_loss(
     clip: Optional[float] = 0.5,
     agg: str = "token-mean",
     horizon: Optional[int] = None,
+    scale: float = 0.5,
 ) -> ValueLoss:
     """Clipped value loss (verl / TRL): per token
-    0.5 * max((v - R)^2, (clip(v, v_old - clip, v_old + clip) - R)^2).
-    clip=None gives the plain 0.5 * (v - R)^2. Metric critic/vf_clipfrac: fraction of masked
-    tokens where the clipped error is the larger one."""
+    scale * max((v - R)^2, (clip(v, v_old - clip, v_old + clip) - R)^2).
+    clip=None gives the plain scale * (v - R)^2. Metric critic/vf_clipfrac: fraction of masked
+    tokens where the clipped error is the larger one.
+
+    scale: 0.5 is TRL's convention; the paper's released code (its verl fork) uses 1.0, which is
+    what the trainer passes by default (`ppo.critic_loss_coef`)."""
     if not (values.shape == old_values.shape == returns.shape):
         raise ValueError(
             f"values {tuple(values.shape)}, old_values {tuple(old_values.shape)} and returns "
@@ -264,7 +268,7 @@ def value_loss(
     returns = returns.detach()
     err_unclipped = (values - returns) ** 2
     if clip is None:
-        per_token = 0.5 * err_unclipped
+        per_token = scale * err_unclipped
         clipfrac = torch.zeros((), dtype=values.dtype, device=values.device)
     else:
         if clip <= 0:
@@ -272,6 +276,6 @@ def value_loss(
         old = old_values.detach()
         clipped_values = torch.clamp(values, old - clip, old + clip)
         err_clipped = (clipped_values - returns) ** 2
-        per_token = 0.5 * torch.maximum(err_unclipped, err_clipped)
+        per_token = scale * torch.maximum(err_unclipped, err_clipped)
         clipfrac = masked_mean((err_clipped > err_unclipped).to(values.dtype), mask)
     return ValueLoss(aggregate(per_token, mask, agg, horizon), per_token, {"critic/vf_clipfrac": clipfrac.detach()})

@@ -66,11 +66,11 @@ METHODS: Mapping[str, Method] = {
         ),
         Method("min-ent", "min-ent", None, {"alpha": 0.001}, "PPO - alpha * min-entropy (-log max pi); the K = 1 boundary."),
         Method(
-            "forking-tokens", "none", "forking-tokens", {"top_ratio": 0.2, "scope": "micro-batch"},
-            "Policy-gradient loss only on the top 20% highest-entropy response tokens.",
+            "forking-tokens", "none", "forking-tokens", {"top_ratio": 0.2, "scope": "group", "count_rounding": "ceil"},
+            "Policy-gradient loss only on the top 20% highest-entropy response tokens (per group of sequences).",
         ),
         Method(
-            "kl-cov", "none", "kl-cov", {"ratio": 0.002, "beta": 1.0},
+            "kl-cov", "none", "kl-cov", {"ratio": 0.002, "beta": 1.0, "scope": "group"},
             "Adds beta*|logp - logp_old| on the top-ratio tokens by cov(A, logp) (ratio 0.002 as in the released code; the paper says 20%).",
         ),
     )

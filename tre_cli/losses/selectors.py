@@ -20,11 +20,24 @@ import torch
 FORKING_SCOPES = ("micro-batch", "global")
 
 
-def top_count(n_valid: int, ratio: float) -> int:
-    """Number of tokens a top-`ratio` selection keeps out of `n_valid` (see module docstring)."""
+COUNT_ROUNDINGS = ("floor", "ceil")
+
+
+def top_count(n_valid: int, ratio: float, rounding: str = "floor") -> int:
+    """Number of tokens a top-`ratio` selection keeps out of `n_valid` (see module docstring).
+
+    rounding="ceil" is the released Forking-Tokens rule, `int(ratio * n_valid + 0.9999)`: up,
+    except within 1e-4 of an integer, which absorbs float artefacts (15 * 0.2 is
+    3.0000000000000004 and keeps 3)."""
     if not 0 < ratio <= 1:
         raise ValueError(f"selection ratio must be in (0, 1], got {ratio}")
-    return max(1, int(ratio * n_valid)) if n_valid > 0 else 0
+    if rounding not in COUNT_ROUNDINGS:
+        raise ValueError(f"unknown count rounding {rounding!r}; choose one of: {', '.join(COUNT_ROUNDINGS)}")
+    if n_valid <= 0:
+        return 0
+    if rounding == "ceil":
+        return max(1, int(ratio * n_valid + 0.9999))
+    return max(1, int(ratio * n_valid))
 
 
 def _valid_scores(scores: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -37,10 +50,10 @@ def _valid_scores(scores: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tenso
     return flat_idx, values
 
 
-def top_tokens_mask(scores: torch.Tensor, mask: torch.Tensor, ratio: float) -> torch.Tensor:
-    """Bool mask of the top `top_count(n_valid, ratio)` valid tokens by score (ties: row-major)."""
+def top_tokens_mask(scores: torch.Tensor, mask: torch.Tensor, ratio: float, rounding: str = "floor") -> torch.Tensor:
+    """Bool mask of the top `top_count(n_valid, ratio, rounding)` valid tokens by score (ties: row-major)."""
     flat_idx, values = _valid_scores(scores, mask)
-    count = top_count(values.numel(), ratio)
+    count = top_count(values.numel(), ratio, rounding)
     # A stable descending sort keeps equal scores in their original (row-major) order.
     order = torch.sort(values, descending=True, stable=True).indices[:count]
     selected = torch.zeros(scores.numel(), dtype=torch.bool, device=scores.device)

@@ -1,9 +1,9 @@
 """Policy, critic and tokenizer from a hub id, a local directory, or the built-in `testbed`.
 
-Local first, network last: a name that is a directory is used as is; `testbed` is built and
-cached on first use; anything else is a hub id, taken from the local hub cache when it is there
-and downloaded only when the hub answers within a few seconds. Every failure is one line that
-names the model and says how to pass a local path.
+Local first, network last: a name that is a directory is used as is; `testbed` is the copy that
+ships with the package (tre_cli/models/testbed_weights/); anything else is a hub id, taken from
+the local hub cache when it is there and downloaded only when the hub answers within a few
+seconds. Every failure is one line that names the model and says how to pass a local path.
 """
 
 from __future__ import annotations
@@ -16,6 +16,8 @@ from typing import Any
 
 import torch
 from torch import nn
+
+from tre_cli.models.precision import Precision, autocast_for, set_compute_precision
 
 TESTBED_NAME = "testbed"
 HUB_PROBE_SECONDS = 5.0
@@ -99,16 +101,16 @@ def _unreachable(name: str, why: str) -> ValueError:
 def resolve_model(name_or_path: str | os.PathLike) -> Path:
     """The local directory holding the model called `name_or_path`.
 
-    `testbed` builds (once) and returns the cached built-in model; an existing directory is
+    `testbed` is the shipped built-in model (checksums verified); an existing directory is
     returned as is; anything else is a hub id, taken from the hub cache or downloaded.
     """
     name = str(name_or_path).strip()
     if not name:
         raise ValueError("model name is empty; pass a hub id, a local path or 'testbed'")
     if name == TESTBED_NAME:
-        from tre_cli.models.testbed import ensure_testbed
+        from tre_cli.models.testbed import shipped_testbed
 
-        return ensure_testbed()
+        return shipped_testbed()
     path = Path(name).expanduser()
     if path.is_dir():
         if not (path / "config.json").exists():
@@ -178,13 +180,20 @@ def load_policy(
     dtype: str | torch.dtype | None = "auto",
     device: str | torch.device = "cpu",
     gradient_checkpointing: bool = False,
+    precision: Precision | None = None,
 ) -> nn.Module:
-    """A causal LM (the policy) on `device`; bf16 by default on a GPU, float32 on CPU."""
+    """A causal LM (the policy) on `device`; bf16 by default on a GPU, float32 on CPU.
+
+    With `precision` (training): the weights are loaded in `precision.params` (the fp32 masters)
+    and every forward through `autocast_for(model)` computes in `precision.compute`; `dtype` is
+    then ignored."""
     from transformers import AutoModelForCausalLM
 
     path = resolve_model(name_or_path)
-    torch_dtype = resolve_dtype(dtype, device)
+    torch_dtype = precision.params if precision is not None else resolve_dtype(dtype, device)
     model = AutoModelForCausalLM.from_pretrained(str(path), dtype=torch_dtype).to(device)
+    if precision is not None:
+        set_compute_precision(model, precision)
     if gradient_checkpointing:
         _enable_checkpointing(model)
     return model
@@ -197,15 +206,23 @@ def _enable_checkpointing(model: nn.Module) -> None:
 
 
 class ValueModel(nn.Module):
-    """The critic: the policy's base transformer with a scalar value head on every position."""
+    """The critic: the policy's base transformer with a scalar value head on every position.
 
-    def __init__(self, backbone: nn.Module, value_head_std: float = 1e-3):
+    The head is a Linear(hidden, 1) with a bias, no dropout, weights drawn from N(0, std^2) and a
+    zero bias. `value_head_std=None` takes the model's own `initializer_range` (0.02 for Qwen2.5):
+    what the released code gets from transformers' token-classification head, whose dropout verl
+    sets to 0. A small std (e.g. 1e-3) starts the critic near V = 0 instead."""
+
+    def __init__(self, backbone: nn.Module, value_head_std: float | None = None):
         super().__init__()
         self.backbone = backbone
         hidden_size = backbone.config.hidden_size
+        if value_head_std is None:
+            value_head_std = float(getattr(backbone.config, "initializer_range", 0.02))
+        if not value_head_std > 0:
+            raise ValueError(f"value head init std must be > 0, got {value_head_std}")
         # float32 head: values feed GAE and a squared loss, where bf16 rounding would add noise.
         self.value_head = nn.Linear(hidden_size, 1, dtype=torch.float32, device=_device_of(backbone))
-        # A small head starts the critic near V = 0, so early advantages are close to the raw rewards.
         nn.init.normal_(self.value_head.weight, std=value_head_std)
         nn.init.zeros_(self.value_head.bias)
 
@@ -220,10 +237,13 @@ class ValueModel(nn.Module):
         position_ids: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Values [B, T] (float32), one per input position."""
-        hidden = self.backbone(
-            input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False
-        ).last_hidden_state
-        return self.value_head(hidden.float()).squeeze(-1)
+        with autocast_for(self):
+            hidden = self.backbone(
+                input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False
+            ).last_hidden_state
+        # The head in float32 even inside a caller's autocast region.
+        with torch.autocast(device_type=hidden.device.type, enabled=False):
+            return self.value_head(hidden.float()).squeeze(-1)
 
 
 def _device_of(module: nn.Module) -> torch.device:
@@ -235,17 +255,22 @@ def load_critic(
     dtype: str | torch.dtype | None = "auto",
     device: str | torch.device = "cpu",
     gradient_checkpointing: bool = False,
-    value_head_std: float = 1e-3,
+    value_head_std: float | None = None,
+    precision: Precision | None = None,
 ) -> ValueModel:
-    """A critic initialised from the same base model as the policy (the LM head is dropped)."""
+    """A critic initialised from the same base model as the policy (the LM head is dropped).
+    `precision` and `value_head_std` as in `load_policy` and `ValueModel`."""
     from transformers import AutoModel
 
     path = resolve_model(name_or_path)
-    torch_dtype = resolve_dtype(dtype, device)
+    torch_dtype = precision.params if precision is not None else resolve_dtype(dtype, device)
     backbone = AutoModel.from_pretrained(str(path), dtype=torch_dtype).to(device)
     if gradient_checkpointing:
         _enable_checkpointing(backbone)
-    return ValueModel(backbone, value_head_std=value_head_std)
+    critic = ValueModel(backbone, value_head_std=value_head_std)
+    if precision is not None:
+        set_compute_precision(critic, precision)
+    return critic
 
 
 def model_summary(model: nn.Module) -> dict[str, Any]:

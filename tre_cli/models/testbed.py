@@ -11,16 +11,19 @@ Recipe (every number lives in TESTBED_SPEC, whose hash names the cache directory
    and a rough sense of which signs fit, not exact arithmetic.
 4. In half of the warm-start answers the teacher slips: it writes the equation's value inside the
    answer tag ("<answer>98 - 54 - 6 + 34 = 72</answer>"), which the scorer rejects, as real
-   instruct models often do early in Countdown RL. The testbed starts with a Countdown reward of
-   about 0.09 at temperature 1.0 and slips in about 45% of its answers; without the slip it would
-   score about 0.17.
+   instruct models often do early in Countdown RL.
+
+The shipped copy (testbed_weights/, built from this recipe with seed 1 on an AVX2 machine) has a
+Countdown reward of 0.051 at temperature 1.0 on 512 held-out problems and slips in 46% of its
+answers. A rebuild on another processor is another model: 600 steps at lr 5e-3 amplify the
+different summation order of other kernels (seed 0 gave 0.098 on an AVX-512 machine and 0.023 on
+an AVX2 one). That is why the package ships the weights instead of building them on first use.
 
 Why the slip: PPO cannot teach a 1M-parameter model arithmetic within a CPU-sized run (runs of 150
 steps without it moved the reward from 0.10 to 0.13), but unlearning a habit that costs reward
 whenever the answer is otherwise right is a credit-assignment problem it solves in tens of steps.
-With the smoke preset (30 steps x 64 samples, actor lr 1e-4, about a minute) the slip rate falls
-to about 4% and the reward nearly doubles for every method, so a smoke run shows learning and
-its curves differ by method. Exploration beyond that (finding sign patterns the model rarely
+With the smoke preset (30 steps x 64 samples, actor lr 1e-4) the slip rate falls and the reward
+rises for every method, so a smoke run shows learning (tests/test_learning.py). Exploration beyond that (finding sign patterns the model rarely
 samples) is what the slower, real-model runs are for.
 """
 
@@ -41,6 +44,8 @@ from typing import Any, Iterable, Sequence
 import torch
 
 TESTBED_VERSION = 1
+# The held-out problems (and sampling seed) of the card's reward and slip rate; far from the SFT seeds.
+SLIP_EVAL_SEED = 987_654_321
 THINK_OPEN, THINK_CLOSE, ANSWER_OPEN, ANSWER_CLOSE = "<think>", "</think>", "<answer>", "</answer>"
 PAD_TOKEN, CHAT_START, CHAT_END = "<|endoftext|>", "<|im_start|>", "<|im_end|>"
 TESTBED_PRETOKENIZE_REGEX = r""" ?[0-9]|[0-9]| ?[A-Za-z]+| ?[^\sA-Za-z0-9]+|\s+"""
@@ -53,7 +58,7 @@ CHAT_TEMPLATE = (
 
 TESTBED_SPEC: dict[str, Any] = {
     "version": TESTBED_VERSION,
-    "seed": 0,
+    "seed": 1,
     "vocab_size": 384,  # BPE target; the embedding is padded to a multiple of 64
     "hidden_size": 128,
     "num_hidden_layers": 4,
@@ -68,7 +73,7 @@ TESTBED_SPEC: dict[str, Any] = {
     "batch_size": 32,
     "lr": 5e-3,
     "warmup_steps": 50,
-    "eval_problems": 128,
+    "eval_problems": 512,
     # What goes between <think> and </think>: "steps" (the running totals) or "equation" (the
     # answer's expression = target, a much shorter thing to learn).
     "think": "equation",
@@ -344,12 +349,20 @@ def build_testbed(out_dir: str | os.PathLike, log=None, measure: bool = True, **
         "vocab": len(tokenizer),
         "prompt_tokens_mean": sum(p for _, p in sequences) / len(sequences),
         "response_tokens_mean": sum(len(s) - p for s, p in sequences) / len(sequences),
+        "first_loss": losses[0],
         "final_loss": sum(losses[-20:]) / len(losses[-20:]),
         "build_seconds": round(train_seconds, 1),
+        "spec_hash": spec_hash(spec),
+        # What the result depends on besides the recipe: the kernels that summed the numbers.
+        "built_with": {
+            "torch": torch.__version__,
+            "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+            "threads": torch.get_num_threads(),
+        },
     }
     if measure:
         # A seed far from the SFT seeds, so these problems are (almost surely) unseen.
-        reward, slip_rate = measure_countdown_reward(model, tokenizer, spec["eval_problems"], 987_654_321)
+        reward, slip_rate = measure_countdown_reward(model, tokenizer, spec["eval_problems"], SLIP_EVAL_SEED)
         card["countdown_reward_t1"], card["answer_slip_rate_t1"] = reward, slip_rate
         card["measure_seconds"] = round(time.perf_counter() - started - train_seconds, 1)
     out.mkdir(parents=True, exist_ok=True)
@@ -371,6 +384,94 @@ def _check_reloaded_tokenizer(out: Path, built, texts: Sequence[str]) -> None:
     for text in texts:
         if loaded(text, add_special_tokens=False)["input_ids"] != built(text, add_special_tokens=False)["input_ids"]:
             raise RuntimeError(f"testbed tokenizer changes when reloaded ({type(loaded).__name__}) on {text!r}")
+
+
+# ----------------------------------------------------------------------------- the shipped copy
+
+# The testbed as built once from TESTBED_SPEC and shipped with the package, so that every machine
+# trains, tests and demos the same bytes (a rebuild on another processor is a different model:
+# its kernels sum in another order and 600 SFT steps at lr 5e-3 amplify that).
+SHIPPED_DIR = Path(__file__).resolve().parent / "testbed_weights"
+CHECKSUMS = "SHA256SUMS"
+_verified: set[Path] = set()
+
+
+def file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def write_checksums(folder: Path) -> None:
+    """SHA256SUMS over every other file of `folder` (sha256sum's format)."""
+    lines = [f"{file_sha256(path)}  {path.name}" for path in sorted(folder.iterdir()) if path.name != CHECKSUMS]
+    (folder / CHECKSUMS).write_text("\n".join(lines) + "\n")
+
+
+def verify_testbed(folder: str | os.PathLike) -> dict:
+    """The card of the testbed in `folder` after checking it: every file matches SHA256SUMS and the
+    card's recipe hash is today's TESTBED_SPEC. A ValueError names what is wrong."""
+    folder = Path(folder)
+    sums = folder / CHECKSUMS
+    if not sums.is_file():
+        raise ValueError(f"testbed at {folder} has no {CHECKSUMS}; reinstall tre-cli")
+    listed = {}
+    for line in sums.read_text().splitlines():
+        digest, _, name = line.partition("  ")
+        listed[name] = digest
+    for name, digest in listed.items():
+        path = folder / name
+        if not path.is_file() or file_sha256(path) != digest:
+            raise ValueError(f"testbed file {path} is missing or altered (checksum mismatch); reinstall tre-cli")
+    card = json.loads((folder / "testbed.json").read_text())
+    if card.get("spec_hash") != spec_hash(TESTBED_SPEC):
+        raise ValueError(
+            f"the testbed at {folder} was built from recipe {card.get('spec_hash')}, but TESTBED_SPEC is "
+            f"{spec_hash(TESTBED_SPEC)}: rebuild and ship it (tre testbed build --out DIR, then tre testbed ship DIR)"
+        )
+    return card
+
+
+def shipped_testbed() -> Path:
+    """The shipped testbed's folder, verified once per process."""
+    if SHIPPED_DIR not in _verified:
+        verify_testbed(SHIPPED_DIR)
+        _verified.add(SHIPPED_DIR)
+    return SHIPPED_DIR
+
+
+def compare_with_shipped(card: dict, folder: Path) -> list[tuple[str, Any, Any]]:
+    """(what, rebuilt, shipped) rows comparing a fresh build with the shipped testbed."""
+    shipped = json.loads((SHIPPED_DIR / "testbed.json").read_text())
+    rows = [
+        (key, card.get(key), shipped.get(key))
+        for key in ("final_loss", "countdown_reward_t1", "answer_slip_rate_t1", "build_seconds")
+    ]
+    weights = "model.safetensors"
+    same = file_sha256(folder / weights) == file_sha256(SHIPPED_DIR / weights)
+    rows.append(("weights bitwise equal", same, True))
+    return rows
+
+
+def ship(source: str | os.PathLike, target: str | os.PathLike | None = None) -> Path:
+    """Make the build in `source` the shipped testbed (`target`, default SHIPPED_DIR): a developer's
+    step after changing the recipe. Copies, writes SHA256SUMS, verifies, then swaps in."""
+    source, target = Path(source), Path(target or SHIPPED_DIR)
+    card = json.loads((source / "testbed.json").read_text())
+    if card.get("spec_hash") != spec_hash(TESTBED_SPEC):
+        raise ValueError(f"{source} was not built from today's TESTBED_SPEC")
+    staging = target.with_name(target.name + ".new")
+    shutil.rmtree(staging, ignore_errors=True)
+    shutil.copytree(source, staging)
+    (staging / CHECKSUMS).unlink(missing_ok=True)
+    write_checksums(staging)
+    verify_testbed(staging)
+    shutil.rmtree(target, ignore_errors=True)
+    os.rename(staging, target)
+    _verified.discard(target)
+    return target
 
 
 def testbed_dir(spec: dict | None = None) -> Path:

@@ -43,7 +43,8 @@ def get_engine(
             from tre_cli.models import load_policy
 
             model = load_policy(model_path, dtype=dtype, device=device)
-        return HFEngine(model=model, tokenizer=tokenizer, device=device, seed=seed, **engine_options)
+        # A given module in another dtype than `dtype` (fp32 masters): the engine samples from a copy in `dtype`.
+        return HFEngine(model=model, tokenizer=tokenizer, device=device, seed=seed, dtype=dtype, **engine_options)
     if name == "vllm":
         from tre_cli.rollout.vllm import VLLMEngine
 

@@ -11,6 +11,7 @@ starves PPO. On CPU it runs eagerly with a dynamic cache.
 
 from __future__ import annotations
 
+import copy
 from typing import Sequence
 
 import torch
@@ -58,8 +59,21 @@ class HFEngine(RolloutEngine):
         seed: int = 0,
         static_cache: bool | None = None,
         compile: bool | None = None,
+        dtype=None,
     ):
-        """`model` is the trainer's policy module itself, so no weight sync is ever needed."""
+        """`model` is the trainer's policy module itself, so no weight sync is needed; unless
+        `dtype` (the compute dtype) differs from the model's parameters (fp32 masters, bf16
+        compute): then the engine samples from its own copy in `dtype`, which `sync_weights`
+        refreshes from the trainer's state dict (cast on the way in)."""
+        from tre_cli.models import resolve_dtype
+        from tre_cli.models.precision import float_dtype_of
+
+        self.owns_copy = False
+        if dtype is not None:
+            target = resolve_dtype(dtype, device)
+            if float_dtype_of(model) != target:
+                model = copy.deepcopy(model).to(target).requires_grad_(False).eval()
+                self.owns_copy = True
         self.model = model
         self.tokenizer = tokenizer
         self.device = torch.device(device)
@@ -82,9 +96,15 @@ class HFEngine(RolloutEngine):
     # -- interface ---------------------------------------------------------------------------
 
     def sync_weights(self, state_dict=None) -> None:
-        """The engine samples from the trainer's own module; a state dict is loaded into it."""
-        if state_dict is not None:
-            self.model.load_state_dict(state_dict, strict=False)
+        """Load a state dict into the engine's module (cast to its dtype); nothing to do when the
+        state dict is the engine's own module's (it samples from the trainer's policy itself)."""
+        if state_dict is None:
+            return
+        state = dict(state_dict.items() if hasattr(state_dict, "items") else state_dict)
+        own = self.model.state_dict()
+        if all(name in own and tensor.data_ptr() == own[name].data_ptr() for name, tensor in state.items()):
+            return
+        self.model.load_state_dict(state, strict=False)
 
     @torch.no_grad()
     def generate(

@@ -23,11 +23,12 @@ from typing import Sequence
 
 import torch
 
+from tre_cli.models.precision import engine_state_dict
 from tre_cli.rollout.base import Rollout, RolloutEngine, assemble_rollout, check_generate_args, eos_token_ids_of
+from tre_cli.rollout.context import model_context_length
 
 CPU_KV_CACHE_BYTES = 512 * 2**20
 GPU_KV_CACHE_FRACTION = 0.2  # of the device's memory; the rest is the trainer's
-DEFAULT_MAX_MODEL_LEN = 4096
 
 log = logging.getLogger(__name__)
 
@@ -77,8 +78,9 @@ class VLLMEngine(RolloutEngine):
 
         config = AutoConfig.from_pretrained(str(path))
         self.eos_token_ids = eos_token_ids_of(tokenizer, config)
+        # The trainer passes prompt + T (tre_cli.rollout.context); None: the model's own context.
         if max_model_len is None:
-            max_model_len = min(int(getattr(config, "max_position_embeddings", DEFAULT_MAX_MODEL_LEN)), DEFAULT_MAX_MODEL_LEN)
+            max_model_len = model_context_length(path)
         if kv_cache_memory_bytes is None:
             if self.on_gpu:
                 total = torch.cuda.get_device_properties(self.device).total_memory
@@ -86,6 +88,7 @@ class VLLMEngine(RolloutEngine):
             else:
                 kv_cache_memory_bytes = CPU_KV_CACHE_BYTES
         torch_dtype = resolve_dtype(dtype, self.device)
+        self.dtype = torch_dtype
         self.sleep_level = int(sleep_level)
         self.asleep = False
         self.seed = int(seed)
@@ -97,7 +100,7 @@ class VLLMEngine(RolloutEngine):
             skip_tokenizer_init=True,
             dtype=str(torch_dtype).replace("torch.", ""),
             seed=self.seed,
-            max_model_len=int(max_model_len),
+            max_model_len=int(max_model_len) if max_model_len is not None else None,
             max_num_seqs=int(max_num_seqs),
             kv_cache_memory_bytes=int(kv_cache_memory_bytes),
             enforce_eager=not self.on_gpu,
@@ -164,13 +167,14 @@ class VLLMEngine(RolloutEngine):
         )
 
     def sync_weights(self, state_dict=None) -> None:
-        """Load the trainer's weights (a state dict with the checkpoint's names) into the engine."""
+        """Load the trainer's weights (a state dict with the checkpoint's names) into the engine,
+        cast to the engine's dtype (the compute dtype; the trainer's masters are fp32)."""
         if state_dict is None:
             return
         if self.asleep:
             self.wake()
         # A list, not a generator: the RPC may look at the weights more than once.
-        weights = [(name, tensor.detach()) for name, tensor in _items(state_dict)]
+        weights = list(engine_state_dict(_items(state_dict), self.dtype))
         self.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": weights})
         self.llm.reset_prefix_cache()
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 import importlib
 from pathlib import Path
 
+from tre_cli.resources import data_dir
 from tre_cli.tasks.base import Task
 
 # name -> (module, class); modules are imported on demand so `import tre_cli.tasks` stays light.
@@ -24,12 +25,6 @@ _REGISTRY = {
 }
 TASKS = tuple(_REGISTRY)
 
-# The YAML overlays sit in the repository's top-level tasks/ folder; an installed wheel carries a
-# copy as package data under tre_cli/tasks/overlays/.
-_OVERLAY_DIRS = (
-    Path(__file__).resolve().parents[2] / "tasks",
-    Path(__file__).resolve().parent / "overlays",
-)
 
 
 def _check_name(name: str) -> None:
@@ -45,13 +40,19 @@ def get_task(name: str, **options) -> Task:
     return task_class(**options)
 
 
+def task_for_run(name: str, options: dict, policy_model: str) -> Task:
+    """The task a run of `policy_model` uses: built from its options and bound to the model (HH
+    picks that model's reward model). Bad options, or HH without a reward model for the model,
+    are a ValueError in one line, before anything is loaded."""
+    return get_task(name, **options).bind_model(policy_model)
+
+
 def overlay_path(name: str) -> Path:
     _check_name(name)
-    for folder in _OVERLAY_DIRS:
-        path = folder / f"{name}.yaml"
-        if path.exists():
-            return path
-    raise FileNotFoundError(f"no overlay {name}.yaml in {' or '.join(str(d) for d in _OVERLAY_DIRS)}")
+    path = data_dir("tasks") / f"{name}.yaml"
+    if not path.is_file():
+        raise FileNotFoundError(f"task overlay {path} is missing; reinstall tre-cli")
+    return path
 
 
 def task_overlay(name: str) -> dict:
@@ -65,4 +66,4 @@ def task_overlay(name: str) -> dict:
     return data
 
 
-__all__ = ["TASKS", "Task", "get_task", "task_overlay", "overlay_path"]
+__all__ = ["TASKS", "Task", "get_task", "task_for_run", "task_overlay", "overlay_path"]

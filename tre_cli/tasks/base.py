@@ -7,12 +7,19 @@ task does not know are an error naming the option, so a typo in a YAML never pas
 from __future__ import annotations
 
 import json
+import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
 
 SPLITS = ("train", "test")
 LOCAL_SUFFIXES = (".jsonl", ".json", ".parquet")
+# What to do with a prompt longer than ppo.max_prompt_length tokens: drop it from its split when
+# the task is loaded (the released scripts' filter_overlong_prompts), keep its last tokens, or
+# refuse to run.
+OVERLONG_PROMPTS = ("drop", "truncate_left", "error")
+
+log = logging.getLogger("tre")
 
 # Options every task accepts; each task adds its own on top. `None` means "not set".
 COMMON_OPTIONS: dict[str, Any] = {
@@ -26,6 +33,7 @@ COMMON_OPTIONS: dict[str, Any] = {
     "test_size": None,
     "shuffle_seed": None,  # shuffle a hub split with this seed before taking rows
     "template": "chat",  # chat: the tokenizer's chat template; raw: plain "User: ...\nAssistant:"
+    "overlong_prompts": "drop",  # a prompt over ppo.max_prompt_length tokens: drop | truncate_left | error
 }
 
 
@@ -41,6 +49,11 @@ def resolve_options(task_name: str, given: Mapping[str, Any], extra_defaults: Ma
     options = {**defaults, **given}
     if options["template"] not in ("chat", "raw"):
         raise ValueError(f"task {task_name!r}: template must be 'chat' or 'raw', got {options['template']!r}")
+    if options["overlong_prompts"] not in OVERLONG_PROMPTS:
+        raise ValueError(
+            f"task {task_name!r}: overlong_prompts must be one of {', '.join(OVERLONG_PROMPTS)}, "
+            f"got {options['overlong_prompts']!r}"
+        )
     for split in SPLITS:
         for key in (f"{split}_offset", f"{split}_size"):
             value = options[key]
@@ -98,7 +111,7 @@ def read_local_rows(source: str | Path, split: str) -> list[dict]:
 
 def read_hub_rows(hub_id: str, hub_split: str, split: str, start: int, stop: int | None, shuffle_seed) -> list[dict]:
     """Rows [start, stop) of a hub split, shuffled first when a seed is given."""
-    hint = f"pass a local file with --set task.{split}_source=PATH (.jsonl or .parquet)"
+    hint = f"pass a local file with --set task.options.{split}_source=PATH (.jsonl or .parquet)"
     try:
         import datasets
     except ImportError:
@@ -140,7 +153,7 @@ def load_split_rows(
     offset = options[f"{split}_offset"] or 0
     if source is None:
         if generator is None:
-            raise ValueError(f"no {split}_source given; pass --set task.{split}_source=PATH")
+            raise ValueError(f"no {split}_source given; pass --set task.options.{split}_source=PATH")
         total = offset + (count if count is not None else 0)
         return generator(total)[offset:]
     if is_local_source(source):
@@ -155,10 +168,52 @@ def render_user_prompt(user_text: str, tokenizer, template: str) -> str:
     if template == "raw":
         return f"User: {user_text}\nAssistant:"
     if tokenizer is None or not getattr(tokenizer, "chat_template", None):
-        raise ValueError("the tokenizer has no chat template; use --set task.template=raw for a base model")
+        raise ValueError("the tokenizer has no chat template; use --set task.options.template=raw for a base model")
     return tokenizer.apply_chat_template(
         [{"role": "user", "content": user_text}], tokenize=False, add_generation_prompt=True
     )
+
+
+def prompt_lengths(task: "Task", examples: Sequence[Mapping[str, Any]], tokenizer) -> list[int]:
+    """Tokens in each example's rendered prompt, encoded as the trainer encodes it."""
+    if not examples:
+        return []
+    texts = [task.render(example, tokenizer) for example in examples]
+    return [len(ids) for ids in tokenizer(texts, add_special_tokens=False)["input_ids"]]
+
+
+def fit_prompts(task: "Task", tokenizer, max_length: int, splits: Mapping[str, list]) -> dict[str, list]:
+    """Each split without the examples whose prompt is longer than `max_length` tokens (option
+    `overlong_prompts: drop`, the released scripts' filter_overlong_prompts), or unchanged
+    (`truncate_left`: the trainer keeps the last `max_length` tokens), or an error naming the
+    count (`error`). One log line says what was dropped or cut; a split left empty is an error."""
+    mode = task.options.get("overlong_prompts", "drop")
+    kept: dict[str, list] = {}
+    counts: list[str] = []
+    for split, examples in splits.items():
+        lengths = prompt_lengths(task, examples, tokenizer)
+        over = sum(length > max_length for length in lengths)
+        if over and mode == "error":
+            raise ValueError(
+                f"task {task.name!r}: {over} of {len(examples)} {split} prompts are longer than "
+                f"ppo.max_prompt_length={max_length} tokens (the longest has {max(lengths)}); raise "
+                "ppo.max_prompt_length, or set task.options.overlong_prompts=drop or truncate_left"
+            )
+        kept[split] = examples if mode != "drop" else [e for e, n in zip(examples, lengths) if n <= max_length]
+        if examples and not kept[split]:
+            raise ValueError(
+                f"task {task.name!r}: all {len(examples)} {split} prompts are longer than "
+                f"ppo.max_prompt_length={max_length} tokens; raise it or set task.options.overlong_prompts=truncate_left"
+            )
+        if over:
+            counts.append(f"{over:,} of {len(examples):,} {split}")
+    if counts:
+        action = "dropped" if mode == "drop" else "cut from the left"
+        log.warning(
+            "task %r: %s %s prompts longer than ppo.max_prompt_length=%d tokens (task.options.overlong_prompts=%s)",
+            task.name, action, " and ".join(counts), max_length, mode,
+        )
+    return kept
 
 
 @dataclass
@@ -176,6 +231,11 @@ class Task:
 
     def reward(self, response: str, example: Mapping[str, Any]) -> float:
         raise NotImplementedError
+
+    def bind_model(self, policy_model: str) -> "Task":
+        """The task as a run of `policy_model` uses it (HH picks that model's reward model);
+        a task that does not depend on the policy model returns itself."""
+        return self
 
     def rewards(self, responses: Sequence[str], examples: Sequence[Mapping[str, Any]]) -> list[float]:
         if len(responses) != len(examples):

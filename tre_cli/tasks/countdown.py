@@ -1,10 +1,14 @@
 """Countdown: reach a target with + - * / using each given number exactly once.
 
-The reward follows the rule of the paper's released code: the response must end with
-`<think>...</think>` then `<answer>EXPR</answer>`; the integers in EXPR must equal the given
-numbers as a multiset; EXPR may hold only integer literals, + - * /, parentheses and unary minus;
-its exact rational value must be within 1e-5 of the target. The expression is evaluated by the
-small parser below, never by `eval`, and every input (any size, any nesting, any characters)
+The reward follows the rule of the paper's released code (README, "Reward rules at the edges"):
+the response must end with `<think>...</think>` then `<answer>EXPR</answer>`; the integers in
+EXPR must equal the given numbers as a multiset; EXPR may hold only numbers, + - * /, parentheses,
+unary signs and spaces; its value must be within 1e-5 of the target. How the edge cases read
+(trailing whitespace, a second think/answer block, line breaks in EXPR, `47.`, and the released
+code's loopholes `//`, `**` and `2.15`) is a `CountdownRules`, one task option each.
+
+EXPR is read by the small parser below, never by `eval`, with Python's arithmetic (the value the
+released code's `eval` computes), and every input (any size, any nesting, any characters)
 returns a float in time linear in its length.
 
 The generator and solver let Countdown run with no download at all.
@@ -14,6 +18,8 @@ from __future__ import annotations
 
 import hashlib
 import random
+import re
+from dataclasses import dataclass, fields
 from fractions import Fraction
 from typing import Any, Mapping, Sequence
 
@@ -26,30 +32,111 @@ PROMPT = (
     "<answer>(1 + 2) / 3</answer>."
 )
 
-TOLERANCE = Fraction(1, 100_000)
+TOLERANCE = 1e-5
 # Limits that keep scoring linear and bounded whatever the model writes. A valid answer uses at
 # most 4 numbers, so these are far above anything a correct expression needs.
 MAX_ANSWER_CHARS = 2_000
 MAX_TOKENS = 400
 MAX_DEPTH = 100
+# Integers wider than this are refused: without `**` (a loophole, off by default) no answer of
+# MAX_ANSWER_CHARS reaches it. The released code's Python would compute them, slowly; such a
+# number is far from any target.
+MAX_VALUE_BITS = 65_536
 
 DEFAULT_GENERATOR_SEED = 20_250_101
+
+
+@dataclass(frozen=True)
+class CountdownRules:
+    """How the reward reads the edge cases; each field is a task option of the same name.
+
+    The defaults are the released reward code's behaviour, except the loopholes, which stay
+    closed (the prompt allows + - * / on the given numbers only).
+    """
+
+    # "newline": `</answer>` may be followed by one "\n" and nothing else (released: its regex
+    # ends in `</answer>$`); "any": by any whitespace.
+    trailing_whitespace: str = "newline"
+    # "zero": a second think/answer block scores 0 (released: the extracted answer then holds
+    # the tags between the blocks); "last": the last block's answer counts.
+    repeated_blocks: str = "zero"
+    # "python": a line break between two tokens outside parentheses is a syntax error (released:
+    # Python's `eval`); "space": a line break reads as a space.
+    answer_newlines: str = "python"
+    # True: `47.` reads as 47 (released: a Python float literal); False: it is rejected.
+    trailing_dot: bool = True
+    # True: also admit what the released code's character filter lets through although the
+    # prompt does not allow it: `//`, `**` and decimals (`2.15` uses 2 and 15, `.5` uses 5).
+    loopholes: bool = False
+
+
+RULE_CHOICES = {
+    "trailing_whitespace": ("newline", "any"),
+    "repeated_blocks": ("zero", "last"),
+    "answer_newlines": ("python", "space"),
+}
+RULE_NAMES = tuple(f.name for f in fields(CountdownRules))
+RELEASED = CountdownRules()
+
 DEFAULT_OPTIONS = {
     "format_score": 0.0,  # TinyZero gives 0.1 to a well-formed wrong answer; the paper's code 0
     "generator_seed": DEFAULT_GENERATOR_SEED,
+    **{name: getattr(RELEASED, name) for name in RULE_NAMES},
 }
+
+
+def rules_from_options(options: Mapping[str, Any]) -> CountdownRules:
+    """The CountdownRules named by task options; a bad value is a ValueError naming the option."""
+    values = {}
+    for name in RULE_NAMES:
+        value = options.get(name, getattr(RELEASED, name))
+        choices = RULE_CHOICES.get(name, (True, False))
+        if isinstance(getattr(RELEASED, name), bool):
+            ok = isinstance(value, bool)
+        else:
+            ok = value in choices
+        if not ok:
+            shown = " or ".join(str(c).lower() if isinstance(c, bool) else repr(c) for c in choices)
+            raise ValueError(f"task 'countdown': {name} must be {shown}, got {value!r}")
+        values[name] = value
+    return CountdownRules(**values)
 
 
 class _ParseError(Exception):
     pass
 
 
-def extract_answer(response: str) -> str | None:
-    """EXPR when the response ends with <think>...</think> <answer>EXPR</answer>, else None."""
-    text = response.rstrip()
-    if not text.endswith("</answer>"):
+# ----------------------------------------------------------------------------- the answer
+
+
+def _answer_end(response: str, rules: CountdownRules) -> int | None:
+    """Where the final `</answer>` starts, or None when the response does not end with one."""
+    if rules.trailing_whitespace == "newline":
+        end = len(response) - 1 if response.endswith("\n") else len(response)
+    else:
+        end = len(response.rstrip())
+    close = end - len("</answer>")
+    return close if close >= 0 and response.startswith("</answer>", close) else None
+
+
+_THINK_THEN_ANSWER = re.compile(r"</think>\s*<answer>")
+
+
+def _first_block_answer(text: str, close: int) -> str | None:
+    """The released regex `<think>(.*?)</think>\\s*<answer>(.*?)</answer>$` (DOTALL, search), in
+    linear time: from the first `<think>`, the first `</think>` that whitespace and `<answer>`
+    follow; the answer runs from there to the final `</answer>`, tags and all. (The whole regex
+    would retry from every `<think>`: quadratic on a response full of them.)"""
+    start = text.find("<think>")
+    if start < 0:
         return None
-    open_at = text.rfind("<answer>")
+    found = _THINK_THEN_ANSWER.search(text, start + len("<think>"), close)
+    return None if found is None else text[found.end() : close]
+
+
+def _last_block_answer(text: str, close: int) -> str | None:
+    """The last `<answer>...</answer>`, after `</think>` (and whitespace) of a think block."""
+    open_at = text.rfind("<answer>", 0, close)
     if open_at < 0:
         return None
     before = text[:open_at].rstrip()
@@ -57,46 +144,114 @@ def extract_answer(response: str) -> str | None:
         return None
     if before.rfind("<think>", 0, len(before) - len("</think>")) < 0:
         return None
-    return text[open_at + len("<answer>") : len(text) - len("</answer>")]
+    return text[open_at + len("<answer>") : close]
 
 
-def tokenize(expression: str) -> list:
-    """Integers and single-character operators; anything else (unicode digits too) is an error."""
+def extract_answer(response: str, rules: CountdownRules = RELEASED) -> str | None:
+    """EXPR (stripped) when the response ends with <think>...</think> <answer>EXPR</answer>,
+    read by `rules`, else None."""
+    close = _answer_end(response, rules)
+    if close is None:
+        return None
+    if rules.repeated_blocks == "zero":
+        answer = _first_block_answer(response, close)
+    else:
+        answer = _last_block_answer(response, close)
+    return None if answer is None else answer.strip()
+
+
+# ----------------------------------------------------------------------------- the expression
+
+_SPACES = " \t\x0c"  # what Python's tokenizer skips between tokens (besides line breaks)
+_LINE_BREAKS = "\r\n"
+
+
+def _number(expression: str, i: int, rules: CountdownRules) -> tuple[str, list[int], int]:
+    """The numeric literal at `i`: (its text, its digit runs as integers, where it ends)."""
+    n = len(expression)
+    j = i
+    while j < n and "0" <= expression[j] <= "9":
+        j += 1
+    whole = expression[i:j]
+    if j < n and expression[j] == ".":
+        k = j + 1
+        while k < n and "0" <= expression[k] <= "9":
+            k += 1
+        fraction = expression[j + 1 : k]
+        if fraction or not whole:
+            if not rules.loopholes:
+                raise _ParseError("a decimal")  # 2.15 from 2 and 15, .5 from 5
+        elif not (rules.trailing_dot or rules.loopholes):
+            raise _ParseError("a trailing '.'")
+        return expression[i:k], [int(run) for run in (whole, fraction) if run], k
+    if len(whole) > 1 and whole[0] == "0" and whole.strip("0"):
+        raise _ParseError("leading zero")  # not a Python literal, so the released code scores 0
+    return whole, [int(whole)], j
+
+
+def tokenize(expression: str, rules: CountdownRules = RELEASED) -> tuple[list[str], list[int]]:
+    """(tokens, the integers written in the expression, as the released code's `\\d+` reads
+    them). Tokens are numeric literals and operators; anything the rules do not admit (unicode
+    digits too) is a _ParseError."""
     if len(expression) > MAX_ANSWER_CHARS:
         raise _ParseError("answer too long")
-    tokens: list = []
+    tokens: list[str] = []
+    written: list[int] = []
+    depth = 0
+    line_break = False  # a line break outside parentheses after a token
     i, n = 0, len(expression)
     while i < n:
         char = expression[i]
-        if char in " \t\r\n":
+        if char in _SPACES:
             i += 1
-        elif "0" <= char <= "9":
-            j = i
-            while j < n and "0" <= expression[j] <= "9":
-                j += 1
-            literal = expression[i:j]
-            if j - i > 9:
-                raise _ParseError("number too long")  # no given number has more than 2 digits
-            if len(literal) > 1 and literal[0] == "0":
-                raise _ParseError("leading zero")  # not a Python literal, so the released code scores 0
-            tokens.append(int(literal))
-            i = j
+            continue
+        if char in _LINE_BREAKS:
+            if rules.answer_newlines == "python" and depth == 0 and tokens:
+                line_break = True
+            i += 1
+            continue
+        if line_break:
+            raise _ParseError("a line break between tokens outside parentheses")
+        if "0" <= char <= "9" or (char == "." and i + 1 < n and "0" <= expression[i + 1] <= "9"):
+            literal, runs, i = _number(expression, i, rules)
+            tokens.append(literal)
+            written.extend(runs)
+        elif char in "*/" and expression.startswith(char * 2, i):
+            if not rules.loopholes:
+                raise _ParseError(f"{char * 2!r}")
+            tokens.append(char * 2)
+            i += 2
         elif char in "+-*/()":
+            depth = max(depth + {"(": 1, ")": -1}.get(char, 0), 0)
             tokens.append(char)
             i += 1
         else:
             raise _ParseError(f"character {char!r}")
         if len(tokens) > MAX_TOKENS:
             raise _ParseError("too many tokens")
-    return tokens
+    return tokens, written
+
+
+def _width(value) -> int:
+    if isinstance(value, int):
+        return value.bit_length()
+    if isinstance(value, Fraction):
+        return max(value.numerator.bit_length(), value.denominator.bit_length())
+    return 0  # floats and complex numbers have a fixed size
 
 
 class _Parser:
-    """Recursive descent over: expr := term (+|- term)*; term := unary (*|/ unary)*;
-    unary := - unary | primary; primary := INT | ( expr ). Depth is capped."""
+    """Recursive descent over Python's grammar for these tokens:
+    expr := term (+|- term)*; term := factor (*|/|// factor)*; factor := (+|-) factor | power;
+    power := primary [** factor]; primary := NUMBER | ( expr ).
 
-    def __init__(self, tokens: list):
+    The arithmetic is Python's on Python's numbers (int, float, complex: what the released
+    code's `eval` computes), or exact rationals with `exact` (the solver). Depth is capped, and so
+    is the width of an integer (only `**` and long products can build a wide one)."""
+
+    def __init__(self, tokens: list[str], exact: bool = False):
         self.tokens = tokens
+        self.exact = exact
         self.position = 0
         self.depth = 0
 
@@ -113,13 +268,13 @@ class _Parser:
         if self.depth > MAX_DEPTH:
             raise _ParseError("nested too deeply")
 
-    def parse(self) -> Fraction:
+    def parse(self):
         value = self.expr()
         if self.position != len(self.tokens):
             raise _ParseError("trailing tokens")
         return value
 
-    def expr(self) -> Fraction:
+    def expr(self):
         value = self.term()
         while self.peek() in ("+", "-"):
             if self.take() == "+":
@@ -128,32 +283,53 @@ class _Parser:
                 value = value - self.term()
         return value
 
-    def term(self) -> Fraction:
-        value = self.unary()
-        while self.peek() in ("*", "/"):
+    def term(self):
+        value = self.factor()
+        while self.peek() in ("*", "/", "//"):
             operator = self.take()
-            right = self.unary()
+            right = self.factor()
             if operator == "*":
+                if _width(value) + _width(right) > MAX_VALUE_BITS:
+                    raise _ParseError("number too large")
                 value = value * right
-            elif right == 0:
-                raise _ParseError("division by zero")
+            elif operator == "/":
+                value = value / right  # ZeroDivisionError, OverflowError: as in Python
             else:
-                value = value / right
+                value = value // right
         return value
 
-    def unary(self) -> Fraction:
-        if self.peek() == "-":
-            self.take()
+    def factor(self):
+        if self.peek() in ("+", "-"):
+            sign = self.take()
             self.descend()
-            value = -self.unary()
+            value = self.factor()
             self.depth -= 1
-            return value
-        return self.primary()
+            return -value if sign == "-" else +value
+        return self.power()
 
-    def primary(self) -> Fraction:
+    def power(self):
+        base = self.primary()
+        if self.peek() != "**":
+            return base
+        self.take()
+        self.descend()
+        exponent = self.factor()
+        self.depth -= 1
+        # An integer to a positive integer power is an exact integer in Python: bound its width.
+        # Every other case is a float or complex power of fixed cost.
+        if isinstance(base, int) and isinstance(exponent, int) and exponent > 0 and abs(base) > 1:
+            if _width(base) * exponent > MAX_VALUE_BITS:
+                raise _ParseError("power too large")
+        return base**exponent
+
+    def primary(self):
         token = self.take()
-        if isinstance(token, int):
-            return Fraction(token)
+        if token is None:
+            raise _ParseError("unexpected end")
+        if token[0].isdigit() or token[0] == ".":
+            if self.exact:
+                return Fraction(token)
+            return float(token) if "." in token else int(token)
         if token == "(":
             self.descend()
             value = self.expr()
@@ -164,36 +340,52 @@ class _Parser:
         raise _ParseError(f"unexpected {token!r}")
 
 
-def evaluate(expression: str) -> Fraction | None:
-    """The exact value of an arithmetic expression, or None when it is not one we admit."""
+_EVALUATION_ERRORS = (_ParseError, RecursionError, ZeroDivisionError, ValueError, OverflowError, TypeError)
+
+
+def evaluate(expression: str, rules: CountdownRules = RELEASED):
+    """The value the reward computes for an expression (Python's arithmetic, as the released
+    code's), or None when `rules` do not admit it."""
     try:
-        return _Parser(tokenize(expression)).parse()
-    except (_ParseError, RecursionError, ZeroDivisionError, ValueError, OverflowError):
+        return _Parser(tokenize(expression, rules)[0]).parse()
+    except _EVALUATION_ERRORS:
         return None
 
 
-def score(response: str, numbers: Sequence[int], target: int | float, format_score: float = 0.0) -> float:
+def exact_value(expression: str) -> Fraction | None:
+    """The exact rational value of a + - * / expression (no loopholes), or None."""
+    try:
+        return _Parser(tokenize(expression, CountdownRules(loopholes=False))[0], exact=True).parse()
+    except _EVALUATION_ERRORS:
+        return None
+
+
+def score(
+    response: str,
+    numbers: Sequence[int],
+    target: int | float,
+    format_score: float = 0.0,
+    rules: CountdownRules = RELEASED,
+) -> float:
     """1.0 for a correct final answer, `format_score` for a well-formed wrong one, else 0.0."""
     try:
         if not isinstance(response, str):
             return 0.0
-        expression = extract_answer(response)
+        expression = extract_answer(response, rules)
         if expression is None:
             return 0.0
         try:
-            tokens = tokenize(expression)
+            tokens, written = tokenize(expression, rules)
         except _ParseError:
             return float(format_score)
-        used = sorted(token for token in tokens if isinstance(token, int))
-        if used != sorted(int(number) for number in numbers):
+        if sorted(written) != sorted(int(number) for number in numbers):
             return float(format_score)
         try:
             value = _Parser(tokens).parse()
-        except (_ParseError, RecursionError, ZeroDivisionError):
+            right = abs(value - target) < TOLERANCE
+        except _EVALUATION_ERRORS:
             return float(format_score)
-        if abs(value - Fraction(target)) < TOLERANCE:
-            return 1.0
-        return float(format_score)
+        return 1.0 if right else float(format_score)
     except Exception:  # a reward must never take a training step down
         return 0.0
 
@@ -289,7 +481,7 @@ def _fast_solve(numbers: tuple[int, ...], target: int) -> str | None:
                     if b_key in tables[right]:
                         # The exact check also rejects a division by zero that the floats hid.
                         text = _join(numbers, tables, make((right, b_key)))
-                        if evaluate(text) == target:
+                        if exact_value(text) == target:
                             return text
         left = (left - 1) & full
     return None
@@ -345,7 +537,7 @@ def generate(n: int, seed: int, split: str | None = None) -> list[dict]:
             continue
         target = rng.choice(targets)
         solution = _expression(numbers, tables, (1 << len(numbers)) - 1, float(target))
-        if evaluate(solution) != target:  # float noise fooled the table: skip, never emit a wrong one
+        if exact_value(solution) != target:  # float noise fooled the table: skip, never emit a wrong one
             continue
         seen.add((tuple(sorted(nums)), target))
         rows.append({"nums": nums, "target": target, "solution": solution})
@@ -370,6 +562,7 @@ class CountdownTask(Task):
         format_score = self.options["format_score"]
         if not isinstance(format_score, (int, float)) or not 0.0 <= format_score < 1.0:
             raise ValueError(f"task 'countdown': format_score must be in [0, 1), got {format_score!r}")
+        self.rules = rules_from_options(self.options)
 
     def load(self, split: str, limit: int | None = None) -> list[dict]:
         seed = self.options["generator_seed"]
@@ -383,4 +576,4 @@ class CountdownTask(Task):
         return render_user_prompt(text, tokenizer, self.options["template"])
 
     def reward(self, response: str, example: Mapping[str, Any]) -> float:
-        return score(response, example["nums"], example["target"], self.options["format_score"])
+        return score(response, example["nums"], example["target"], self.options["format_score"], self.rules)

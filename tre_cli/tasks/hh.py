@@ -4,11 +4,17 @@ The reward is the scalar output of a sequence-classification model (any hub id o
 `tre rm train` makes one) on the chat-templated (prompt, response) pair, truncated to 2,048
 tokens, scored in batches, on the GPU when there is one. The pair is rendered exactly as TRL's
 reward trainer renders a training pair, so training and scoring see the same text.
+
+The paper trains one reward model per policy model (from the same base): option
+`reward_models` maps a policy model to its reward model, `reward_model` names one for any
+policy model. A run binds the task to its policy model (`bind_model`), which picks the reward
+model or fails in one line, before anything is loaded (and a sweep, before Ray starts).
 """
 
 from __future__ import annotations
 
 import threading
+from pathlib import Path
 from typing import Any, Mapping, Sequence
 
 from tre_cli.tasks.base import Task, load_split_rows, render_user_prompt, resolve_options
@@ -16,6 +22,7 @@ from tre_cli.tasks.base import Task, load_split_rows, render_user_prompt, resolv
 DEFAULT_SOURCE = "trl-lib/ultrafeedback_binarized"
 DEFAULT_OPTIONS = {
     "reward_model": None,  # hub id or local folder of a sequence-classification reward model
+    "reward_models": {},  # policy model (as model.name) -> its reward model; the paper's setup
     "rm_max_length": 2048,
     "rm_batch_size": 16,
     "rm_device": None,  # None: cuda when available, else cpu
@@ -73,7 +80,7 @@ class RewardModelScorer:
             first = str(error).strip().splitlines()[0][:200] if str(error).strip() else type(error).__name__
             raise ValueError(
                 f"cannot load reward model {self.model_name!r} ({first}); pass a local folder with "
-                "--set task.reward_model=PATH (make one with `tre rm train`)"
+                "--set task.options.reward_model=PATH (make one with `tre rm train`)"
             ) from None
         if model.config.num_labels != 1:
             raise ValueError(f"reward model {self.model_name!r} has {model.config.num_labels} labels; a scalar RM has 1")
@@ -115,15 +122,62 @@ class RewardModelScorer:
             return scores
 
 
+def _check_reward_model_options(options: Mapping[str, Any]) -> None:
+    single = options["reward_model"]
+    if single is not None and (not isinstance(single, str) or not single.strip()):
+        raise ValueError(f"task 'hh': reward_model must be a hub id or a folder (or null), got {single!r}")
+    mapping = options["reward_models"]
+    if mapping is None:
+        return
+    if not isinstance(mapping, Mapping) or not all(
+        isinstance(k, str) and (v is None or (isinstance(v, str) and v.strip())) for k, v in mapping.items()
+    ):
+        raise ValueError(f"task 'hh': reward_models must map policy models to reward models, got {mapping!r}")
+
+
+def _looks_local(path: str) -> bool:
+    return path.startswith(("/", "./", "../", "~"))
+
+
+def reward_model_for(options: Mapping[str, Any], policy_model: str) -> str:
+    """The reward model for `policy_model`: its entry in `reward_models`, else `reward_model`.
+    Neither, the two disagreeing, or a local path that does not exist: a ValueError in one line."""
+    single = options.get("reward_model")
+    mapped = (options.get("reward_models") or {}).get(policy_model)
+    if single and mapped and single != mapped:
+        raise ValueError(
+            f"task 'hh': task.options.reward_model ({single}) and the task.options.reward_models entry for "
+            f"{policy_model!r} ({mapped}) disagree; set one of them"
+        )
+    chosen = mapped or single
+    if not chosen:
+        known = ", ".join(sorted(k for k, v in (options.get("reward_models") or {}).items() if v)) or "none"
+        raise ValueError(
+            f"task 'hh' has no reward model for policy model {policy_model!r} (task.options.reward_models "
+            f"has: {known}); map it in task.options.reward_models or --set task.options.reward_model=PATH "
+            "(train one with `tre rm train`)"
+        )
+    if _looks_local(chosen) and not Path(chosen).expanduser().exists():
+        raise ValueError(f"task 'hh': the reward model {chosen} for policy model {policy_model!r} does not exist")
+    return chosen
+
+
 class HHTask(Task):
     def __init__(self, **options):
         super().__init__(name="hh", options=resolve_options("hh", options, DEFAULT_OPTIONS))
+        _check_reward_model_options(self.options)
         model = self.options["reward_model"]
-        self._scorer = (
-            RewardModelScorer(model, self.options["rm_max_length"], self.options["rm_batch_size"], self.options["rm_device"])
-            if model
-            else None
-        )
+        self._scorer = self._make_scorer(model) if model else None
+
+    def _make_scorer(self, model: str) -> RewardModelScorer:
+        return RewardModelScorer(model, self.options["rm_max_length"], self.options["rm_batch_size"], self.options["rm_device"])
+
+    def bind_model(self, policy_model: str) -> "HHTask":
+        """Score with the reward model of `policy_model` (see reward_model_for)."""
+        chosen = reward_model_for(self.options, policy_model)
+        if self._scorer is None or self._scorer.model_name != chosen:
+            self._scorer = self._make_scorer(chosen)
+        return self
 
     def load(self, split: str, limit: int | None = None) -> list[dict]:
         rows = load_split_rows(self.options, split, limit, DEFAULT_SOURCE)
@@ -139,5 +193,8 @@ class HHTask(Task):
         if len(responses) != len(examples):
             raise ValueError(f"{len(responses)} responses for {len(examples)} examples")
         if self._scorer is None:
-            raise ValueError("task 'hh' needs a reward model: --set task.reward_model=PATH (train one with `tre rm train`)")
+            raise ValueError(
+                "task 'hh' needs a reward model: --set task.options.reward_model=PATH, or map the policy model "
+                "in task.options.reward_models (train one with `tre rm train`)"
+            )
         return self._scorer.score([e["prompt"] for e in examples], [str(r) for r in responses])

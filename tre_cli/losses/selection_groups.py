@@ -1,0 +1,77 @@
+"""Where Forking-Tokens and KL-Cov choose their tokens: fixed groups of sequences (issue 11, item 6).
+
+The released code selects within each micro-batch on each GPU: `ppo_micro_batch_size_per_gpu`
+sequences (8 for MATH, 16 for Countdown and HH in its 1.5B scripts; 4 / 16 / 8 for 7B), mixed
+across prompts by its length balancing across GPUs. In tre the micro-batch is a memory knob
+(`ppo.micro_batch_tokens`), and a memory knob must never change the algorithm, so the selection
+group is its own setting:
+
+- scope "group" (the released behaviour): the mini-batch's sequences are shuffled with a seed
+  of the run, step and mini-batch (mixing prompts, as the released length balancing does), cut
+  into consecutive groups of `ppo.selection_group_size` sequences (the last may be smaller), and
+  each group selects its own top fraction.
+- scope "global": the whole mini-batch (one optimizer update) is one group.
+
+The trainer computes the scores of every sequence of the mini-batch in a no-grad pass first
+(the policy does not change within a mini-batch), so groups never depend on how the update
+splits the mini-batch into micro-batches.
+
+Counts: Forking-Tokens keeps `top_count(n, 0.2, rounding)` tokens of a group's n response
+tokens; the released code rounds up (`int(0.2 * n + 0.9999)`), tre's earlier rule rounded down
+(`method.count_rounding`). KL-Cov keeps `max(1, int(ratio * n))` (the released rule).
+"""
+
+from __future__ import annotations
+
+from typing import List, Optional, Sequence
+
+import torch
+
+from tre_cli.losses.selectors import kl_cov_penalty_mask, top_tokens_mask
+
+SELECTION_SCOPES = ("group", "global")
+
+
+def selection_groups(n_rows: int, group_size: Optional[int], generator: torch.Generator) -> List[torch.Tensor]:
+    """Row indices 0..n_rows-1 in a seeded shuffle, cut into consecutive groups of `group_size`
+    (None: one group of all rows). Depends only on n_rows, group_size and the generator."""
+    if n_rows < 1:
+        return []
+    if group_size is not None and group_size < 1:
+        raise ValueError(f"selection group size must be >= 1, got {group_size}")
+    order = torch.randperm(n_rows, generator=generator)
+    if group_size is None or group_size >= n_rows:
+        return [order]
+    return list(order.split(group_size))
+
+
+def _check_groups(groups: Sequence[torch.Tensor], n_rows: int) -> None:
+    rows = torch.cat(list(groups)) if groups else torch.empty(0, dtype=torch.long)
+    if rows.numel() != n_rows or not torch.equal(rows.sort().values, torch.arange(n_rows)):
+        raise ValueError("selection groups must cover every row exactly once")
+
+
+def forking_tokens_in_groups(entropy: torch.Tensor, mask: torch.Tensor, groups: Sequence[torch.Tensor],
+                             top_ratio: float = 0.2, rounding: str = "ceil") -> torch.Tensor:
+    """Bool [B, T]: in each group of rows, its `top_count(n_valid, top_ratio, rounding)`
+    highest-entropy valid tokens (ties: the group's row order, then position)."""
+    if entropy.shape != mask.shape:
+        raise ValueError(f"entropy shape {tuple(entropy.shape)} does not match mask shape {tuple(mask.shape)}")
+    _check_groups(groups, entropy.shape[0])
+    selected = torch.zeros(entropy.shape, dtype=torch.bool, device=entropy.device)
+    for rows in groups:
+        selected[rows] = top_tokens_mask(entropy[rows], mask[rows], top_ratio, rounding=rounding)
+    return selected
+
+
+def kl_cov_in_groups(advantages: torch.Tensor, logprob: torch.Tensor, mask: torch.Tensor,
+                     groups: Sequence[torch.Tensor], ratio: float = 0.002) -> torch.Tensor:
+    """Bool [B, T]: in each group of rows, KL-Cov's top-`ratio` tokens by cov(A, logp), the
+    covariance's means taken over that group's valid tokens."""
+    if not (advantages.shape == logprob.shape == mask.shape):
+        raise ValueError("advantages, logprob and mask must have the same shape")
+    _check_groups(groups, mask.shape[0])
+    selected = torch.zeros(mask.shape, dtype=torch.bool, device=mask.device)
+    for rows in groups:
+        selected[rows] = kl_cov_penalty_mask(advantages[rows], logprob[rows], mask[rows], ratio)
+    return selected
