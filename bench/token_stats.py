@@ -228,6 +228,45 @@ def stats_module_at(ref: str) -> types.ModuleType:
     return module
 
 
+COUNTDOWN_PROMPTS = [f"Using the numbers {a}, {b} and {c}, create an equation that equals {t}. You can use basic "
+                     "arithmetic operations (+, -, *, /) and each number can only be used once. Show your work in "
+                     "<think> </think> tags. And return the final answer in <answer> </answer> tags."
+                     for a, b, c, t in ((3, 7, 25, 46), (19, 36, 55, 20), (8, 12, 40, 60), (95, 21, 3, 71),
+                                        (6, 9, 13, 41), (44, 2, 17, 71), (5, 50, 75, 30), (11, 23, 4, 81))]
+
+
+def sampled_logits(model_dir: str, batch: int, seq: int, cache: str):
+    """A real model's raw next-token logits [batch * seq, V] (float32) on its own answers to
+    Countdown prompts, sampled at temperature 1 from the full distribution, `seq` tokens each (EOS
+    suppressed, so every row is a real response position), and the sampled tokens. Cached in
+    `cache` (they take a minute or two to sample on a CPU); a cache of more sequences of the same
+    length serves its first `batch`."""
+    if os.path.exists(cache):
+        saved = torch.load(cache)
+        if saved.get("seq") == seq and saved["logits"].shape[0] >= batch * seq:
+            return saved["logits"][:batch * seq].float().contiguous(), saved["tokens"][:batch * seq]
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    prompts = [tok.apply_chat_template([{"role": "user", "content": COUNTDOWN_PROMPTS[i % len(COUNTDOWN_PROMPTS)]}],
+                                       tokenize=False, add_generation_prompt=True) for i in range(batch)]
+    tok.padding_side = "left"
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token
+    inputs = tok(prompts, return_tensors="pt", padding=True)
+    torch.manual_seed(0)
+    with torch.no_grad():
+        out = model.generate(**inputs, do_sample=True, temperature=1.0, top_k=0, top_p=1.0, min_new_tokens=seq,
+                             max_new_tokens=seq, output_logits=True, return_dict_in_generate=True,
+                             pad_token_id=tok.pad_token_id)
+    # The raw logits (before min_new_tokens masks EOS), as the policy computes them in training.
+    logits = torch.stack(out.logits, 1).reshape(batch * seq, -1).float()
+    tokens = out.sequences[:, inputs["input_ids"].shape[1]:].reshape(-1)
+    torch.save({"logits": logits, "tokens": tokens, "seq": seq}, cache)
+    return logits, tokens
+
+
 def distribution(logits, p: float = P) -> dict:
     """What the statistics see: P_max and the TRE-P nucleus sizes of these rows."""
     from tre_cli.losses import RegionSpec, token_stats
@@ -269,20 +308,28 @@ def vs_model(args, console) -> list:
         torch.set_num_threads(args.threads)
     n = args.batch * args.seq
     model = smollm_shaped_model()
-    ids = torch.randint(SMOLLM2_135M["vocab_size"], (args.batch, args.seq), generator=torch.Generator().manual_seed(1))
-    logits, tokens = L.smollm_like_logits(n, SMOLLM2_135M["vocab_size"])
+    if args.real_model:
+        cache = args.real_cache or os.path.join(os.environ.get("TMPDIR", "/tmp"),
+                                                f"tre_sampled_{args.batch}x{args.seq}.pt")
+        logits, tokens = sampled_logits(args.real_model, args.batch, args.seq, cache)
+        source = f"{args.real_model}'s own answers (cache {cache})"
+    else:
+        logits, tokens = L.smollm_like_logits(n, SMOLLM2_135M["vocab_size"])
+        source = "bench/losses.smollm_like_logits"
+    ids = tokens.reshape(args.batch, args.seq)  # the bare step sees the very tokens the statistics score
     console.print(f"SmolLM2-135M shape, {sum(p.numel() for p in model.parameters()) / 1e6:.1f}M parameters, "
                   f"{args.batch} x {args.seq} tokens, {torch.get_num_threads()} threads")
-    console.print(f"logits: {distribution(logits)}")
+    console.print(f"logits from {source}: {distribution(logits)}")
     from tre_cli.losses import stats as new
 
     impls = {"new": new}
-    try:
-        impls["old"] = stats_module_at(args.old_ref)
-        console.print(f"old = tre_cli/losses/stats.py at {args.old_ref}; agreement with new: "
-                      f"{agreement_old_new(impls['old'], logits, tokens)}")
-    except (subprocess.CalledProcessError, FileNotFoundError) as err:
-        console.print(f"no old implementation ({args.old_ref}: {err}); measuring the new one only")
+    if args.old_ref:
+        try:
+            impls["old"] = stats_module_at(args.old_ref)
+            console.print(f"old = tre_cli/losses/stats.py at {args.old_ref}; agreement with new: "
+                          f"{agreement_old_new(impls['old'], logits, tokens)}")
+        except (subprocess.CalledProcessError, FileNotFoundError) as err:
+            console.print(f"no old implementation ({args.old_ref}: {err}); measuring the new one only")
 
     def bare():
         out = model(input_ids=ids).logits
@@ -298,12 +345,24 @@ def vs_model(args, console) -> list:
             (s.logprob + s.entropy + s.p_max + s.min_entropy + s.region_entropy).sum().backward()
         return run
 
-    tasks = {"bare forward+backward": bare}
+    def straightforward():  # plain torch: full softmax, full stable sort, cumsum, autograd
+        leaf.grad = None
+        L.sort_based(leaf, tokens, "all", p=P).sum().backward()
+
+    gradient = torch.empty_like(logits).copy_(logits.detach())  # pages touched before timing
+
+    def floor():  # the logits read once and their gradient written once
+        gradient.copy_(logits.detach())
+
+    tasks = {"bare forward+backward": bare, "floor (one copy of the logits)": floor}
     for name in ("old", "new"):
         if name in impls:
             spec = impls[name].RegionSpec
             tasks[f"{name}: all stats + TRE-P {P}"] = stats(impls[name], spec.top_p(P))
             tasks[f"{name}: all stats + TRE-K 2"] = stats(impls[name], spec.top_k(2))
+            tasks[f"{name}: all stats, no region"] = stats(impls[name], None)
+    if not args.no_sort:
+        tasks[f"straightforward: all stats + TRE-P {P} (sort + cumsum)"] = straightforward
     times = {name: [] for name in tasks}
     for r in range(args.warmup + args.rounds):
         for name, fn in tasks.items():  # interleaved: every round sees the same machine load
@@ -311,28 +370,40 @@ def vs_model(args, console) -> list:
             if r >= args.warmup:
                 times[name].append(t)
         console.print(f"round {r + 1}/{args.warmup + args.rounds}" + (" (warm-up)" if r < args.warmup else "")
-                      + ": " + ", ".join(f"{k.split(':')[0]} {v[-1][0]:.1f}s" for k, v in times.items() if v))
-    bare_wall = [w for w, _ in times["bare forward+backward"]]
-    table = Table(title=f"CPU, {n:,} tokens x V = {SMOLLM2_135M['vocab_size']:,}, {args.rounds} rounds "
-                        f"(min and median), shared machine: ranges, not points")
-    for col in ("task", "wall s min", "wall s median", "cpu s min", "x bare (min)", "x bare (median)"):
+                      + ": " + ", ".join(f"{k} {v[-1][0]:.2f}s" for k, v in times.items() if v))
+    leaf.grad = None
+    med = {name: statistics.median(w for w, _ in ts) for name, ts in times.items()}
+    low = {name: min(w for w, _ in ts) for name, ts in times.items()}
+    sort_name = next((k for k in times if k.startswith("straightforward")), None)
+    table = Table(title=f"CPU, {n:,} tokens x V = {SMOLLM2_135M['vocab_size']:,}, {torch.get_num_threads()} threads, "
+                        f"{args.rounds} rounds: median (min-max); shared machine: ranges, not points")
+    cols = ["task", "wall s", "cpu s", "x bare", "x floor"] + (["x straightforward"] if sort_name else [])
+    for col in cols:
         table.add_column(col, justify="left" if col == "task" else "right")
     rows = []
+    bare_name, floor_name = "bare forward+backward", "floor (one copy of the logits)"
     for name, ts in times.items():
         wall = [w for w, _ in ts]
-        row = {"task": name, "wall": wall, "cpu": [c for _, c in ts],
-               "x_bare_min": min(wall) / min(bare_wall),
-               "x_bare_median": statistics.median(wall) / statistics.median(bare_wall)}
+        row = {"task": name, "wall": wall, "cpu": [c for _, c in ts], "x_bare": med[name] / med[bare_name],
+               "x_floor": med[name] / med[floor_name]}
+        if sort_name:
+            row["x_straightforward"] = med[name] / med[sort_name]
         rows.append(row)
-        table.add_row(name, f"{min(wall):.2f}", f"{statistics.median(wall):.2f}", f"{min(row['cpu']):.2f}",
-                      f"{row['x_bare_min']:.3f}", f"{row['x_bare_median']:.3f}")
+        cells = [name, f"{med[name]:.2f} ({low[name]:.2f}-{max(wall):.2f})", f"{statistics.median(row['cpu']):.2f}",
+                 f"{row['x_bare']:.3f} ({low[name] / max(w for w, _ in times[bare_name]):.3f}-"
+                 f"{max(wall) / low[bare_name]:.3f})", f"{row['x_floor']:.1f}"]
+        if sort_name:
+            cells.append(f"{row['x_straightforward']:.2f}")
+        table.add_row(*cells)
     console.print(table)
-    for kind in ("TRE-P", "TRE-K"):
+    console.print(f"copy bandwidth: {2 * logits.numel() * 4 / med[floor_name] / 2**30:.1f} GiB/s (read + write); "
+                  "x bare range = (min / slowest bare) - (max / fastest bare)")
+    for kind in ("TRE-P", "TRE-K", "no region"):
         old_row = next((r for r in rows if r["task"].startswith("old") and kind in r["task"]), None)
         new_row = next((r for r in rows if r["task"].startswith("new") and kind in r["task"]), None)
         if old_row and new_row:
-            console.print(f"{kind}: old / new = {min(old_row['wall']) / min(new_row['wall']):.1f}x (wall, min), "
-                          f"{min(old_row['cpu']) / min(new_row['cpu']):.1f}x (cpu, min)")
+            console.print(f"{kind}: old / new = {statistics.median(old_row['wall']) / statistics.median(new_row['wall']):.2f}x "
+                          f"(wall, median)")
     return rows
 
 
@@ -355,14 +426,19 @@ def main() -> None:
     ap.add_argument("--warmup", type=int, default=1, help="--vs-model: untimed rounds first")
     ap.add_argument("--batch", type=int, default=8, help="--vs-model: sequences")
     ap.add_argument("--seq", type=int, default=256, help="--vs-model: tokens per sequence")
-    ap.add_argument("--old-ref", default="c51f083", help="--vs-model: the git commit of the old implementation")
+    ap.add_argument("--old-ref", default="c51f083", help="--vs-model: the git commit of the old implementation "
+                    "('' for none)")
     ap.add_argument("--threads", type=int, help="--vs-model: torch threads (default: torch's)")
+    ap.add_argument("--real-model", help="--vs-model: an HF model folder (e.g. from ../shared/models/to_hf.py) whose "
+                    "sampled Countdown answers give the logits (instead of smollm_like_logits)")
+    ap.add_argument("--real-cache", help="--vs-model: where the sampled logits are cached (default: $TMPDIR)")
+    ap.add_argument("--no-sort", action="store_true", help="--vs-model: skip the straightforward sort-based version")
     ap.add_argument("--child", nargs=8, help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.vs_model:
         from rich.console import Console
 
-        rows = vs_model(args, Console())
+        rows = vs_model(args, Console(width=max(Console().width, 150)))
         if args.json:
             with open(args.json, "w") as f:
                 json.dump(rows, f, indent=1)
