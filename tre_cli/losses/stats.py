@@ -56,7 +56,7 @@ _N_BUCKETS = 1 << 10
 HISTOGRAM_MARGIN = 1e-4
 # Elements of one chunk of rows: a chunk's temporaries are a few [rows, V] buffers of float32 and
 # int32 (4 * this bytes each), reused from chunk to chunk.
-DEFAULT_CHUNK_ELEMENTS = 1 << 24
+DEFAULT_CHUNK_ELEMENTS = 1 << 22
 
 
 @dataclass(frozen=True)
@@ -435,10 +435,12 @@ def _chunk_forward(z, tokens, region: Optional[RegionSpec], scratch: _Scratch):
     d = torch.sub(z, zmax[:, None], out=scratch.get("d", z))
     e = torch.exp(d, out=scratch.get("e", z))
     sum_e = e.sum(-1)
-    dot = torch.linalg.vecdot(e, d)
+    # sum(e * d), the product written over d (nothing below needs d): no fresh [rows, V] buffer.
+    dot = d.mul_(e).sum(-1)
     finite = torch.isfinite(dot)
     if not bool(finite.all()):  # -inf logits: 0 * -inf; a finite floor gives 0
-        dot = torch.linalg.vecdot(e, d.clamp_(min=torch.finfo(d.dtype).min))
+        d = torch.sub(z, zmax[:, None], out=d).clamp_(min=torch.finfo(d.dtype).min)
+        dot = d.mul_(e).sum(-1)
     # H = log S - sum(e d) / S: both terms are >= 0, so no cancellation near H = 0.
     log_sum = torch.log(sum_e)
     entropy = log_sum - dot / sum_e
@@ -500,7 +502,9 @@ def _chunk_backward(z, tokens, saved, grads, inv_temperature: float, out: torch.
         a -= g_pmax * saved["p_max"]
     if g_minent is not None:
         a += g_minent
-    logp = torch.sub(z, saved["lse"][:, None], out=scratch.get("d", z))
+    # log p is written into `out` itself and p into one scratch buffer; the gradient then
+    # overwrites log p in place.
+    logp = torch.sub(z, saved["lse"][:, None], out=out)
     if not bool(saved["finite"].all()):
         logp.clamp_(min=torch.finfo(logp.dtype).min)
     p = torch.exp(logp, out=scratch.get("e", z))
