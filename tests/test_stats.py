@@ -382,3 +382,11 @@ def test_dtype_and_layout_do_not_change_results():
         got = token_stats(logits, tokens, spec, chunk_rows=3)
         for a, b in zip(got, want):
             assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("shape", [(3, 64), (5, 49), (1, 8), (2, 4096)])
+@pytest.mark.parametrize("density", [0.0, 0.01, 0.3, 1.0])
+def test_flat_nonzero_is_nonzero(shape, density):
+    gen = torch.Generator().manual_seed(len(shape) * 1000 + shape[-1])
+    mask = torch.rand(shape, generator=gen) < density
+    assert torch.equal(S._flat_nonzero(mask), mask.view(-1).nonzero().squeeze(-1))
