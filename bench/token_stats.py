@@ -21,12 +21,18 @@ package next to transformers).
 --vs-model (CPU, issue 13): the torch path against the model it serves. In one run, interleaved
 round by round: a bare forward+backward of a SmolLM2-135M-shaped Llama (random weights, built
 locally from LlamaConfig: hidden 576, 30 layers, 9 heads, 3 KV heads, intermediate 1,536,
-V = 49,152, tied embeddings) on 8 x 256 tokens with a plain log-prob loss, and token_stats
-forward+backward (every statistic, with TRE-P 0.99 and with TRE-K 2) on 8 x 256 rows of
-SmolLM2-like logits (bench/losses.smollm_like_logits), both as committed at --old-ref (read
-with git) and as in this checkout; each as wall and CPU seconds and as a ratio to the bare step.
+V = 49,152, tied embeddings) on B x T tokens with a plain log-prob loss; token_stats
+forward+backward (every statistic, with TRE-P 0.99, with TRE-K 2 and with no region) on the B x T
+rows of logits, as committed at --old-ref (read with git; '' for none) and as in this checkout;
+the straightforward version (full softmax, full stable sort, cumsum, autograd; --no-sort skips
+it); and the floor, one copy of the logits into a touched buffer (read once, gradient written
+once). Ratios are of medians: x bare, x floor, x straightforward. The logits are
+bench/losses.smollm_like_logits, or with --real-model an HF folder's own sampled answers to
+Countdown prompts (temperature 1, full distribution; sampled once and cached, the bare step then
+sees those very tokens). ../shared/models/to_hf.py makes such a folder from the SmolLM2 GGUF.
 
     python bench/token_stats.py --vs-model --rounds 3
+    OMP_NUM_THREADS=1 python bench/token_stats.py --vs-model --threads 1 --old-ref main --real-model MODEL_DIR
 """
 
 from __future__ import annotations
