@@ -49,6 +49,32 @@ def make_logits(n: int, vocab: int, device: str, dtype: torch.dtype, seed: int =
     return logits, tokens
 
 
+def smollm_like_logits(n: int, vocab: int = 49_152, seed: int = 0):
+    """Rows shaped like SmolLM2-135M-Instruct's next-token distributions (REFERENCE.md, 7,881
+    real rows: P_max mean 0.525; TRE-P nucleus at P = 0.99 median 179, p90 1,550, p99 4,405,
+    max 11,161; 4.5% one-token nuclei; ties everywhere in bf16).
+
+    Per row: a Zipf head z = -s log(rank) + 0.5 N(0, 1) with slope s ~ N(1.79, 0.19) clipped
+    below at 1.45 (the slope sets the nucleus size: s = 1.8 gives ~180 tokens, s = 1.6 ~1,500);
+    4.5% of rows get +12 on their top token (one-token nuclei); an offset U(5, 20); ids shuffled
+    per row; values rounded to bf16 (ties as in a bf16 model) and returned as float32, the dtype
+    of a CPU model's logits. On 2,048 rows this gives P_max mean ~0.52 and nucleus median ~170,
+    p90 ~1,500, p99 ~6,000, max ~8,300 (bench/token_stats.py --vs-model prints them)."""
+    gen = torch.Generator(device="cpu").manual_seed(seed)
+    rank = torch.arange(1, vocab + 1, dtype=torch.float32)
+    logits = torch.empty(n, vocab)
+    for start in range(0, n, 256):
+        rows = min(256, n - start)
+        slope = (1.79 + 0.19 * torch.randn(rows, 1, generator=gen)).clamp(min=1.45)
+        z = -slope * torch.log(rank) + 0.5 * torch.randn(rows, vocab, generator=gen)
+        z[torch.rand(rows, generator=gen) < 0.045, 0] += 12.0
+        z += 5.0 + 15.0 * torch.rand(rows, 1, generator=gen)
+        shuffle = torch.argsort(torch.rand(rows, vocab, generator=gen), dim=-1)
+        logits[start:start + rows] = z.gather(-1, shuffle).to(torch.bfloat16).float()
+    tokens = torch.randint(vocab, (n,), generator=gen)
+    return logits, tokens
+
+
 # ---------------------------------------------------------------------------------------------
 # Straightforward implementations (autograd does the backward).
 

@@ -17,6 +17,22 @@ package next to transformers).
     python bench/token_stats.py                       # CUDA: N in {4096, 16384, 65536}
     python bench/token_stats.py --real ../shared/models/smollm2-135m-instruct/SmolLM2-135M-Instruct.Q4_1.gguf
     python bench/token_stats.py --quick               # CPU smoke test under the interpreter
+
+--vs-model (CPU, issue 13): the torch path against the model it serves. In one run, interleaved
+round by round: a bare forward+backward of a SmolLM2-135M-shaped Llama (random weights, built
+locally from LlamaConfig: hidden 576, 30 layers, 9 heads, 3 KV heads, intermediate 1,536,
+V = 49,152, tied embeddings) on B x T tokens with a plain log-prob loss; token_stats
+forward+backward (every statistic, with TRE-P 0.99, with TRE-K 2 and with no region) on the B x T
+rows of logits, as committed at --old-ref (read with git; '' for none) and as in this checkout;
+the straightforward version (full softmax, full stable sort, cumsum, autograd; --no-sort skips
+it); and the floor, one copy of the logits into a touched buffer (read once, gradient written
+once). Ratios are of medians: x bare, x floor, x straightforward. The logits are
+bench/losses.smollm_like_logits, or with --real-model an HF folder's own sampled answers to
+Countdown prompts (temperature 1, full distribution; sampled once and cached, the bare step then
+sees those very tokens). ../shared/models/to_hf.py makes such a folder from the SmolLM2 GGUF.
+
+    python bench/token_stats.py --vs-model --rounds 3
+    OMP_NUM_THREADS=1 python bench/token_stats.py --vs-model --threads 1 --old-ref main --real-model MODEL_DIR
 """
 
 from __future__ import annotations
@@ -26,8 +42,11 @@ import importlib.util
 import json
 import math
 import os
+import statistics
 import subprocess
 import sys
+import time
+import types
 
 import torch
 
@@ -188,6 +207,225 @@ def table(title, rows, floor_row):
     return t
 
 
+# ---------------------------------------------------------------------------------------------
+# --vs-model: the CPU torch path against a bare forward+backward of the model it serves.
+
+SMOLLM2_135M = dict(vocab_size=49_152, hidden_size=576, intermediate_size=1_536, num_hidden_layers=30,
+                    num_attention_heads=9, num_key_value_heads=3, tie_word_embeddings=True,
+                    max_position_embeddings=2_048, rms_norm_eps=1e-5, rope_theta=100_000.0)
+
+
+def smollm_shaped_model(seed: int = 0):
+    """SmolLM2-135M's architecture with random weights (no download), float32."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    return LlamaForCausalLM(LlamaConfig(**SMOLLM2_135M)).float()
+
+
+def stats_module_at(ref: str) -> types.ModuleType:
+    """tre_cli/losses/stats.py as committed at `ref`, imported under its own name."""
+    root = os.path.join(HERE, "..")
+    source = subprocess.run(["git", "-C", root, "show", f"{ref}:tre_cli/losses/stats.py"], check=True,
+                            capture_output=True, text=True).stdout
+    module = types.ModuleType(f"stats_at_{ref}")
+    sys.modules[module.__name__] = module  # dataclasses look their module up
+    exec(compile(source, f"{ref}:tre_cli/losses/stats.py", "exec"), module.__dict__)
+    return module
+
+
+COUNTDOWN_PROMPTS = [f"Using the numbers {a}, {b} and {c}, create an equation that equals {t}. You can use basic "
+                     "arithmetic operations (+, -, *, /) and each number can only be used once. Show your work in "
+                     "<think> </think> tags. And return the final answer in <answer> </answer> tags."
+                     for a, b, c, t in ((3, 7, 25, 46), (19, 36, 55, 20), (8, 12, 40, 60), (95, 21, 3, 71),
+                                        (6, 9, 13, 41), (44, 2, 17, 71), (5, 50, 75, 30), (11, 23, 4, 81))]
+
+
+def sampled_logits(model_dir: str, batch: int, seq: int, cache: str):
+    """A real model's raw next-token logits [batch * seq, V] (float32) on its own answers to
+    Countdown prompts, sampled at temperature 1 from the full distribution, `seq` tokens each (EOS
+    suppressed, so every row is a real response position), and the sampled tokens. Cached in
+    `cache` (they take a minute or two to sample on a CPU); a cache of more sequences of the same
+    length serves its first `batch`."""
+    if os.path.exists(cache):
+        saved = torch.load(cache)
+        if saved.get("seq") == seq and saved["logits"].shape[0] >= batch * seq:
+            return saved["logits"][:batch * seq].float().contiguous(), saved["tokens"][:batch * seq]
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    prompts = [tok.apply_chat_template([{"role": "user", "content": COUNTDOWN_PROMPTS[i % len(COUNTDOWN_PROMPTS)]}],
+                                       tokenize=False, add_generation_prompt=True) for i in range(batch)]
+    tok.padding_side = "left"
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token
+    inputs = tok(prompts, return_tensors="pt", padding=True)
+    torch.manual_seed(0)
+    with torch.no_grad():
+        out = model.generate(**inputs, do_sample=True, temperature=1.0, top_k=0, top_p=1.0, min_new_tokens=seq,
+                             max_new_tokens=seq, output_logits=True, return_dict_in_generate=True,
+                             pad_token_id=tok.pad_token_id)
+    # The raw logits (before min_new_tokens masks EOS), as the policy computes them in training.
+    logits = torch.stack(out.logits, 1).reshape(batch * seq, -1).float()
+    tokens = out.sequences[:, inputs["input_ids"].shape[1]:].reshape(-1)
+    torch.save({"logits": logits, "tokens": tokens, "seq": seq}, cache)
+    return logits, tokens
+
+
+def distribution(logits, p: float = P) -> dict:
+    """What the statistics see: P_max and the TRE-P nucleus sizes of these rows."""
+    from tre_cli.losses import RegionSpec, token_stats
+
+    with torch.no_grad():
+        s = token_stats(logits, region=RegionSpec.top_p(p))
+    sizes = s.region_size.double()
+    q = torch.quantile(sizes, torch.tensor([0.5, 0.9, 0.99], dtype=torch.float64)).tolist()
+    return {
+        "rows": len(sizes),
+        "p_max_mean": round(s.p_max.mean().item(), 3),
+        "nucleus_mean": round(sizes.mean().item()),
+        "nucleus_median": q[0],
+        "nucleus_p90": q[1],
+        "nucleus_p99": q[2],
+        "nucleus_max": sizes.max().item(),
+        "one_token": round((sizes == 1).double().mean().item(), 3),
+        "over_256": round((sizes > 256).double().mean().item(), 3),
+    }
+
+
+def agreement_old_new(old, logits, tokens) -> dict:
+    """The two implementations' outputs on these very logits (they must agree)."""
+    from tre_cli.losses import stats as new
+
+    out = {}
+    with torch.no_grad():
+        for name, spec in (("tre-p", (P,)), ("tre-k", (2,))):
+            a = old.token_stats(
+                logits, tokens, (old.RegionSpec.top_p if name == "tre-p" else old.RegionSpec.top_k)(*spec)
+            )
+            b = new.token_stats(
+                logits, tokens, (new.RegionSpec.top_p if name == "tre-p" else new.RegionSpec.top_k)(*spec)
+            )
+            out[name] = {"size_mismatches": int((a.region_size != b.region_size).sum()),
+                         "max_abs_diff": max((x - y).abs().max().item() for x, y in zip(a, b))}
+    return out
+
+
+def _timed(fn) -> tuple:
+    wall, cpu = time.perf_counter(), time.process_time()
+    fn()
+    return time.perf_counter() - wall, time.process_time() - cpu
+
+
+def vs_model(args, console) -> list:
+    from rich.table import Table
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    n = args.batch * args.seq
+    model = smollm_shaped_model()
+    if args.real_model:
+        cache = args.real_cache or os.path.join(os.environ.get("TMPDIR", "/tmp"),
+                                                f"tre_sampled_{args.batch}x{args.seq}.pt")
+        logits, tokens = sampled_logits(args.real_model, args.batch, args.seq, cache)
+        source = f"{args.real_model}'s own answers (cache {cache})"
+    else:
+        logits, tokens = L.smollm_like_logits(n, SMOLLM2_135M["vocab_size"])
+        source = "bench/losses.smollm_like_logits"
+    ids = tokens.reshape(args.batch, args.seq)  # the bare step sees the very tokens the statistics score
+    console.print(f"SmolLM2-135M shape, {sum(p.numel() for p in model.parameters()) / 1e6:.1f}M parameters, "
+                  f"{args.batch} x {args.seq} tokens, {torch.get_num_threads()} threads")
+    console.print(f"logits from {source}: {distribution(logits)}")
+    from tre_cli.losses import stats as new
+
+    impls = {"new": new}
+    if args.old_ref:
+        try:
+            impls["old"] = stats_module_at(args.old_ref)
+            console.print(f"old = tre_cli/losses/stats.py at {args.old_ref}; agreement with new: "
+                          f"{agreement_old_new(impls['old'], logits, tokens)}")
+        except (subprocess.CalledProcessError, FileNotFoundError) as err:
+            console.print(f"no old implementation ({args.old_ref}: {err}); measuring the new one only")
+
+    def bare():
+        out = model(input_ids=ids).logits
+        torch.log_softmax(out.float(), -1).gather(-1, ids[..., None]).sum().backward()
+        model.zero_grad(set_to_none=True)
+
+    leaf = logits.requires_grad_(True)
+
+    def stats(module, region):
+        def run():
+            leaf.grad = None
+            s = module.token_stats(leaf, tokens, region)
+            (s.logprob + s.entropy + s.p_max + s.min_entropy + s.region_entropy).sum().backward()
+        return run
+
+    def straightforward():  # plain torch: full softmax, full stable sort, cumsum, autograd
+        leaf.grad = None
+        L.sort_based(leaf, tokens, "all", p=P).sum().backward()
+
+    gradient = torch.empty_like(logits).copy_(logits.detach())  # pages touched before timing
+
+    def floor():  # the logits read once and their gradient written once
+        gradient.copy_(logits.detach())
+
+    tasks = {"bare forward+backward": bare, "floor (one copy of the logits)": floor}
+    for name in ("old", "new"):
+        if name in impls:
+            spec = impls[name].RegionSpec
+            tasks[f"{name}: all stats + TRE-P {P}"] = stats(impls[name], spec.top_p(P))
+            tasks[f"{name}: all stats + TRE-K 2"] = stats(impls[name], spec.top_k(2))
+            tasks[f"{name}: all stats, no region"] = stats(impls[name], None)
+    if not args.no_sort:
+        tasks[f"straightforward: all stats + TRE-P {P} (sort + cumsum)"] = straightforward
+    times = {name: [] for name in tasks}
+    for r in range(args.warmup + args.rounds):
+        for name, fn in tasks.items():  # interleaved: every round sees the same machine load
+            t = _timed(fn)
+            if r >= args.warmup:
+                times[name].append(t)
+        console.print(f"round {r + 1}/{args.warmup + args.rounds}" + (" (warm-up)" if r < args.warmup else "")
+                      + ": " + ", ".join(f"{k} {v[-1][0]:.2f}s" for k, v in times.items() if v))
+    leaf.grad = None
+    med = {name: statistics.median(w for w, _ in ts) for name, ts in times.items()}
+    low = {name: min(w for w, _ in ts) for name, ts in times.items()}
+    sort_name = next((k for k in times if k.startswith("straightforward")), None)
+    table = Table(title=f"CPU, {n:,} tokens x V = {SMOLLM2_135M['vocab_size']:,}, {torch.get_num_threads()} threads, "
+                        f"{args.rounds} rounds: median (min-max); shared machine: ranges, not points")
+    cols = ["task", "wall s", "cpu s", "x bare", "x floor"] + (["x straightforward"] if sort_name else [])
+    for col in cols:
+        table.add_column(col, justify="left" if col == "task" else "right")
+    rows = []
+    bare_name, floor_name = "bare forward+backward", "floor (one copy of the logits)"
+    for name, ts in times.items():
+        wall = [w for w, _ in ts]
+        row = {"task": name, "wall": wall, "cpu": [c for _, c in ts], "x_bare": med[name] / med[bare_name],
+               "x_floor": med[name] / med[floor_name]}
+        if sort_name:
+            row["x_straightforward"] = med[name] / med[sort_name]
+        rows.append(row)
+        cells = [name, f"{med[name]:.2f} ({low[name]:.2f}-{max(wall):.2f})", f"{statistics.median(row['cpu']):.2f}",
+                 f"{row['x_bare']:.3f} ({low[name] / max(w for w, _ in times[bare_name]):.3f}-"
+                 f"{max(wall) / low[bare_name]:.3f})", f"{row['x_floor']:.1f}"]
+        if sort_name:
+            cells.append(f"{row['x_straightforward']:.2f}")
+        table.add_row(*cells)
+    console.print(table)
+    console.print(f"copy bandwidth: {2 * logits.numel() * 4 / med[floor_name] / 2**30:.1f} GiB/s (read + write); "
+                  "x bare range = (min / slowest bare) - (max / fastest bare)")
+    for kind in ("TRE-P", "TRE-K", "no region"):
+        old_row = next((r for r in rows if r["task"].startswith("old") and kind in r["task"]), None)
+        new_row = next((r for r in rows if r["task"].startswith("new") and kind in r["task"]), None)
+        if old_row and new_row:
+            console.print(
+                f"{kind}: old / new = {statistics.median(old_row['wall']) / statistics.median(new_row['wall']):.2f}x "
+                f"(wall, median)"
+            )
+    return rows
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--n", type=int, nargs="*")
@@ -201,8 +439,29 @@ def main() -> None:
     ap.add_argument("--real-tokens", type=int, default=256)
     ap.add_argument("--quick", action="store_true", help="tiny sizes on the CPU under the interpreter")
     ap.add_argument("--json", help="also write all rows to this JSON file")
+    ap.add_argument("--vs-model", action="store_true", help="CPU: the torch path against a SmolLM2-135M-shaped "
+                    "forward+backward, old vs new (see above)")
+    ap.add_argument("--rounds", type=int, default=3, help="--vs-model: timed rounds")
+    ap.add_argument("--warmup", type=int, default=1, help="--vs-model: untimed rounds first")
+    ap.add_argument("--batch", type=int, default=8, help="--vs-model: sequences")
+    ap.add_argument("--seq", type=int, default=256, help="--vs-model: tokens per sequence")
+    ap.add_argument("--old-ref", default="c51f083", help="--vs-model: the git commit of the old implementation "
+                    "('' for none)")
+    ap.add_argument("--threads", type=int, help="--vs-model: torch threads (default: torch's)")
+    ap.add_argument("--real-model", help="--vs-model: an HF model folder (e.g. from ../shared/models/to_hf.py) whose "
+                    "sampled Countdown answers give the logits (instead of smollm_like_logits)")
+    ap.add_argument("--real-cache", help="--vs-model: where the sampled logits are cached (default: $TMPDIR)")
+    ap.add_argument("--no-sort", action="store_true", help="--vs-model: skip the straightforward sort-based version")
     ap.add_argument("--child", nargs=8, help=argparse.SUPPRESS)
     args = ap.parse_args()
+    if args.vs_model:
+        from rich.console import Console
+
+        rows = vs_model(args, Console(width=max(Console().width, 150)))
+        if args.json:
+            with open(args.json, "w") as f:
+                json.dump(rows, f, indent=1)
+        return
     if args.child:
         impl, source, n, vocab, device, dtype, repeats, backward = args.child
         print(json.dumps(measure_one(impl, source, int(n), int(vocab), device, dtype, int(repeats),

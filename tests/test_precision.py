@@ -22,6 +22,7 @@ from tre_cli.models.precision import (
     training_precision,
 )
 from tre_cli.rollout.hf import HFEngine
+from tre_cli.trainer.checkpoint import load_checkpoint
 
 BF16_CPU = training_precision(torch.bfloat16, "cpu")
 OVERLAY = {"task": {"options": {"train_size": 64, "test_size": 8}}, "rollout": {"max_new_tokens": 12},
@@ -172,7 +173,7 @@ def test_checkpoint_holds_the_fp32_masters_and_resumes_them_exactly(quick_testbe
     assert {t.dtype for t in saved.values()} == {torch.float32}
     assert fraction_changed({k: start[k] for k in saved}, saved) >= 0.9  # lr 1e-6 moved the masters
     parts = trainer.build(config)
-    assert trainer.load_checkpoint(parts, out / "checkpoints" / "step_1") == 1
+    assert load_checkpoint(parts, out / "checkpoints" / "step_1") == 1
     policy_state = parts.policy.state_dict()
     assert all(torch.equal(policy_state[k], v) for k, v in saved.items())
     # The hf engine's bf16 copy was refreshed from the loaded masters.

@@ -264,3 +264,129 @@ def test_backward_keeps_only_the_logits_and_per_row_numbers():
         for value in saved.values():
             for tensor in (value if isinstance(value, tuple) else (value,)):
                 assert tensor.dim() == 1 and tensor.shape[0] <= 3
+
+
+# ----------------------------------------------------------------------------------------------
+# The search's own paths (histogram band, band narrowing, fallback, block maxima), on rows wide
+# enough to take them, against the same brute force.
+
+
+def _wide_rows(gen: torch.Generator, vocab: int) -> torch.Tensor:
+    """One row of each shape the nucleus search treats differently, rounded to bf16 (ties)."""
+    rank = torch.arange(1, vocab + 1, dtype=torch.float32)
+    rows = [
+        -1.8 * torch.log(rank) + 0.5 * torch.randn(vocab, generator=gen),  # Zipf: nucleus of ~100s
+        -1.2 * torch.log(rank) + 0.5 * torch.randn(vocab, generator=gen),  # heavy tail: ~1,000s
+        torch.randn(vocab, generator=gen) * 1e-3,  # flat: one histogram bucket holds everything
+        torch.zeros(vocab),  # one repeated value: a band that cannot narrow
+        torch.randint(0, 3, (vocab,), generator=gen).float(),  # three values: ties at the boundary
+        torch.randn(vocab, generator=gen) * 4.0,
+    ]
+    z = torch.stack(rows)
+    z[0, 17] += 9.0  # a dominant token that is not at id 0
+    shuffle = torch.argsort(torch.rand(z.shape, generator=gen), dim=-1)
+    return z.gather(-1, shuffle).to(torch.bfloat16).float()
+
+
+@pytest.mark.parametrize("p", [0.6, 0.9, 0.99, 0.999])
+def test_wide_rows_every_search_path(p):
+    gen = torch.Generator().manual_seed(int(p * 1000) + 5)  # boundaries clear of float32 noise
+    vocab = 4096
+    z = _wide_rows(gen, vocab)
+    tokens = torch.randint(vocab, (z.shape[0],), generator=gen)
+    rows = _safe_p(z, p, tokens)
+    sizes = [r["region_size"] for r in rows]
+    assert max(sizes) > S.FIRST_CANDIDATES  # some band needed narrowing
+    ours = token_stats(z, tokens, RegionSpec.top_p(p), chunk_rows=4)
+    _check(ours, rows, tol=1e-4)
+
+
+def test_wide_rows_gradients():
+    gen = torch.Generator().manual_seed(29)
+    vocab = 4096
+    z = _wide_rows(gen, vocab).requires_grad_(True)
+    tokens = torch.randint(vocab, (z.shape[0],), generator=gen)
+    rows = _safe_p(z, 0.99, tokens)
+    w = _weights(z.shape[0], gen)
+    ours = token_stats(z, tokens, RegionSpec.top_p(0.99))
+    sum((getattr(ours, f).double() * w[f]).sum() for f in FIELDS).backward()
+    want = brute.grad_of(z, tokens, rows, w)
+    assert torch.allclose(z.grad.double(), want, atol=1e-6, rtol=1e-4)
+
+
+@pytest.mark.parametrize("margin", [-0.5, -1e-3, 0.5])
+def test_nucleus_is_exact_whatever_the_histogram_says(margin):
+    """The float32 histogram only proposes the band; a wrong proposal (here forced by a margin
+    of the wrong sign or size) must be caught by the float64 checks and redone exactly."""
+    gen = torch.Generator().manual_seed(31)
+    vocab = 4096
+    z = _wide_rows(gen, vocab)
+    for p in (0.6, 0.99):
+        rows = _safe_p(z, p)
+        zmax = z.max(-1).values
+        sum_e = torch.exp(z - zmax[:, None]).sum(-1)
+        lse64 = zmax.double() + torch.log(sum_e.double())
+        found = S._nucleus(z, torch.exp(z - zmax[:, None]), zmax, sum_e, lse64, p, margin=margin)
+        assert found.size.tolist() == [r["region_size"] for r in rows]
+        for n, r in enumerate(rows):
+            region = sorted(r["region"], key=lambda i: (-z[n, i].item(), i))
+            assert found.threshold[n].item() == z[n, region[-1]].item()
+            assert found.ties_in[n].item() == sum(z[n, i].item() == found.threshold[n].item() for i in region)
+
+
+@pytest.mark.parametrize("k", [1, 2, 7, 80])
+def test_top_k_and_argmax_through_block_maxima(k):
+    """Width 4,096 = 64 blocks of 64: the K largest values and the lowest-id maximiser come from
+    the block maxima; ties across blocks included."""
+    gen = torch.Generator().manual_seed(37 + k)
+    vocab = 4096
+    z = (torch.randn(5, vocab, generator=gen) * 2).to(torch.bfloat16).float()
+    z[1, [100, 900, 4000]] = 20.0  # the maximum three times, in three blocks: id 100 is the argmax
+    z[2] = torch.randint(0, 3, (vocab,), generator=gen).float()  # the top value ~1,365 times
+    z = z.requires_grad_(True)
+    tokens = torch.randint(vocab, (5,), generator=gen)
+    rows = brute.stats(z, tokens, "k", k=k)
+    ours = token_stats(z, tokens, RegionSpec.top_k(k))
+    _check(ours, rows)
+    w = _weights(5, gen)
+    sum((getattr(ours, f).double() * w[f]).sum() for f in FIELDS).backward()
+    assert torch.allclose(z.grad.double(), brute.grad_of(z, tokens, rows, w), atol=1e-6, rtol=1e-4)
+
+
+def test_p_equal_one_with_minus_infinity_logits():
+    """P = 1 is the whole vocabulary, -inf logits included: the local softmax is the full one,
+    and nothing becomes NaN."""
+    z = torch.randn(3, 200)
+    z[:, 50:60] = -math.inf
+    z.requires_grad_(True)
+    out = token_stats(z, region=RegionSpec.top_p(1.0))
+    assert torch.all(out.region_size == 200)
+    scale = math.log(200) / math.log(200)
+    assert torch.allclose(out.region_entropy, scale * out.entropy)
+    (out.region_entropy + out.entropy).sum().backward()
+    assert torch.all(torch.isfinite(z.grad)) and torch.all(z.grad[:, 50:60] == 0)
+
+
+def test_dtype_and_layout_do_not_change_results():
+    """bf16 logits, a non-contiguous view and float32 copies of them give the same outputs (the
+    chunk is copied to float32 in a buffer reused across chunks)."""
+    gen = torch.Generator().manual_seed(41)
+    base = (torch.randn(7, 600, generator=gen) * 3).to(torch.bfloat16)
+    wide = torch.zeros(7, 700, dtype=torch.bfloat16)
+    wide[:, 50:650] = base
+    view = wide[:, 50:650]  # rows not contiguous
+    tokens = torch.randint(600, (7,), generator=gen)
+    spec = RegionSpec.top_p(0.9)
+    want = token_stats(base.float(), tokens, spec)
+    for logits in (base, view):
+        got = token_stats(logits, tokens, spec, chunk_rows=3)
+        for a, b in zip(got, want):
+            assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("shape", [(3, 64), (5, 49), (1, 8), (2, 4096)])
+@pytest.mark.parametrize("density", [0.0, 0.01, 0.3, 1.0])
+def test_flat_nonzero_is_nonzero(shape, density):
+    gen = torch.Generator().manual_seed(len(shape) * 1000 + shape[-1])
+    mask = torch.rand(shape, generator=gen) < density
+    assert torch.equal(S._flat_nonzero(mask), mask.view(-1).nonzero().squeeze(-1))

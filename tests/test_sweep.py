@@ -18,6 +18,7 @@ from typer.testing import CliRunner
 from tre_cli import sweep
 from tre_cli.cli import app
 from tre_cli.io import read_jsonl
+from tre_cli.sweep.launch import FAIL_ONCE_MARKER
 from tre_cli.tracking import read_results
 
 runner = CliRunner()
@@ -300,7 +301,7 @@ def test_sweep_runs_trials_through_ray_and_retries_a_failing_one(tiny_testbed, t
         assert [r["status"] for r in lines if r["run_dir"] == name] == ["failed", "finished"]
         metrics = read_jsonl(run_dir / "metrics.jsonl")
         assert [m["step"] for m in metrics] == [1, 2, 3, 4]
-        failed_at = (run_dir / sweep._FAIL_MARKER).stat().st_mtime
+        failed_at = (run_dir / FAIL_ONCE_MARKER).stat().st_mtime
         assert metrics[1]["time"] < failed_at < metrics[2]["time"]  # resumed from step 2, not from scratch
         result = json.loads((run_dir / "result.json").read_text())
         assert result["status"] == "finished" and result["steps_done"] == 4 and result["final_eval"] is not None

@@ -8,6 +8,7 @@ import multiprocessing
 import subprocess
 import sys
 import textwrap
+import time
 from pathlib import Path
 
 import pytest
@@ -316,9 +317,16 @@ def test_wandb_offline_logs_a_run_inside_the_run_directory(tmp_path):
         tracker.log_eval(step=1, score=0.25, metric="pass@1", n_prompts=2, n_samples=1)
     run_id = (run_dir / "wandb_run_id").read_text().strip()
     [offline] = list((run_dir / "wandb").glob(f"offline-run-*-{run_id}"))
-    data = (offline / f"run-{run_id}.wandb").read_bytes()
-    # The run's records hold the metric keys and the logged config.
-    assert b"actor/p_max_marker" in data and b"eval/score" in data and b"micro_batch_tokens" in data
+    # The run's records hold the metric keys and the logged config. W&B's service process may
+    # still be writing the file when finish() returns (seen in 1 of 3 runs), so wait for it a while.
+    markers = (b"actor/p_max_marker", b"eval/score", b"micro_batch_tokens")
+    deadline = time.monotonic() + 60
+    while True:
+        data = (offline / f"run-{run_id}.wandb").read_bytes()
+        if all(m in data for m in markers) or time.monotonic() > deadline:
+            break
+        time.sleep(0.5)
+    assert all(m in data for m in markers), data[:200]
 
     with Tracker(load_run_config(run_dir), run_dir, resume_step=1) as tracker:
         tracker.log({"reward/mean": 0.6}, step=2)

@@ -20,6 +20,8 @@ from tre_cli.sweep.spec import Resources
 # Test hook: TRE_SWEEP_FAIL_ONCE_AT_STEP=N (read by the driver, passed to every trial) makes each
 # trial raise once right after step N, so retries from a checkpoint are tested without monkeypatching.
 FAIL_ONCE_ENV = "TRE_SWEEP_FAIL_ONCE_AT_STEP"
+# Left in a trial's run directory when the test hook above failed it (so it fails only once).
+FAIL_ONCE_MARKER = ".sweep-failed-once"
 
 
 @dataclass

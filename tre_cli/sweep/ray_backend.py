@@ -28,11 +28,10 @@ from ray import tune
 from tre_cli.config import from_dict, to_dict, with_overrides
 from tre_cli.sweep.display import SweepDisplay, TrialProgress
 from tre_cli.sweep.grid import RUNS_DIR, PlannedTrial, SweepPlan
-from tre_cli.sweep.launch import FAIL_ONCE_ENV, SweepOutcome, finished_result
+from tre_cli.sweep.launch import FAIL_ONCE_ENV, FAIL_ONCE_MARKER, SweepOutcome, finished_result
 from tre_cli.sweep.spec import PathLike, Resources
 
 EXPERIMENT_NAME = "tune"
-_FAIL_MARKER = ".sweep-failed-once"
 
 # The display the callback forwards to while `drive` runs (see SweepProgressCallback).
 _ACTIVE_DISPLAY: SweepDisplay | None = None
@@ -92,8 +91,8 @@ def train_trial(trial_config: dict[str, Any]) -> None:
             with tempfile.TemporaryDirectory(dir=run_dir, prefix=".ray-checkpoint-") as pointer_dir:
                 _pointer_file(pointer_dir).write_text(json.dumps({"run_dir": str(run_dir), "step": step}))
                 tune.report(payload, checkpoint=tune.Checkpoint.from_directory(pointer_dir))
-        if fail_at is not None and step == int(fail_at) and not (run_dir / _FAIL_MARKER).exists():
-            (run_dir / _FAIL_MARKER).write_text(f"{step}\n")
+        if fail_at is not None and step == int(fail_at) and not (run_dir / FAIL_ONCE_MARKER).exists():
+            (run_dir / FAIL_ONCE_MARKER).write_text(f"{step}\n")
             raise RuntimeError(f"{FAIL_ONCE_ENV}={fail_at}: trial {name} fails once after step {step} (a test hook)")
 
     trainer.run(config, on_step=on_step, console=console)
