@@ -111,7 +111,8 @@ def _full_selection(parts, rollout, scored, budget, method, params):
     parts = replace(parts, objective=objective)
     rows = torch.arange(rollout.num_samples)
     micro = list(trainer_step.micro_batches(rows, rollout.response_lengths, rollout.prompt_ids.shape[1], budget))
-    masks = trainer_step._selection(parts, rollout, scored, micro, torch.Generator().manual_seed(5))
+    masks = trainer_step._selection(parts, rollout, scored, rows, [(chunk, width, True) for chunk, width in micro],
+                                    torch.Generator().manual_seed(5))
     full = torch.zeros(rollout.response_ids.shape, dtype=torch.bool)
     for (chunk, r_width), m in zip(micro, masks):
         full[chunk, :r_width] = m
