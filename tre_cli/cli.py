@@ -65,6 +65,10 @@ def _one_line_errors():
         raise typer.Exit(130)
 
 
+VERBOSE_HELP = ("Show the rollout engines' and transformers' own logs (quiet by default) and progress within "
+                "a step even when stderr is not a terminal (run.verbose=true).")
+
+
 def _resolve_run_config(method, task, model, preset, config, sets, out, rollout, device):
     from tre_cli.config import resolve
 
@@ -87,6 +91,7 @@ def run(
     rollout: str | None = typer.Option(None, help="Rollout engine: hf or vllm."),
     device: str | None = typer.Option(None, help="cpu, cuda or auto."),
     resume: Path | None = typer.Option(None, help="Continue this run directory from its last checkpoint."),
+    verbose: bool = typer.Option(False, "--verbose", help=VERBOSE_HELP),
 ) -> None:
     """Run one PPO fine-tuning job."""
     from tre_cli import trainer
@@ -98,8 +103,9 @@ def run(
                 raise ValueError("--resume takes the run directory's own config; pass no other options")
             if device is not None:
                 resolve_device(device)
-            result = trainer.resume(resume, console=console)
+            result = trainer.resume(resume, console=console, display={"run.verbose": True} if verbose else None)
         else:
+            sets = [*sets, "run.verbose=true"] if verbose else sets
             cfg = _resolve_run_config(method, task, model, preset, config, sets, out, rollout, device)
             result = trainer.run(cfg, console=console)
     console.print(f"[bold green]done[/] {result.run_dir}: final {result.eval_metric} {result.final_eval}")
@@ -244,10 +250,12 @@ def eval_command(
     out: Path | None = typer.Option(None, help="Directory for the evaluation record (must not exist or be empty)."),
     rollout: str | None = typer.Option(None, help="Rollout engine: hf or vllm."),
     device: str | None = typer.Option(None, help="cpu, cuda or auto."),
+    verbose: bool = typer.Option(False, "--verbose", help=VERBOSE_HELP),
 ) -> None:
     """Evaluate a model or checkpoint with the paper's protocol (the Base row of Table 1)."""
     from tre_cli import trainer
 
+    sets = [*sets, "run.verbose=true"] if verbose else sets
     with _one_line_errors():
         if model is not None and (Path(model) / "config.yaml").is_file() and (Path(model) / "checkpoints").is_dir():
             from tre_cli.tracking import open_run_dir

@@ -253,6 +253,11 @@ class RunSection:
     resume: str | None = None
     # Directory of the append-only results.jsonl; None = the run directory's parent.
     results_store: str | None = None
+    # issue 13: progress within a step (generation, old log-probs, update) on stderr: "auto" when
+    # stderr is a terminal, "on" also as plain lines in a log file, "off" never. Display only.
+    progress: Literal["auto", "on", "off"] = "auto"
+    # issue 13: the rollout engines' and transformers' own logs (quiet by default); --verbose.
+    verbose: bool = False
 
     def __post_init__(self) -> None:
         _require(self.seed >= 0, "run.seed", "must be >= 0", self.seed)
