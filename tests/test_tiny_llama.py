@@ -13,7 +13,7 @@ from typer.testing import CliRunner
 
 from tre_cli import trainer
 from tre_cli.cli import app
-from tre_cli.config import resolve
+from tre_cli.config import PRESETS, resolve
 
 OVERLAY = {"task": {"options": {"train_size": 32, "test_size": 4}}, "rollout": {"max_new_tokens": 12}}
 VOLATILE = ("time", "timing/", "perf/")
@@ -137,3 +137,23 @@ def test_vllm_run_resumes_and_evaluates_quietly(tiny_llama, tmp_path):
                                  *[a for s in sets for a in ("--set", s)]], catch_exceptions=False)
     assert result.exit_code == 0, result.stderr
     assert json.loads((ev / "result.json").read_text())["final_eval"] is not None
+
+
+def test_smollm2_sweep_plans_with_a_local_model_and_the_small_preset(tiny_llama, tmp_path):
+    out = tmp_path / "sweep"
+    result = runner.invoke(app, ["sweep", "smollm2", "--set", f"model.name={tiny_llama}", "--out", str(out),
+                                 "--dry-run"], catch_exceptions=False)
+    assert result.exit_code == 0, result.stderr
+    trials = [line.strip() for line in result.stdout.splitlines() if line.startswith("  ")]
+    assert trials == [f"countdown-{v}-s{s}" for v in ("vanilla", "ent", "tre-k", "tre-p") for s in (0, 1)]
+    assert not out.exists()  # a dry run starts nothing
+
+    from tre_cli.sweep import plan_sweep
+
+    plan = plan_sweep("smollm2", [], None, [f"model.name={tiny_llama}"], tmp_path / "plan", None)
+    config = plan.trials[0].config
+    assert config.model.name == str(tiny_llama) and config.ppo.steps >= 20
+    small = PRESETS["small"]
+    assert config.rollout.engine == small["rollout"]["engine"]
+    assert config.ppo.prompts_per_step == small["ppo"]["prompts_per_step"]
+    assert config.task.options["format_score"] == 0.1

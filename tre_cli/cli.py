@@ -84,7 +84,9 @@ def run(
     method: str | None = typer.Option(None, help=f"Training method (see `tre methods`); default {DEFAULT_METHOD}."),
     task: str | None = typer.Option(None, help="math, countdown or hh; default countdown."),
     model: str | None = typer.Option(None, help="Hub id, local directory, or `testbed` (ships with tre)."),
-    preset: str | None = typer.Option(None, help="smoke (2 CPU cores, minutes) or paper (Table 2)."),
+    preset: str | None = typer.Option(
+        None, help="smoke (testbed, 2 CPU cores, minutes), small (a real model of a few 100M parameters on "
+        "a CPU: pass --model) or paper (Table 2)."),
     config: Path | None = typer.Option(None, "--config", help="YAML file with config sections."),
     sets: list[str] = typer.Option([], "--set", help="Override a config key: --set ppo.actor_lr=1e-6 (repeatable)."),
     out: Path | None = typer.Option(None, help="Run directory (must not exist or be empty)."),
@@ -244,7 +246,7 @@ def eval_command(
     model: str | None = typer.Option(
         None, help="Hub id, local directory, `testbed`, or a run directory (its last checkpoint)."
     ),
-    preset: str | None = typer.Option(None, help="smoke or paper."),
+    preset: str | None = typer.Option(None, help="smoke, small or paper."),
     config: Path | None = typer.Option(None, "--config", help="YAML file with config sections."),
     sets: list[str] = typer.Option([], "--set", help="Override a config key (repeatable), e.g. eval.limit=100."),
     out: Path | None = typer.Option(None, help="Directory for the evaluation record (must not exist or be empty)."),

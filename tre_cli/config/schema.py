@@ -306,6 +306,26 @@ PRESETS: Mapping[str, Mapping[str, Any]] = {
         "eval": {"every": 10, "limit": 128, "n_samples": 2, "before_train": True},
         "run": {"save_every": 10, "keep_last": 1},
     },
+    # issue 13: a real model of up to a few hundred million parameters on a CPU (or a laptop GPU),
+    # chosen from measurements of SmolLM2-135M-Instruct on 2 cores (bench/RESULTS.md, "SmolLM2-135M
+    # on CPU"): one step of at most about a minute. Pass the model with --model; Countdown needs
+    # task.options.format_score=0.1 to give such a model a signal (sweeps/smollm2.yaml sets it).
+    "small": {
+        "ppo": {
+            "prompts_per_step": 4,
+            "rollouts_per_prompt": 4,
+            "mini_batch_prompts": 2,
+            "micro_batch_tokens": 4096,
+            "steps": 30,
+            "max_prompt_length": 256,
+            # 20-30 steps of 2 updates: the paper's 1e-6 would barely move the model.
+            "actor_lr": 5e-6,
+            "critic_lr": 5e-5,
+        },
+        "rollout": {"engine": "vllm", "max_new_tokens": 128, "kv_cache_memory_bytes": 1_000_000_000},
+        "eval": {"every": 10, "limit": 32, "n_samples": 2, "before_train": True},
+        "run": {"save_every": 10, "keep_last": 1},
+    },
     # The paper's setup (Table 2 and Section 4), written out so it does not drift with the defaults.
     # Steps and max_new_tokens come from the task overlay (MATH 300/8192, Countdown 400/512, HH 300/1024).
     "paper": {
