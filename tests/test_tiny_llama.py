@@ -131,12 +131,34 @@ def test_vllm_run_resumes_and_evaluates_quietly(tiny_llama, tmp_path):
     assert [r["step"] for r in _metrics(cut)] == [1, 2]
     assert json.loads((cut / "result.json").read_text())["status"] == "finished"
 
-    ev = tmp_path / "eval"
+    # As a user runs it (a new process, vLLM's log handlers on the real streams): quiet by default.
+    quiet = _tre_eval(cut, tmp_path / "eval")
+    assert quiet.returncode == 0, quiet.stderr
+    assert json.loads((tmp_path / "eval" / "result.json").read_text())["final_eval"] is not None
+    for stream in (quiet.stdout, quiet.stderr):
+        assert "Traceback" not in stream and " INFO " not in stream, stream
+    assert "Chat template warmup failed" not in quiet.stdout + quiet.stderr
+
+
+@pytest.mark.slow
+def test_vllm_logs_and_progress_with_verbose(tiny_llama, tmp_path):
+    _vllm_or_skip()
+    loud = _tre_eval(tiny_llama, tmp_path / "eval", "--verbose")
+    assert loud.returncode == 0, loud.stderr
+    assert " INFO " in loud.stdout + loud.stderr  # vLLM's own start-up lines
+    assert "eval 2/2 sequences" in loud.stderr  # progress as plain lines (stderr is not a terminal)
+    assert "eval 2/2" not in loud.stdout
+
+
+def _tre_eval(model, out, *extra):
+    import subprocess
+    import sys
+
     sets = ["eval.limit=2", "eval.n_samples=1", "rollout.max_new_tokens=8", "run.wandb.mode=disabled", *VLLM_SETS]
-    result = runner.invoke(app, ["eval", "--model", str(cut), "--out", str(ev), "--preset", "smoke",
-                                 *[a for s in sets for a in ("--set", s)]], catch_exceptions=False)
-    assert result.exit_code == 0, result.stderr
-    assert json.loads((ev / "result.json").read_text())["final_eval"] is not None
+    args = [sys.executable, "-m", "tre_cli.cli", "eval", "--model", str(model), "--out", str(out), "--preset",
+            "smoke", *[a for s in sets for a in ("--set", s)], *extra]
+    env = {k: v for k, v in os.environ.items() if k != "VLLM_LOGGING_LEVEL"}
+    return subprocess.run(args, capture_output=True, text=True, timeout=900, env=env)
 
 
 def test_smollm2_sweep_plans_with_a_local_model_and_the_small_preset(tiny_llama, tmp_path):
