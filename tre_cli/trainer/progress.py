@@ -65,7 +65,9 @@ class LivePhases(Phases):
 
 class LinePhases(Phases):
     """The phases as plain lines on a console that is not a terminal (a log file): one when a
-    phase has made progress and LINE_EVERY_S has passed since its last line, one when it ends."""
+    phase starts, one when it has made progress and LINE_EVERY_S has passed since its last
+    line, one when it ends. (vLLM reports a sequence when its prompt's samples all finish, so a
+    long generation may show only its start and end.)"""
 
     def __init__(self, console: Any, every_s: float = LINE_EVERY_S, clock=time.monotonic) -> None:
         self.console, self.every_s, self.clock = console, every_s, clock
@@ -74,6 +76,7 @@ class LinePhases(Phases):
     def start(self, phase: str, total: int, unit: str) -> None:
         now = self.clock()
         self.state[phase] = {"total": total, "unit": unit, "started": now, "shown": now, "completed": 0, "detail": ""}
+        self._line(phase, self.state[phase])
 
     def update(self, phase: str, completed: int, detail: str = "") -> None:
         state = self.state.get(phase)
