@@ -23,6 +23,7 @@ import dataclasses
 import logging
 import os
 import random
+import time
 import warnings
 from pathlib import Path
 from typing import Any
@@ -264,6 +265,12 @@ def _progress_bar(progress: Progress):
             kwargs["disable"] = True
             super().__init__(*args, **kwargs)
             self.finished = 0
+            self.started = time.monotonic()
+
+        @property
+        def format_dict(self) -> dict[str, Any]:
+            # vLLM divides by "elapsed" for its speed estimate; a disabled tqdm says 0.
+            return {**super().format_dict, "elapsed": max(time.monotonic() - self.started, 1e-6)}
 
         def update(self, n: float | None = 1) -> bool | None:
             self.finished += int(n or 0)
