@@ -308,12 +308,14 @@ PRESETS: Mapping[str, Mapping[str, Any]] = {
     },
     # issue 13: a real model of up to a few hundred million parameters on a CPU (or a laptop GPU),
     # chosen from measurements of SmolLM2-135M-Instruct on 2 cores (bench/RESULTS.md, "SmolLM2-135M
-    # on CPU"): one step of at most about a minute. Pass the model with --model; Countdown needs
-    # task.options.format_score=0.1 to give such a model a signal (sweeps/smollm2.yaml sets it).
+    # on CPU"): each sequence of a step costs about 10-25 CPU-seconds there (prompt ~120 tokens +
+    # up to T; policy and critic forward and backward), so a step of about a minute holds 8.
+    # Pass the model with --model. Countdown: SmolLM2 never writes the answer format unprompted;
+    # sweeps/smollm2.yaml sets TinyZero's response_prefix and format_score 0.1.
     "small": {
         "ppo": {
             "prompts_per_step": 4,
-            "rollouts_per_prompt": 4,
+            "rollouts_per_prompt": 2,
             "mini_batch_prompts": 2,
             "micro_batch_tokens": 4096,
             "steps": 30,
