@@ -200,7 +200,7 @@ def test_paper_preset_is_the_paper():
 
 
 def test_unknown_preset():
-    with pytest.raises(ValueError, match="unknown preset 'tiny'; choose one of: smoke, paper"):
+    with pytest.raises(ValueError, match="unknown preset 'tiny'; choose one of: smoke, small, paper"):
         _resolve(preset="tiny")
 
 

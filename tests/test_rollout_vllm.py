@@ -147,3 +147,10 @@ def test_calls_draw_fresh_samples(engine, quick_tokenizer):
 def test_top_p_below_one_marks_logprobs_unavailable(engine, quick_tokenizer):
     rollout = engine.generate(prompts_of(quick_tokenizer, ["hi"]), n=2, max_new_tokens=4, top_p=0.7)
     assert torch.isnan(rollout.logprobs[rollout.response_mask.bool()]).all()
+
+
+def test_progress_reports_finished_sequences(engine, quick_tokenizer):
+    seen: list[int] = []
+    rollout = engine.generate(prompts_of(quick_tokenizer, PROMPT_TEXTS), n=2, max_new_tokens=8, progress=seen.append)
+    assert rollout.num_samples == 6
+    assert seen and seen == sorted(seen) and seen[-1] == 6

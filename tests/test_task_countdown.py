@@ -554,3 +554,25 @@ def test_tre_data_countdown_is_registered_on_the_main_app(tmp_path):
     )
     assert result.exit_code == 0, result.output
     assert [json.loads(line) for line in out.read_text().splitlines()] == generate(3, 1, "test")
+
+
+def test_response_prefix_opens_the_turn_and_the_reward_reads_it():
+    from tre_cli.tasks import get_task
+    from tre_cli.tasks.countdown import TINYZERO_PREFIX
+
+    class Plain:
+        chat_template = "x"
+
+        def apply_chat_template(self, messages, tokenize, add_generation_prompt):
+            return f"<user>{messages[0]['content']}</user><assistant>"
+
+    example = {"nums": [1, 2], "target": 3}
+    primed = get_task("countdown", response_prefix=TINYZERO_PREFIX)
+    assert primed.render(example, Plain()).endswith("<assistant>Let me solve this step by step.\n<think>")
+    # The sampled text continues inside the think block the prompt opened.
+    assert primed.reward("1 + 2 = 3</think> <answer>1 + 2</answer>", example) == 1.0
+    plain = get_task("countdown")
+    assert plain.render(example, Plain()).endswith("<assistant>")
+    assert plain.reward("1 + 2 = 3</think> <answer>1 + 2</answer>", example) == 0.0  # no opening tag
+    with pytest.raises(ValueError, match="response_prefix must be a string"):
+        get_task("countdown", response_prefix=3)

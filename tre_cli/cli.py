@@ -72,6 +72,10 @@ def _one_line_errors():
         raise typer.Exit(1)
 
 
+VERBOSE_HELP = ("Show the rollout engines' and transformers' own logs (quiet by default) and progress within "
+                "a step even when stderr is not a terminal (run.verbose=true).")
+
+
 def _resolve_run_config(method, task, model, preset, config, sets, out, rollout, device):
     from tre_cli.config import resolve
 
@@ -87,13 +91,16 @@ def run(
     method: str | None = typer.Option(None, help=f"Training method (see `tre methods`); default {DEFAULT_METHOD}."),
     task: str | None = typer.Option(None, help="math, countdown or hh; default countdown."),
     model: str | None = typer.Option(None, help="Hub id, local directory, or `testbed` (ships with tre)."),
-    preset: str | None = typer.Option(None, help="smoke (2 CPU cores, minutes) or paper (Table 2)."),
+    preset: str | None = typer.Option(
+        None, help="smoke (testbed, 2 CPU cores, minutes), small (a real model of a few 100M parameters on "
+        "a CPU: pass --model) or paper (Table 2)."),
     config: Path | None = typer.Option(None, "--config", help="YAML file with config sections."),
     sets: list[str] = typer.Option([], "--set", help="Override a config key: --set ppo.actor_lr=1e-6 (repeatable)."),
     out: Path | None = typer.Option(None, help="Run directory (must not exist or be empty)."),
     rollout: str | None = typer.Option(None, help="Rollout engine: hf or vllm."),
     device: str | None = typer.Option(None, help="cpu, cuda or auto."),
     resume: Path | None = typer.Option(None, help="Continue this run directory from its last checkpoint."),
+    verbose: bool = typer.Option(False, "--verbose", help=VERBOSE_HELP),
 ) -> None:
     """Run one PPO fine-tuning job."""
     from tre_cli import trainer
@@ -105,8 +112,9 @@ def run(
                 raise ValueError("--resume takes the run directory's own config; pass no other options")
             if device is not None:
                 resolve_device(device)
-            result = trainer.resume(resume, console=console)
+            result = trainer.resume(resume, console=console, display={"run.verbose": True} if verbose else None)
         else:
+            sets = [*sets, "run.verbose=true"] if verbose else sets
             cfg = _resolve_run_config(method, task, model, preset, config, sets, out, rollout, device)
             result = trainer.run(cfg, console=console)
     console.print(f"[bold green]done[/] {result.run_dir}: final {result.eval_metric} {result.final_eval}")
@@ -245,16 +253,18 @@ def eval_command(
     model: str | None = typer.Option(
         None, help="Hub id, local directory, `testbed`, or a run directory (its last checkpoint)."
     ),
-    preset: str | None = typer.Option(None, help="smoke or paper."),
+    preset: str | None = typer.Option(None, help="smoke, small or paper."),
     config: Path | None = typer.Option(None, "--config", help="YAML file with config sections."),
     sets: list[str] = typer.Option([], "--set", help="Override a config key (repeatable), e.g. eval.limit=100."),
     out: Path | None = typer.Option(None, help="Directory for the evaluation record (must not exist or be empty)."),
     rollout: str | None = typer.Option(None, help="Rollout engine: hf or vllm."),
     device: str | None = typer.Option(None, help="cpu, cuda or auto."),
+    verbose: bool = typer.Option(False, "--verbose", help=VERBOSE_HELP),
 ) -> None:
     """Evaluate a model or checkpoint with the paper's protocol (the Base row of Table 1)."""
     from tre_cli import trainer
 
+    sets = [*sets, "run.verbose=true"] if verbose else sets
     with _one_line_errors():
         if model is not None and (Path(model) / "config.yaml").is_file() and (Path(model) / "checkpoints").is_dir():
             from tre_cli.tracking import open_run_dir

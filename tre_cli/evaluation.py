@@ -4,7 +4,7 @@ Countdown, mean reward for HH."""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -54,10 +54,12 @@ def evaluate(
     metric: str,
     batch_prompts: int = 64,
     stream: int | None = None,
+    progress: Callable[[int], None] | None = None,
 ) -> EvalResult:
     """Sample `n_samples` responses per prompt with `engine`, score them with `task`. `stream`:
     the engine's sampling stream (issue 12; sample j of prompt i is sequence i * n_samples + j
-    of it, whatever batch_prompts is); None: one stream per engine call."""
+    of it, whatever batch_prompts is); None: one stream per engine call. `progress(sequences
+    finished so far)` is called as they end (for a person watching)."""
     if len(examples) != len(prompt_ids):
         raise ValueError(f"{len(examples)} examples but {len(prompt_ids)} prompts")
     if not examples:
@@ -66,9 +68,11 @@ def evaluate(
     tokens = 0
     for start in range(0, len(examples), batch_prompts):
         batch = list(range(start, min(start + batch_prompts, len(examples))))
+        offset = len(rewards)
+        report = (lambda done: progress(offset + done)) if progress is not None else None
         rollout = engine.generate([prompt_ids[i] for i in batch], n=n_samples, max_new_tokens=max_new_tokens,
                                   temperature=temperature, top_p=top_p, stream=stream,
-                                  first_sequence=start * n_samples)
+                                  first_sequence=start * n_samples, progress=report)
         answered = [examples[batch[int(i)]] for i in rollout.prompt_index]
         rewards.extend(task.rewards(rollout.texts, answered))
         tokens += rollout.num_response_tokens

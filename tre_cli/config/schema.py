@@ -256,6 +256,11 @@ class RunSection:
     # issue 12: data-parallel training processes of this run (Ray Train workers, policy and
     # critic sharded with FSDP2); 1 = this process alone, as before.
     workers: int = 1
+    # issue 13: progress within a step (generation, old log-probs, update) on stderr: "auto" when
+    # stderr is a terminal, "on" also as plain lines in a log file, "off" never. Display only.
+    progress: Literal["auto", "on", "off"] = "auto"
+    # issue 13: the rollout engines' and transformers' own logs (quiet by default); --verbose.
+    verbose: bool = False
 
     def __post_init__(self) -> None:
         _require(self.seed >= 0, "run.seed", "must be >= 0", self.seed)
@@ -303,6 +308,28 @@ PRESETS: Mapping[str, Mapping[str, Any]] = {
         },
         "rollout": {"engine": "hf", "max_new_tokens": 48},
         "eval": {"every": 10, "limit": 128, "n_samples": 2, "before_train": True},
+        "run": {"save_every": 10, "keep_last": 1},
+    },
+    # issue 13: a real model of up to a few hundred million parameters on a CPU (or a laptop GPU),
+    # chosen from measurements of SmolLM2-135M-Instruct on 2 cores (bench/RESULTS.md, "SmolLM2-135M
+    # on CPU"): each sequence of a step costs about 10-25 CPU-seconds there (prompt ~120 tokens +
+    # up to T; policy and critic forward and backward), so a step of about a minute holds 8.
+    # Pass the model with --model. Countdown: SmolLM2 never writes the answer format unprompted;
+    # sweeps/smollm2.yaml sets TinyZero's response_prefix and format_score 0.1.
+    "small": {
+        "ppo": {
+            "prompts_per_step": 4,
+            "rollouts_per_prompt": 2,
+            "mini_batch_prompts": 2,
+            "micro_batch_tokens": 4096,
+            "steps": 30,
+            "max_prompt_length": 256,
+            # 20-30 steps of 2 updates: the paper's 1e-6 would barely move the model.
+            "actor_lr": 5e-6,
+            "critic_lr": 5e-5,
+        },
+        "rollout": {"engine": "vllm", "max_new_tokens": 128, "kv_cache_memory_bytes": 1_000_000_000},
+        "eval": {"every": 10, "limit": 32, "n_samples": 2, "before_train": True},
         "run": {"save_every": 10, "keep_last": 1},
     },
     # The paper's setup (Table 2 and Section 4), written out so it does not drift with the defaults.

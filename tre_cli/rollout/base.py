@@ -9,7 +9,7 @@ them), as vLLM sees an unpadded prompt; `position_ids` gives the trainer the sam
 from __future__ import annotations
 
 from dataclasses import dataclass, fields, replace
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any, Protocol, runtime_checkable
 
 import torch
@@ -177,6 +177,9 @@ def eos_token_ids_of(tokenizer: Any, model_config: Any = None) -> list[int]:
 
 
 Weights = Any  # the trainer's policy module, or its state dict
+# progress(sequences finished so far): how an engine reports during generate() (for a person
+# watching a long step; tre_cli.trainer.progress). Never changes what is sampled.
+Progress = Callable[[int], None]
 
 
 @runtime_checkable
@@ -194,11 +197,14 @@ class RolloutEngine(Protocol):
         top_p: float = 1.0,
         stream: int | None = None,
         first_sequence: int = 0,
+        progress: Progress | None = None,
     ) -> Rollout:
         """n samples per prompt (token ids), grouped by prompt; see Rollout. Sample k is
         sequence `first_sequence + k` of sampling stream `stream` (the trainer's step; None: the
         engine's next call): its noise depends on the engine's seed, the stream and that index,
-        not on the other prompts of the call (issue 12), where the engine can do so."""
+        not on the other prompts of the call (issue 12), where the engine can do so. `progress`,
+        when given, is called with the number of finished sequences (of len(prompts) * n) as
+        they end."""
         ...
 
     def sync_weights(self, weights: Weights = None) -> None:

@@ -18,8 +18,9 @@ from typing import Any
 import torch
 
 from tre_cli.rollout.base import (
-    Rollout,
     EngineBase,
+    Progress,
+    Rollout,
     Weights,
     assemble_rollout,
     check_generate_args,
@@ -169,6 +170,7 @@ class HFEngine(EngineBase):
         top_p: float = 1.0,
         stream: int | None = None,
         first_sequence: int = 0,
+        progress: Progress | None = None,
     ) -> Rollout:
         """n samples of each prompt. Sample k (prompt k // n) is sequence `first_sequence + k`
         of sampling stream `stream` (the trainer: its step): its tokens depend on the engine's
@@ -186,7 +188,7 @@ class HFEngine(EngineBase):
         try:
             responses, logprobs = self._sample(prompts, n, max_new_tokens, temperature, top_p,
                                                lambda position: sequence_uniforms(self.seed, stream, sequences,
-                                                                                  position))
+                                                                                  position), progress)
         finally:
             self.model.train(was_training)
         return assemble_rollout(
@@ -195,7 +197,7 @@ class HFEngine(EngineBase):
 
     # -- decoding ----------------------------------------------------------------------------
 
-    def _sample(self, prompts, n, max_new_tokens, temperature, top_p, uniforms):
+    def _sample(self, prompts, n, max_new_tokens, temperature, top_p, uniforms, progress=None):
         expanded = [list(prompts[k // n]) for k in range(len(prompts) * n)]
         prompt_ids, prompt_mask = left_pad(expanded, self.pad_token_id)
         prompt_ids, prompt_mask = prompt_ids.to(self.device), prompt_mask.to(self.device)
@@ -243,6 +245,8 @@ class HFEngine(EngineBase):
             tokens_per_step.append(token)
             logprobs_per_step.append(token_logprob)
             done = done | torch.isin(token, eos)
+            if progress is not None:
+                progress(int(done.sum()))
             if step == max_new_tokens - 1 or bool(done.all()):
                 break
             column = prompt_width + step
@@ -250,6 +254,8 @@ class HFEngine(EngineBase):
             width = cache_width if self.static_cache else column + 1
             logits = step_fn(token[:, None], attention_mask[:, :width], next_position, cache)
             next_position = next_position + 1
+        if progress is not None:
+            progress(batch)  # the rest were cut at max_new_tokens
         tokens = torch.stack(tokens_per_step, 1).cpu()
         token_logprobs = torch.stack(logprobs_per_step, 1).float().cpu()
         alive = torch.stack(alive_per_step, 1).cpu()

@@ -7,6 +7,9 @@
   computed by the old weights.
 - On a GPU the engine sleeps while the trainer trains (weights offloaded, KV cache freed), and its
   KV cache has an explicit size so that it leaves the trainer its memory. On CPU both are moot.
+- Quiet by default: vLLM logs dozens of INFO/WARNING lines on every start (and a traceback,
+  "Chat template warmup failed", since tre passes token ids with skip_tokenizer_init=True);
+  `verbose=True` (`tre run --verbose`) shows them. An explicit VLLM_LOGGING_LEVEL wins.
 - Behaviour log-probs: vLLM's "processed_logprobs" are log softmax(logits / temperature) over the
   full vocabulary when top_p = 1 (PPO's setting). With top_p < 1 vLLM only gives the log-prob under
   the renormalised nucleus, which is not what the trainer recomputes, so the Rollout's log-probs
@@ -15,9 +18,13 @@
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import logging
 import os
 import random
+import time
+import warnings
 from pathlib import Path
 from typing import Any
 from collections.abc import Sequence
@@ -25,20 +32,50 @@ from collections.abc import Sequence
 import torch
 
 from tre_cli.models.precision import engine_state_dict
-from tre_cli.rollout.base import EngineBase, Rollout, Weights, assemble_rollout, check_generate_args, eos_token_ids_of
+from tre_cli.rollout.base import (
+    EngineBase,
+    Progress,
+    Rollout,
+    Weights,
+    assemble_rollout,
+    check_generate_args,
+    eos_token_ids_of,
+)
 from tre_cli.rollout.context import model_context_length
 
 CPU_KV_CACHE_BYTES = 512 * 2**20
 GPU_KV_CACHE_FRACTION = 0.2  # of the device's memory; the rest is the trainer's
 
 log = logging.getLogger(__name__)
+# The user's own choice, if any, read before tre sets it.
+USER_LOG_LEVEL = os.environ.get("VLLM_LOGGING_LEVEL")
 
 
-def import_vllm():
+def vllm_log_level(verbose: bool) -> str:
+    """vLLM's log level: the user's VLLM_LOGGING_LEVEL, else INFO with `verbose`, else ERROR."""
+    return (USER_LOG_LEVEL or ("INFO" if verbose else "ERROR")).upper()
+
+
+@contextlib.contextmanager
+def vllm_logs(verbose: bool):
+    """vLLM's loggers at vllm_log_level (the environment for what it reads at import, the
+    "vllm" logger for the rest), and Python warnings raised inside (deprecations of torch
+    APIs vLLM calls) ignored unless `verbose`."""
+    level = vllm_log_level(verbose)
+    os.environ["VLLM_LOGGING_LEVEL"] = level
+    logging.getLogger("vllm").setLevel(level)
+    with warnings.catch_warnings():
+        if not verbose:
+            warnings.simplefilter("ignore")
+        yield level
+
+
+def import_vllm(verbose: bool = False):
     """vLLM, imported for in-process use; a ValueError with the install hint when it is missing."""
     os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
     try:
-        import vllm
+        with vllm_logs(verbose):
+            import vllm
     except ImportError as error:
         raise ValueError(
             f"the vllm rollout engine needs vLLM ({error}); install it with pip install 'tre-cli[vllm]' "
@@ -62,11 +99,13 @@ class VLLMEngine(EngineBase):
         max_num_seqs: int = 256,
         enable_prefix_caching: bool = True,
         sleep_level: int = 1,
+        verbose: bool = False,
         **llm_options: Any,
     ) -> None:
         from tre_cli.models import resolve_dtype, resolve_model
 
-        vllm = import_vllm()
+        vllm = import_vllm(verbose)
+        self.verbose = bool(verbose)
         self.device = torch.device(device)
         self.on_gpu = self.device.type == "cuda"
         self.tokenizer = tokenizer
@@ -94,7 +133,20 @@ class VLLMEngine(EngineBase):
         self.asleep = False
         self.seed = int(seed)
         self.calls = 0
-        self.llm = vllm.LLM(
+        engine_fields = {f.name for f in dataclasses.fields(vllm.EngineArgs)}
+        if "log_level" in engine_fields:  # vLLM reconfigures its logging when the engine starts
+            llm_options.setdefault("log_level", vllm_log_level(self.verbose))
+        if "use_tqdm_on_load" in engine_fields:
+            llm_options.setdefault("use_tqdm_on_load", self.verbose)
+        with vllm_logs(self.verbose):
+            self.llm = self._start(vllm, path, torch_dtype, max_model_len, max_num_seqs, kv_cache_memory_bytes,
+                                   enable_prefix_caching, llm_options)
+        self._sampling_params = vllm.SamplingParams
+        self._tokens_prompt = vllm.inputs.TokensPrompt
+
+    def _start(self, vllm, path, torch_dtype, max_model_len, max_num_seqs, kv_cache_memory_bytes,
+               enable_prefix_caching, llm_options):
+        return vllm.LLM(
             model=str(path),
             tokenizer=str(path),
             # We pass token ids and decode with our tokenizer, so both engines' texts agree.
@@ -110,8 +162,6 @@ class VLLMEngine(EngineBase):
             logprobs_mode="processed_logprobs",
             **llm_options,
         )
-        self._sampling_params = vllm.SamplingParams
-        self._tokens_prompt = vllm.inputs.TokensPrompt
 
     # -- interface ---------------------------------------------------------------------------
 
@@ -124,6 +174,7 @@ class VLLMEngine(EngineBase):
         top_p: float = 1.0,
         stream: int | None = None,
         first_sequence: int = 0,
+        progress: Progress | None = None,
     ) -> Rollout:
         check_generate_args(prompts, n, max_new_tokens, temperature, top_p)
         if self.asleep:
@@ -155,7 +206,8 @@ class VLLMEngine(EngineBase):
             for seed in seeds
         ]
         requests = [self._tokens_prompt(prompt_token_ids=[int(t) for t in p]) for p in prompts]
-        outputs = self.llm.generate(requests, params, use_tqdm=False)
+        with vllm_logs(self.verbose):
+            outputs = self.llm.generate(requests, params, use_tqdm=_progress_bar(progress) if progress else False)
         responses: list[list[int]] = []
         logprobs: list[list[float]] = []
         exact = top_p >= 1.0
@@ -185,8 +237,9 @@ class VLLMEngine(EngineBase):
             self.wake()
         # A list, not a generator: the RPC may look at the weights more than once.
         weights = list(engine_state_dict(_items(state_dict), self.dtype))
-        self.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": weights})
-        self.llm.reset_prefix_cache()
+        with vllm_logs(self.verbose):
+            self.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": weights})
+            self.llm.reset_prefix_cache()
 
     def sleep(self) -> None:
         if self.on_gpu and not self.asleep:
@@ -207,6 +260,31 @@ class VLLMEngine(EngineBase):
             gc.collect()
             if self.on_gpu:
                 torch.cuda.empty_cache()
+
+
+def _progress_bar(progress: Progress):
+    """What vLLM's `use_tqdm` takes (a tqdm factory), reporting finished sequences to `progress`
+    instead of drawing a bar: vLLM calls update(n) with the n samples of each finished prompt."""
+    from tqdm import tqdm
+
+    class Report(tqdm):
+        def __init__(self, *args: Any, **kwargs: Any) -> None:
+            kwargs["disable"] = True
+            super().__init__(*args, **kwargs)
+            self.finished = 0
+            self.started = time.monotonic()
+
+        @property
+        def format_dict(self) -> dict[str, Any]:
+            # vLLM divides by "elapsed" for its speed estimate; a disabled tqdm says 0.
+            return {**super().format_dict, "elapsed": max(time.monotonic() - self.started, 1e-6)}
+
+        def update(self, n: float | None = 1) -> bool | None:
+            self.finished += int(n or 0)
+            progress(self.finished)
+            return None
+
+    return Report
 
 
 def _items(state_dict):

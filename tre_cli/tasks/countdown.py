@@ -45,6 +45,8 @@ MAX_DEPTH = 100
 MAX_VALUE_BITS = 65_536
 
 DEFAULT_GENERATOR_SEED = 20_250_101
+# TinyZero's opening of the assistant's Countdown turn (its `response_prefix`).
+TINYZERO_PREFIX = "Let me solve this step by step.\n<think>"
 
 
 @dataclass(frozen=True)
@@ -81,6 +83,10 @@ RELEASED = CountdownRules()
 
 DEFAULT_OPTIONS = {
     "format_score": 0.0,  # TinyZero gives 0.1 to a well-formed wrong answer; the paper's code 0
+    # issue 13: text that opens the assistant's turn, after the chat template: TinyZero's Countdown
+    # prompt ends "Let me solve this step by step.\n<think>" (TINYZERO_PREFIX); the paper's, with
+    # "" (the default), opens nothing. The reward reads the prefix and the response as one turn.
+    "response_prefix": "",
     "generator_seed": DEFAULT_GENERATOR_SEED,
     **{name: getattr(RELEASED, name) for name in RULE_NAMES},
 }
@@ -563,6 +569,9 @@ class CountdownTask(Task):
         format_score = self.options["format_score"]
         if not isinstance(format_score, (int, float)) or not 0.0 <= format_score < 1.0:
             raise ValueError(f"task 'countdown': format_score must be in [0, 1), got {format_score!r}")
+        if not isinstance(self.options["response_prefix"], str):
+            raise ValueError(f"task 'countdown': response_prefix must be a string, got "
+                             f"{self.options['response_prefix']!r}")
         self.rules = rules_from_options(self.options)
 
     def load(self, split: str, limit: int | None = None) -> list[dict]:
@@ -574,7 +583,8 @@ class CountdownTask(Task):
 
     def render(self, example: Mapping[str, Any], tokenizer) -> str:
         text = PROMPT.format(numbers=list(example["nums"]), target=example["target"])
-        return render_user_prompt(text, tokenizer, self.options["template"])
+        return render_user_prompt(text, tokenizer, self.options["template"]) + self.options["response_prefix"]
 
     def reward(self, response: str, example: Mapping[str, Any]) -> float:
-        return score(response, example["nums"], example["target"], self.options["format_score"], self.rules)
+        turn = self.options["response_prefix"] + response if isinstance(response, str) else response
+        return score(turn, example["nums"], example["target"], self.options["format_score"], self.rules)

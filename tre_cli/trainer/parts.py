@@ -150,7 +150,8 @@ def make_engine(config: RunConfig, model_path: Path, tokenizer: Any, device: str
         options: dict[str, Any] = {"model": policy}
     else:
         options = {"gpu_memory_utilization": config.rollout.gpu_memory_utilization,
-                   "kv_cache_memory_bytes": config.rollout.kv_cache_memory_bytes, "max_model_len": max_model_len}
+                   "kv_cache_memory_bytes": config.rollout.kv_cache_memory_bytes, "max_model_len": max_model_len,
+                   "verbose": config.run.verbose}
     return get_engine(config.rollout.engine, model_path, tokenizer, device=device, dtype=config.model.dtype,
                       seed=config.run.seed, **options)
 

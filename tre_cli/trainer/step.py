@@ -29,6 +29,11 @@ from tre_cli.models.precision import autocast_for
 from tre_cli.rollout.base import Rollout, assemble_rollout, position_ids_from_mask
 from tre_cli.trainer import distributed
 from tre_cli.trainer.parts import Parts, encode_prompt, step_examples
+from tre_cli.trainer.progress import NO_PHASES, Phases
+
+
+# The phases of a step as the progress display names them.
+GENERATE, OLD_LOGPROB, UPDATE = "generate", "old log-probs", "update"
 
 
 @dataclass(frozen=True)
@@ -106,7 +111,8 @@ share = distributed.share
 
 
 @torch.no_grad()
-def _old_logprob_and_values(parts: Parts, rollout: Rollout) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+def _old_logprob_and_values(parts: Parts, rollout: Rollout,
+                            phases: Phases = NO_PHASES) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """Old log-probs (recomputed by the policy, as verl does), old values and (with a reference
     policy) the reference log-probs, per micro-batch."""
     n = rollout.num_samples
@@ -116,8 +122,10 @@ def _old_logprob_and_values(parts: Parts, rollout: Rollout) -> tuple[torch.Tenso
     ref_logprob = torch.zeros(n, width) if parts.reference is not None else None
     rows = torch.arange(n)
     budget = parts.config.ppo.micro_batch_tokens
-    for chunk, r_width, real in worker_micro_batches(parts, rows, rollout.response_lengths,
-                                                     rollout.prompt_ids.shape[1], budget):
+    micro = worker_micro_batches(parts, rows, rollout.response_lengths, rollout.prompt_ids.shape[1], budget)
+    phases.start(OLD_LOGPROB, len(micro), "micro-batches")
+    for done, (chunk, r_width, real) in enumerate(micro):
+        phases.update(OLD_LOGPROB, done)
         if not real:  # issue 12: join the other workers' collectives, keep nothing
             inputs = _model_inputs(rollout, chunk, r_width, parts.device)
             _response_logits(parts.policy, inputs, r_width)
@@ -135,6 +143,7 @@ def _old_logprob_and_values(parts: Parts, rollout: Rollout) -> tuple[torch.Tenso
             ref_logprob[chunk, :r_width] = token_stats(_response_logits(parts.reference, inputs, r_width),
                                                        rollout.response_ids[chunk, :r_width].to(parts.device),
                                                        temperature=rollout.temperature).logprob.float().cpu()
+    phases.done(OLD_LOGPROB)
     if parts.workers.many:  # issue 12: each row was computed by one worker; the sum is the whole batch
         old_logprob, old_values = distributed.all_reduce_sum(old_logprob), distributed.all_reduce_sum(old_values)
         ref_logprob = distributed.all_reduce_sum(ref_logprob) if ref_logprob is not None else None
@@ -142,10 +151,10 @@ def _old_logprob_and_values(parts: Parts, rollout: Rollout) -> tuple[torch.Tenso
     return old_logprob * mask, old_values * mask, (ref_logprob * mask if ref_logprob is not None else None)
 
 
-def score_rollout(parts: Parts, rollout: Rollout, scores: torch.Tensor) -> Scored:
+def score_rollout(parts: Parts, rollout: Rollout, scores: torch.Tensor, phases: Phases = NO_PHASES) -> Scored:
     """Old log-probs and values, then GAE on the terminal rewards (whitened as the released code does)."""
     cfg = parts.config.ppo
-    old_logprob, old_values, ref_logprob = _old_logprob_and_values(parts, rollout)
+    old_logprob, old_values, ref_logprob = _old_logprob_and_values(parts, rollout, phases)
     mask = rollout.response_mask.float()
     advantages, returns = gae(place_terminal_reward(scores, mask), old_values, mask, cfg.gamma, cfg.lam)
     if cfg.whiten_advantages:
@@ -207,7 +216,8 @@ def _selection(parts: Parts, rollout: Rollout, scored: Scored, rows: torch.Tenso
             for chunk, r_width, real in micro]
 
 
-def ppo_update(parts: Parts, rollout: Rollout, scored: Scored, step: int) -> dict[str, float]:
+def ppo_update(parts: Parts, rollout: Rollout, scored: Scored, step: int,
+               phases: Phases = NO_PHASES) -> dict[str, float]:
     """All mini-batch updates of one step; returns the step's actor/critic metrics."""
     cfg = parts.config
     objective = parts.objective
@@ -221,9 +231,12 @@ def ppo_update(parts: Parts, rollout: Rollout, scored: Scored, step: int) -> dic
     n_prompts = rollout.num_samples // n_rollouts
     dev = parts.device
     scale = distributed.loss_scale(parts.workers)  # issue 12: FSDP averages gradients over workers
+    per_epoch = -(-n_prompts // cfg.ppo.mini_batch_prompts)
+    phases.start(UPDATE, cfg.ppo.epochs * per_epoch, "mini-batches")
     for _epoch in range(cfg.ppo.epochs):
         prompt_order = torch.randperm(n_prompts, generator=gen)
         for mb_start in range(0, n_prompts, cfg.ppo.mini_batch_prompts):
+            mini_done = _epoch * per_epoch + mb_start // cfg.ppo.mini_batch_prompts
             prompts = prompt_order[mb_start:mb_start + cfg.ppo.mini_batch_prompts]
             rows = (prompts[:, None] * n_rollouts + torch.arange(n_rollouts)[None, :]).reshape(-1)
             micro = worker_micro_batches(parts, rows, lengths, prompt_width, cfg.ppo.micro_batch_tokens)
@@ -236,6 +249,7 @@ def ppo_update(parts: Parts, rollout: Rollout, scored: Scored, step: int) -> dic
                 # issue 11: selections in fixed groups of sequences, seeded by run, step, epoch and mini-batch.
                 group_gen = torch.Generator().manual_seed(cfg.run.seed * 1_000_003 + step * 7919 + _epoch * 131
                                                           + mb_start)
+                phases.update(UPDATE, mini_done, "selection pass")
                 selected = _selection(parts, rollout, scored, rows, micro, group_gen)
                 selected_total = float(sum(s.sum() for s in selected))
                 if parts.workers.many:  # issue 12: the whole mini-batch's count
@@ -245,6 +259,7 @@ def ppo_update(parts: Parts, rollout: Rollout, scored: Scored, step: int) -> dic
             parts.critic_opt.zero_grad(set_to_none=True)
             set_training(True, parts.policy, parts.critic)  # issue 11: checkpointing runs in training mode only
             for i, (chunk, r_width, real) in enumerate(micro):
+                phases.update(UPDATE, mini_done, f"micro-batch {i + 1}/{len(micro)}")
                 inputs = _model_inputs(rollout, chunk, r_width, dev)
                 batch = PPOBatch(
                     mask=(mask_all[chunk, :r_width] if real else torch.zeros(len(chunk), r_width)).to(dev),
@@ -283,6 +298,7 @@ def ppo_update(parts: Parts, rollout: Rollout, scored: Scored, step: int) -> dic
             if torch.isfinite(critic_norm):
                 parts.critic_opt.step()
             set_training(False, parts.policy, parts.critic)  # issue 11: no-grad passes and sampling in eval mode
+    phases.done(UPDATE)
     metrics = distributed.merge_weighted_means(meter.sums, meter.weights) if parts.workers.many else meter.result()
     metrics["actor/lr"] = parts.actor_opt.param_groups[0]["lr"]
     metrics["critic/lr"] = parts.critic_opt.param_groups[0]["lr"]
@@ -290,20 +306,22 @@ def ppo_update(parts: Parts, rollout: Rollout, scored: Scored, step: int) -> dic
     return metrics
 
 
-def train_step(parts: Parts, step: int) -> dict[str, float]:
-    """One PPO step; returns its metrics (namespaced)."""
+def train_step(parts: Parts, step: int, phases: Phases = NO_PHASES) -> dict[str, float]:
+    """One PPO step; returns its metrics (namespaced). `phases` shows its progress (display only)."""
     cfg = parts.config
     timings: dict[str, float] = {}
     t0 = time.perf_counter()
     examples = step_examples(parts.train, step, cfg.ppo.prompts_per_step, cfg.run.seed)
     prompt_ids = [encode_prompt(parts.task, ex, parts.tokenizer, cfg.ppo.max_prompt_length) for ex in examples]
     parts.engine.wake()
+    phases.start(GENERATE, len(prompt_ids) * cfg.ppo.rollouts_per_prompt, "sequences")
     if parts.workers.many:
         rollout = _generate_shared(parts, prompt_ids, step)
     else:
         rollout = parts.engine.generate(prompt_ids, n=cfg.ppo.rollouts_per_prompt,
                                         max_new_tokens=parts.max_new_tokens, temperature=cfg.rollout.temperature,
-                                        top_p=cfg.rollout.top_p, stream=step)
+                                        top_p=cfg.rollout.top_p, stream=step, progress=phases.counter(GENERATE))
+    phases.done(GENERATE)
     parts.engine.sleep()
     timings["timing/gen_s"] = time.perf_counter() - t0
 
@@ -313,11 +331,11 @@ def train_step(parts: Parts, step: int) -> dict[str, float]:
     timings["timing/reward_s"] = time.perf_counter() - t
 
     t = time.perf_counter()
-    scored = score_rollout(parts, rollout, scores)
+    scored = score_rollout(parts, rollout, scores, phases)
     timings["timing/old_logprob_values_s"] = time.perf_counter() - t
 
     t = time.perf_counter()
-    update_metrics = ppo_update(parts, rollout, scored, step)
+    update_metrics = ppo_update(parts, rollout, scored, step, phases)
     timings["timing/update_s"] = time.perf_counter() - t
     t = time.perf_counter()
     # issue 12: with several workers the engine's copy takes the weights gathered from the shards.
