@@ -68,16 +68,24 @@ def atomic_dir(final: PathLike) -> Iterator[Path]:
     tmp = Path(tempfile.mkdtemp(dir=final.parent, prefix=f".tmp-{final.name}-"))
     try:
         yield tmp
-        if final.exists():
-            old = final.parent / f".old-{final.name}-{secrets.token_hex(4)}"
-            os.rename(final, old)
-            os.rename(tmp, final)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.rename(tmp, final)
+        replace_dir(tmp, final)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def replace_dir(tmp: PathLike, final: PathLike) -> None:
+    """Rename the finished directory `tmp` to `final` (on the same file system), replacing an
+    existing `final`: the old one is renamed aside first and removed after, so `final` is never
+    half-written. atomic_dir's last step; also for a directory several processes write into."""
+    tmp, final = Path(tmp), Path(final)
+    if final.exists():
+        old = final.parent / f".old-{final.name}-{secrets.token_hex(4)}"
+        os.rename(final, old)
+        os.rename(tmp, final)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.rename(tmp, final)
 
 
 def append_line(path: PathLike, record: Mapping[str, Any]) -> None:

@@ -9,18 +9,15 @@ object runs code when it is unpickled) is refused with one line, never loaded.
 from __future__ import annotations
 
 import json
-import os
 import pickle
 import random
-import secrets
-import shutil
 import tempfile
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from tre_cli.io import atomic_dir
+from tre_cli.io import atomic_dir, replace_dir
 from tre_cli.tracking import Tracker
 from tre_cli.trainer.parts import Parts
 
@@ -147,13 +144,7 @@ def save_checkpoint_workers(parts: Parts, tracker: Tracker | None, step: int) ->
         torch.save({"critic_sched": parts.critic_sched.state_dict(), "rng": _rng_state(parts)},
                    distributed.workers_state_path(tmp))
         (tmp / "state.json").write_text(json.dumps({"step": step, "workers": workers.world}))
-        if target.exists():
-            old = target.parent / f".old-{target.name}-{secrets.token_hex(4)}"
-            os.rename(target, old)
-            os.rename(tmp, target)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.rename(tmp, target)
+        replace_dir(tmp, target)
         tracker.run_dir.prune_checkpoints(parts.config.run.keep_last)
     distributed.barrier()
     return target
