@@ -54,15 +54,21 @@ def two_runs(tiny_testbed, tmp_path_factory):
     return one, two
 
 
+def _assert_agree(a, b):
+    """Two runs of the same config whose floats were summed in a different order: the same
+    samples (per-sequence seeding), so the same rewards and lengths; losses close."""
+    for ra, rb in zip(a, b, strict=True):
+        for key in EXACT:
+            assert ra[key] == rb[key], (ra["step"], key)
+        for key in (*CLOSE, "actor/forking_kept_frac", "critic/advantages_abs"):
+            assert math.isclose(ra[key], rb[key], rel_tol=1e-3, abs_tol=1e-7), (ra["step"], key, ra[key], rb[key])
+
+
 def test_two_workers_train_like_one(two_runs):
     one, two = two_runs
     a, b = _metrics(one), _metrics(two)
     assert [r["step"] for r in b] == [1, 2]
-    for ra, rb in zip(a, b):
-        for key in EXACT:  # the same samples (per-sequence seeding), so the same rewards and lengths
-            assert ra[key] == rb[key], (ra["step"], key)
-        for key in (*CLOSE, "actor/forking_kept_frac", "critic/advantages_abs"):
-            assert math.isclose(ra[key], rb[key], rel_tol=1e-3, abs_tol=1e-7), (ra["step"], key, ra[key], rb[key])
+    _assert_agree(a, b)
     # Weights after step 1 (rank 0's consolidated policy against the single process's).
     first, second = _policy(one, 1), _policy(two, 1)
     assert sorted(first) == sorted(second)
@@ -116,7 +122,10 @@ def test_through_ray_train_and_a_dead_worker_is_one_line(two_runs, tiny_testbed,
     through_ray = tmp_path / "ray"
     result = trainer.run(_config(tiny_testbed, through_ray, "forking-tokens", steps=2, extra=extra))
     assert result.status == "finished" and result.steps_done == 2
-    assert [_stable(r) for r in _metrics(harness)] == [_stable(r) for r in _metrics(through_ray)]
+    # Both launchers pin CPUS_PER_WORKER threads, so on one machine the floats match bitwise; the
+    # check allows the last digits anyway (a CI machine once disagreed at 3e-5 relative, before
+    # the pin), since what it guards is that Ray starts the same workers, not float order.
+    _assert_agree(_metrics(harness), _metrics(through_ray))
     monkeypatch.setenv(EXIT_AT_ENV, "1:1")
     with pytest.raises(WorkerFailure) as failed:
         trainer.run(_config(tiny_testbed, tmp_path / "dies", "forking-tokens", steps=2, extra=extra))

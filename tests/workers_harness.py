@@ -16,13 +16,11 @@ def free_port() -> int:
 
 
 def _worker(rank: int, world: int, port: int, payload: dict, env: dict) -> None:
-    import torch
     import torch.distributed as dist
 
     os.environ.update(env)
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
                       LOCAL_RANK=str(rank))
-    torch.set_num_threads(1)
     dist.init_process_group("gloo", rank=rank, world_size=world)
     try:
         from tre_cli.trainer.job import worker_main

@@ -289,6 +289,8 @@ def run_workers(worker: Any, payload: dict[str, Any], workers: int, *, use_gpu: 
     from ray.train import FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
+    from tre_cli.trainer.distributed import CPUS_PER_WORKER
+
     started = not ray.is_initialized()
     if started:
         ray.init(num_cpus=max(workers, os.cpu_count() or 1), include_dashboard=False, log_to_driver=True,
@@ -298,7 +300,8 @@ def run_workers(worker: Any, payload: dict[str, Any], workers: int, *, use_gpu: 
             trainer = TorchTrainer(
                 worker,
                 train_loop_config=payload,
-                scaling_config=ScalingConfig(num_workers=workers, use_gpu=use_gpu),
+                scaling_config=ScalingConfig(num_workers=workers, use_gpu=use_gpu,
+                                             resources_per_worker=None if use_gpu else {"CPU": CPUS_PER_WORKER}),
                 torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
                 run_config=RunConfig(name=f"tre-{secrets.token_hex(4)}", storage_path=storage,
                                      failure_config=FailureConfig(max_failures=0)),

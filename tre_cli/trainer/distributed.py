@@ -46,6 +46,10 @@ WORKERS_STATE = "workers.pt"
 # A test hook (like the sweep's TRE_SWEEP_FAIL_ONCE_AT_STEP): "RANK:STEP" makes that worker exit
 # abruptly (os._exit(1)) when it starts that step, as a crashed or killed worker would.
 EXIT_AT_ENV = "TRE_WORKER_EXIT_AT"
+# CPU cores each worker asks of Ray and uses for torch's intra-op threads. Set by the worker
+# itself rather than left to the environment (Ray's OMP_NUM_THREADS default, a caller's own), so
+# every launcher of the same run sums floats in the same order.
+CPUS_PER_WORKER = 1
 
 
 class WorkerFailure(RuntimeError):

@@ -151,8 +151,11 @@ def read_run_result(run_dir: str | Path) -> RunResult:
 
 def worker_main(payload: dict[str, Any]) -> None:
     """One worker of a run.workers > 1 run (torch.distributed already initialised by its launcher)."""
+    import torch
+
     from tre_cli.config import from_dict
 
+    torch.set_num_threads(distributed.CPUS_PER_WORKER)
     config = from_dict(payload["config"], "run.workers payload")
     run_dir = Path(payload["run_dir"])
     resume_step = None
