@@ -535,3 +535,19 @@ def test_method_config_is_the_name_and_every_parameter():
         MethodConfig("tre-k", {"k": 4})
     with pytest.raises(ValueError, match="config key 'method.beta' is not a parameter of method 'ent'"):
         MethodConfig.of("ent", {"beta": 1.0})
+
+
+def test_rollout_stop_takes_a_string_or_a_list_and_rejects_the_rest(tmp_path):
+    from tre_cli.config import from_dict, to_dict, with_overrides
+
+    assert from_dict({}).rollout.stop == ()
+    config = with_overrides(from_dict({}), {"rollout.stop": "</answer>"})
+    assert config.rollout.stop == ("</answer>",)
+    config = from_dict({"rollout": {"stop": ["</answer>", "\n\n"]}})
+    assert config.rollout.stop == ("</answer>", "\n\n")
+    assert to_dict(config)["rollout"]["stop"] == ["</answer>", "\n\n"]  # a YAML list
+    assert from_dict(to_dict(config)) == config
+    with pytest.raises(ValueError, match="rollout.stop"):
+        from_dict({"rollout": {"stop": [3]}})
+    with pytest.raises(ValueError, match="rollout.stop"):
+        from_dict({"rollout": {"stop": [""]}})

@@ -7,6 +7,7 @@ import torch
 
 from tre_cli.models import load_policy
 from tre_cli.rollout import Rollout, get_engine, response_logprobs_from_logits
+from tre_cli.rollout.base import cut_at_stop
 from tre_cli.rollout.hf import HFEngine, sample_tokens, sequence_uniforms
 
 
@@ -214,3 +215,43 @@ def test_engine_loads_the_model_when_not_given(quick_testbed, quick_tokenizer):
     state = {k: torch.zeros_like(v) for k, v in engine.model.state_dict().items()}
     engine.sync_weights(state)
     assert all((p == 0).all() for p in engine.model.parameters())
+
+
+def _first_stop_by_scan(tokens, stop, tokenizer):
+    """The definition of rollout.stop, by brute force: the shortest prefix whose text holds a stop string."""
+    for k in range(1, len(tokens) + 1):
+        if any(s in tokenizer.decode(tokens[:k], skip_special_tokens=True) for s in stop):
+            return k
+    return None
+
+
+@pytest.mark.parametrize("stop", [(" ",), ("e", "3"), ("<answer>",), ("never-written",)])
+def test_cut_at_stop_ends_each_response_at_its_first_stop_string(quick_testbed, quick_tokenizer, quick_policy, stop):
+    engine = HFEngine(quick_policy, quick_tokenizer, seed=3)
+    whole = engine.generate(prompts_of(quick_tokenizer, PROMPT_TEXTS), n=4, max_new_tokens=24)
+    cut = cut_at_stop(whole, stop, quick_tokenizer)
+    cuts = 0
+    for row in range(whole.num_samples):
+        length = int(whole.response_lengths[row])
+        tokens = whole.response_ids[row, :length].tolist()
+        keep = _first_stop_by_scan(tokens, stop, quick_tokenizer)
+        kept = length if keep is None else keep
+        cuts += keep is not None and keep < length
+        assert int(cut.response_lengths[row]) == kept
+        assert cut.response_ids[row, :kept].tolist() == tokens[:kept]
+        assert torch.equal(cut.logprobs[row, :kept], whole.logprobs[row, :kept])  # the kept tokens' own log-probs
+        assert (cut.logprobs[row, kept:] == 0).all() and (cut.response_ids[row, kept:] == quick_tokenizer.pad_token_id).all()
+        assert bool(cut.finished[row]) == (bool(whole.finished[row]) or keep is not None)
+        assert cut.texts[row] == quick_tokenizer.decode(tokens[:kept], skip_special_tokens=True)
+    assert cut.response_ids.shape[1] == max(1, int(cut.response_lengths.max()))
+    assert torch.equal(cut.prompt_ids, whole.prompt_ids) and torch.equal(cut.prompt_index, whole.prompt_index)
+    if stop == ("never-written",):
+        assert cuts == 0 and torch.equal(cut.response_ids, whole.response_ids)
+    elif stop == (" ",):
+        assert cuts > 0  # the check above saw real cuts
+
+
+def test_no_stop_strings_leave_the_rollout_alone(quick_testbed, quick_tokenizer, quick_policy):
+    rollout = HFEngine(quick_policy, quick_tokenizer, seed=0).generate(prompts_of(quick_tokenizer, ["hi"]), n=2,
+                                                                      max_new_tokens=4)
+    assert cut_at_stop(rollout, (), quick_tokenizer) is rollout

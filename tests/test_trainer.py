@@ -157,3 +157,13 @@ def test_rollout_gap_compares_behaviour_and_recomputed_probabilities():
     assert gap["rollout/probs_diff_mean"] == pytest.approx((0.1 + 0.0 + 0.3) / 3)
     rollout.logprobs[0, 0] = float("nan")  # vLLM with top_p < 1: no full-vocabulary log-probs
     assert rollout_gap(rollout, Scored(recomputed, zeros, zeros, zeros)) == {}
+
+
+def test_rollout_stop_ends_the_training_responses(tiny_testbed, tmp_path):
+    """rollout.stop reaches the step: the same step-1 samples (per-sequence seeding), cut at their
+    first space, are shorter and all finished; the flag changes nothing else about sampling."""
+    whole = _metrics_after(tiny_testbed, tmp_path / "whole", "vanilla", ["ppo.steps=1"])
+    cut = _metrics_after(tiny_testbed, tmp_path / "cut", "vanilla", ["ppo.steps=1", "rollout.stop=[' ']"])
+    assert cut["response/length_mean"] < whole["response/length_mean"]
+    assert cut["response/length_max"] <= whole["response/length_max"]
+    assert cut["response/truncated_frac"] <= whole["response/truncated_frac"]

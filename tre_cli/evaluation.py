@@ -55,15 +55,19 @@ def evaluate(
     batch_prompts: int = 64,
     stream: int | None = None,
     progress: Callable[[int], None] | None = None,
+    stop: Sequence[str] = (),
 ) -> EvalResult:
     """Sample `n_samples` responses per prompt with `engine`, score them with `task`. `stream`:
     the engine's sampling stream (issue 12; sample j of prompt i is sequence i * n_samples + j
     of it, whatever batch_prompts is); None: one stream per engine call. `progress(sequences
-    finished so far)` is called as they end (for a person watching)."""
+    finished so far)` is called as they end (for a person watching). `stop`: rollout.stop (a
+    response ends at the first of these strings; see cut_at_stop)."""
     if len(examples) != len(prompt_ids):
         raise ValueError(f"{len(examples)} examples but {len(prompt_ids)} prompts")
     if not examples:
         raise ValueError("no test examples to evaluate on")
+    from tre_cli.rollout.base import cut_at_stop
+
     rewards: list[float] = []
     tokens = 0
     for start in range(0, len(examples), batch_prompts):
@@ -73,6 +77,7 @@ def evaluate(
         rollout = engine.generate([prompt_ids[i] for i in batch], n=n_samples, max_new_tokens=max_new_tokens,
                                   temperature=temperature, top_p=top_p, stream=stream,
                                   first_sequence=start * n_samples, progress=report)
+        rollout = cut_at_stop(rollout, stop, engine.tokenizer)
         answered = [examples[batch[int(i)]] for i in rollout.prompt_index]
         rewards.extend(task.rewards(rollout.texts, answered))
         tokens += rollout.num_response_tokens

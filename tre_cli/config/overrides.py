@@ -96,6 +96,8 @@ def _describe(tp: Any) -> str:
         return text + (" or null" if len(parts) < len(get_args(tp)) else "")
     if tp is dict or origin is dict:
         return "a mapping"
+    if origin is tuple:
+        return "a string or a list of strings"
     return {bool: "true or false", int: "an integer", float: "a float", str: "a string"}.get(
         tp, getattr(tp, "__name__", str(tp))
     )
@@ -154,6 +156,12 @@ def _coerce_one(tp: Any, value: Any) -> Any:
         if not math.isfinite(number):
             raise _Mismatch
         return number
+    if origin is tuple:  # tuple[str, ...]: a list of strings, or one string for a list of one
+        if isinstance(value, str):
+            return (value,)
+        if isinstance(value, (list, tuple)) and all(isinstance(v, str) for v in value):
+            return tuple(value)
+        raise _Mismatch
     if tp is dict or get_origin(tp) is dict:
         if isinstance(value, Mapping) and all(isinstance(k, str) for k in value):
             return _plain(value)
@@ -358,6 +366,7 @@ def from_dict(data: Mapping[str, Any], source: str = "config") -> RunConfig:
 def to_dict(config: RunConfig) -> dict[str, Any]:
     """A nested plain-data dict; the method's parameters sit flat beside its name."""
     data = dataclasses.asdict(config)
+    data["rollout"]["stop"] = list(config.rollout.stop)  # YAML and JSON have lists, not tuples
     data["method"] = {"name": config.method.name, **config.method.params}
     return data
 

@@ -179,8 +179,14 @@ class RolloutConfig:
     gpu_memory_utilization: float = 0.5
     # vLLM only: an explicit KV-cache size in bytes; overrides gpu_memory_utilization for the cache.
     kv_cache_memory_bytes: int | None = None
+    # Strings that end a response (verl's and vLLM's `stop`): it keeps the text up to and
+    # including the first one, counts as finished, and the reward reads that text. None in the
+    # paper's runs (they stop at EOS only); sweeps/smollm2.yaml stops Countdown at "</answer>".
+    stop: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
+        _require(all(isinstance(s, str) and s for s in self.stop), "rollout.stop",
+                 "must be a list of non-empty strings", list(self.stop))
         if self.max_new_tokens is not None:
             _require(self.max_new_tokens >= 1, "rollout.max_new_tokens", "must be >= 1", self.max_new_tokens)
         _require(self.temperature > 0, "rollout.temperature", "must be > 0", self.temperature)

@@ -23,7 +23,7 @@ class Rollout:
     response_mask: torch.Tensor  # [N, R] long, 1 on sampled tokens (the EOS token included)
     logprobs: torch.Tensor  # [N, R] float32: log softmax(logits / temperature) of each sampled token; 0 on padding
     prompt_index: torch.Tensor  # [N] long: the prompt each sample answers
-    finished: torch.Tensor  # [N] bool: ended with EOS (False: cut at max_new_tokens)
+    finished: torch.Tensor  # [N] bool: ended with EOS or a stop string (False: cut at max_new_tokens)
     texts: list[str]  # decoded responses, special tokens (EOS) skipped
     pad_token_id: int
     temperature: float
@@ -160,6 +160,53 @@ def assemble_rollout(
         pad_token_id=int(pad_token_id),
         temperature=float(temperature),
     )
+
+
+def stop_length(tokens: Sequence[int], stop: Sequence[str], tokenizer: Any) -> int | None:
+    """How many of `tokens` a response keeps when it ends at the first of the `stop` strings: up
+    to and including the token that completes the first occurrence in the decoded text (special
+    tokens skipped, as Rollout.texts); None when no stop string occurs."""
+    def decoded(k: int) -> str:
+        return tokenizer.decode(list(tokens[:k]), skip_special_tokens=True)
+
+    def stops(k: int) -> bool:
+        text = decoded(k)
+        return any(s in text for s in stop)
+
+    if not stop or not tokens or not stops(len(tokens)):
+        return None
+    low, high = 1, len(tokens)  # the shortest prefix that holds a stop string (containment only grows)
+    while low < high:
+        middle = (low + high) // 2
+        if stops(middle):
+            high = middle
+        else:
+            low = middle + 1
+    return low
+
+
+def cut_at_stop(rollout: Rollout, stop: Sequence[str], tokenizer: Any) -> Rollout:
+    """The rollout with every response ended at its first stop string (`rollout.stop`), as if
+    sampling had stopped there: the kept tokens, their log-probs and masks are unchanged (a token
+    depends only on those before it), the rest becomes padding, the response counts as finished
+    and its text is re-decoded. No stop strings: the rollout itself."""
+    if not stop:
+        return rollout
+    ids, mask, logprobs = rollout.response_ids.clone(), rollout.response_mask.clone(), rollout.logprobs.clone()
+    finished, texts = rollout.finished.clone(), list(rollout.texts)
+    for row in range(rollout.num_samples):
+        length = int(mask[row].sum())
+        keep = stop_length(ids[row, :length].tolist(), stop, tokenizer)
+        if keep is None:
+            continue
+        ids[row, keep:] = rollout.pad_token_id
+        mask[row, keep:] = 0
+        logprobs[row, keep:] = 0.0
+        finished[row] = True
+        texts[row] = tokenizer.decode(ids[row, :keep].tolist(), skip_special_tokens=True)
+    width = max(1, int(mask.sum(-1).max()))
+    return replace(rollout, response_ids=ids[:, :width], response_mask=mask[:, :width],
+                   logprobs=logprobs[:, :width], finished=finished, texts=texts)
 
 
 def eos_token_ids_of(tokenizer: Any, model_config: Any = None) -> list[int]:

@@ -228,7 +228,8 @@ def run_eval(parts: Parts, step: int, tracker: Tracker | None, phases: Phases | 
     phases.start(EVAL, len(parts.test) * cfg.eval.n_samples, "sequences")
     result = evaluate(parts.engine, parts.task, parts.test, parts.test_prompts, n_samples=cfg.eval.n_samples,
                       temperature=cfg.eval.temperature, top_p=cfg.eval.top_p, max_new_tokens=parts.max_new_tokens,
-                      metric=metric_of(cfg), stream=eval_stream(step), progress=phases.counter(EVAL))
+                      metric=metric_of(cfg), stream=eval_stream(step), progress=phases.counter(EVAL),
+                      stop=cfg.rollout.stop)
     phases.done(EVAL)
     if tracker is not None:
         tracker.log_eval(step=step, score=result.score, metric=result.metric, n_prompts=result.n_prompts,
@@ -261,7 +262,7 @@ def evaluate_model(config: RunConfig, console: Any = None) -> RunResult:
             result = evaluate(engine, task, test, prompts, n_samples=config.eval.n_samples,
                               temperature=config.eval.temperature, top_p=config.eval.top_p,
                               max_new_tokens=max_new_tokens, metric=metric_of(config), stream=eval_stream(0),
-                              progress=bar.phases.counter(EVAL))
+                              progress=bar.phases.counter(EVAL), stop=config.rollout.stop)
             bar.phases.done(EVAL)
         finally:
             bar.stop()

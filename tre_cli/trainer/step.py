@@ -26,7 +26,7 @@ from tre_cli.losses.selection_groups import selection_groups
 from tre_cli.losses.stats import token_stats
 from tre_cli.models.modes import set_training
 from tre_cli.models.precision import autocast_for
-from tre_cli.rollout.base import Rollout, assemble_rollout, position_ids_from_mask
+from tre_cli.rollout.base import Rollout, assemble_rollout, cut_at_stop, position_ids_from_mask
 from tre_cli.trainer import distributed
 from tre_cli.trainer.parts import Parts, encode_prompt, step_examples
 from tre_cli.trainer.progress import NO_PHASES, Phases
@@ -321,6 +321,7 @@ def train_step(parts: Parts, step: int, phases: Phases = NO_PHASES) -> dict[str,
         rollout = parts.engine.generate(prompt_ids, n=cfg.ppo.rollouts_per_prompt,
                                         max_new_tokens=parts.max_new_tokens, temperature=cfg.rollout.temperature,
                                         top_p=cfg.rollout.top_p, stream=step, progress=phases.counter(GENERATE))
+    rollout = cut_at_stop(rollout, cfg.rollout.stop, parts.tokenizer)
     phases.done(GENERATE)
     parts.engine.sleep()
     timings["timing/gen_s"] = time.perf_counter() - t0
