@@ -332,3 +332,34 @@ def test_aggregate_shares_of_a_split_add_up_to_the_whole(mode):
     g_whole, = torch.autograd.grad(whole, per_token)
     g_shared, = torch.autograd.grad(shared, per_token)
     assert torch.allclose(g_whole, g_shared)
+
+
+def test_micro_batches_cover_each_row_once_within_the_budget_and_group_long_rows():
+    from tre_cli.trainer.step import micro_batches
+
+    generator = torch.Generator().manual_seed(0)
+    for trial in range(200):
+        n = int(torch.randint(1, 20, (1,), generator=generator))
+        lengths = torch.randint(1, 64, (n + 3,), generator=generator)
+        rows = torch.randperm(n + 3, generator=generator)[:n]
+        prompt_width = int(torch.randint(1, 40, (1,), generator=generator))
+        budget = int(torch.randint(1, 1500, (1,), generator=generator))
+        chunks = list(micro_batches(rows, lengths, prompt_width, budget, "length"))
+        in_order = list(micro_batches(rows, lengths, prompt_width, budget))  # ppo.micro_batch_order "rows"
+        seen = torch.cat([chunk for chunk, _ in chunks])
+        assert sorted(seen.tolist()) == sorted(rows.tolist())
+        for chunk, width in chunks:
+            assert width == int(lengths[chunk].max())
+            assert len(chunk) == 1 or len(chunk) * (prompt_width + width) <= budget
+        assert torch.equal(torch.cat([chunk for chunk, _ in in_order]), rows)
+        assert all(len(c) * (prompt_width + w) <= budget or len(c) == 1 for c, w in in_order)
+        if len(chunks) == 1:
+            assert torch.equal(chunks[0][0], rows)  # one micro-batch keeps the order
+        else:  # the same chunk sizes as in row order, never more padded tokens
+            ours = sum(len(c) * (prompt_width + w) for c, w in chunks)
+            per = max(1, budget // (prompt_width + int(lengths[rows].max())))
+            plain = sum(len(c) * (prompt_width + w) for c, w in in_order)
+            assert sorted(len(c) for c, _ in chunks) == sorted(len(rows[i:i + per]) for i in range(0, n, per))
+            assert ours <= plain, trial
+            widths = [w for _, w in chunks]
+            assert widths == sorted(widths, reverse=True)

@@ -240,7 +240,8 @@ def test_cut_at_stop_ends_each_response_at_its_first_stop_string(quick_testbed, 
         assert int(cut.response_lengths[row]) == kept
         assert cut.response_ids[row, :kept].tolist() == tokens[:kept]
         assert torch.equal(cut.logprobs[row, :kept], whole.logprobs[row, :kept])  # the kept tokens' own log-probs
-        assert (cut.logprobs[row, kept:] == 0).all() and (cut.response_ids[row, kept:] == quick_tokenizer.pad_token_id).all()
+        assert (cut.logprobs[row, kept:] == 0).all()
+        assert (cut.response_ids[row, kept:] == quick_tokenizer.pad_token_id).all()
         assert bool(cut.finished[row]) == (bool(whole.finished[row]) or keep is not None)
         assert cut.texts[row] == quick_tokenizer.decode(tokens[:kept], skip_special_tokens=True)
     assert cut.response_ids.shape[1] == max(1, int(cut.response_lengths.max()))

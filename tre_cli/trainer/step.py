@@ -80,27 +80,56 @@ def _response_values(critic: torch.nn.Module, inputs: ModelInputs, response_widt
     return values[:, start:start + response_width]
 
 
-def micro_batches(rows: torch.Tensor, lengths: torch.Tensor, prompt_width: int,
-                  token_budget: int) -> Iterator[tuple[torch.Tensor, int]]:
-    """Split sample indices into micro-batches of at most `token_budget` padded tokens each."""
-    width = prompt_width + int(lengths[rows].max())
-    per_micro = max(1, token_budget // width)
-    for start in range(0, len(rows), per_micro):
-        chunk = rows[start:start + per_micro]
+def micro_batches(rows: torch.Tensor, lengths: torch.Tensor, prompt_width: int, token_budget: int,
+                  order: str = "rows") -> Iterator[tuple[torch.Tensor, int]]:
+    """Split sample indices into micro-batches of at most `token_budget` padded tokens each (as
+    many rows as fit at the longest response's width; one at least), yielded with each one's
+    longest response length. Rows that fit in one micro-batch stay one, in order. Otherwise, with
+    `order` "rows" (ppo.micro_batch_order), in their order; with "length", longest first (the
+    short micro-batch, if any, where it pads least), so a short response is not padded to a long
+    one's width (never more padding than the same split in row order): less compute for the same
+    loss, as each micro-batch's loss is its share of the mini-batch's whatever the split."""
+    longest = int(lengths[rows].max())
+    per_micro = max(1, token_budget // (prompt_width + longest))
+    if len(rows) <= per_micro:
+        yield rows, longest
+        return
+    if order == "rows":
+        for start in range(0, len(rows), per_micro):
+            chunk = rows[start:start + per_micro]
+            yield chunk, int(lengths[chunk].max())
+        return
+    order = rows[torch.argsort(lengths[rows], descending=True, stable=True)]
+    sorted_lengths = lengths[order].tolist()
+    full, short = divmod(len(rows), per_micro)
+
+    def split(at: int) -> list[int]:  # chunk sizes with the short one (if any) at position `at`
+        sizes = [per_micro] * full
+        return sizes[:at] + [short] + sizes[at:] if short else sizes
+
+    def padded(sizes: list[int]) -> int:
+        starts = [sum(sizes[:i]) for i in range(len(sizes))]
+        return sum(size * sorted_lengths[start] for size, start in zip(sizes, starts))
+
+    start = 0
+    for size in min((split(at) for at in range(full + 1)), key=padded):
+        chunk = order[start:start + size]
+        start += size
         yield chunk, int(lengths[chunk].max())
 
 
-def worker_micro_batches(parts: Parts, rows: torch.Tensor, lengths: torch.Tensor, prompt_width: int,
-                         token_budget: int) -> list[tuple[torch.Tensor, int, bool]]:
+def worker_micro_batches(parts: Parts, rows: torch.Tensor, lengths: torch.Tensor,
+                         prompt_width: int) -> list[tuple[torch.Tensor, int, bool]]:
     """(rows, response width, real) of this worker's micro-batches of `rows`. One worker: all of
     `rows`' micro-batches, all real. Several (issue 12): those of its contiguous share, then
     empty ones (`real` False: a row of `rows` whose results are dropped and whose loss has
     mask 0) up to the most any worker has, since every sharded forward is a collective."""
     workers = parts.workers
+    budget, order = parts.config.ppo.micro_batch_tokens, parts.config.ppo.micro_batch_order
     if not workers.many:
-        return [(chunk, width, True) for chunk, width in micro_batches(rows, lengths, prompt_width, token_budget)]
+        return [(chunk, width, True) for chunk, width in micro_batches(rows, lengths, prompt_width, budget, order)]
     mine = rows[share(len(rows), workers).start:share(len(rows), workers).stop]
-    micro = [(chunk, width, True) for chunk, width in micro_batches(mine, lengths, prompt_width, token_budget)] \
+    micro = [(chunk, width, True) for chunk, width in micro_batches(mine, lengths, prompt_width, budget, order)] \
         if len(mine) else []
     filler = rows[:1]
     micro += [(filler, int(lengths[filler].max()), False)] * (distributed.all_max(len(micro)) - len(micro))
@@ -121,8 +150,7 @@ def _old_logprob_and_values(parts: Parts, rollout: Rollout,
     old_values = torch.zeros(n, width)
     ref_logprob = torch.zeros(n, width) if parts.reference is not None else None
     rows = torch.arange(n)
-    budget = parts.config.ppo.micro_batch_tokens
-    micro = worker_micro_batches(parts, rows, rollout.response_lengths, rollout.prompt_ids.shape[1], budget)
+    micro = worker_micro_batches(parts, rows, rollout.response_lengths, rollout.prompt_ids.shape[1])
     phases.start(OLD_LOGPROB, len(micro), "micro-batches")
     for done, (chunk, r_width, real) in enumerate(micro):
         phases.update(OLD_LOGPROB, done)
@@ -239,7 +267,7 @@ def ppo_update(parts: Parts, rollout: Rollout, scored: Scored, step: int,
             mini_done = _epoch * per_epoch + mb_start // cfg.ppo.mini_batch_prompts
             prompts = prompt_order[mb_start:mb_start + cfg.ppo.mini_batch_prompts]
             rows = (prompts[:, None] * n_rollouts + torch.arange(n_rollouts)[None, :]).reshape(-1)
-            micro = worker_micro_batches(parts, rows, lengths, prompt_width, cfg.ppo.micro_batch_tokens)
+            micro = worker_micro_batches(parts, rows, lengths, prompt_width)
             mb_mask = mask_all[rows]
             total_tokens = float(mb_mask.sum())
             total_seqs = float((mb_mask.sum(-1) > 0).sum())
