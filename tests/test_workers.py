@@ -16,7 +16,7 @@ from workers_harness import run_workers_locally
 
 from test_trainer import _config, _metrics, _stable
 from tre_cli import trainer
-from tre_cli.trainer.distributed import EXIT_AT_ENV, SINGLE, Workers, share
+from tre_cli.trainer.distributed import EXIT_AT_ENV, EXITED_ONCE_MARKER, SINGLE, Workers, share
 
 CLOSE = ("actor/p_max", "actor/entropy", "actor/pg_loss", "critic/vf_loss")
 EXACT = ("reward/mean", "reward/std", "response/length_mean", "response/length_max", "response/truncated_frac")
@@ -35,6 +35,8 @@ def test_share_splits_contiguously_and_covers_everything():
 def test_workers_must_be_positive(tiny_testbed, tmp_path):
     with pytest.raises(ValueError, match="run.workers"):
         _config(tiny_testbed, tmp_path / "r", extra=["run.workers=0"])
+    with pytest.raises(ValueError, match="run.worker_retries"):
+        _config(tiny_testbed, tmp_path / "r", extra=["run.workers=2", "run.worker_retries=-1"])
 
 
 def _policy(run_dir, step):
@@ -131,3 +133,12 @@ def test_through_ray_train_and_a_dead_worker_is_one_line(two_runs, tiny_testbed,
         trainer.run(_config(tiny_testbed, tmp_path / "dies", "forking-tokens", steps=2, extra=extra))
     message = str(failed.value)
     assert "\n" not in message and message.startswith("run.workers=2: a worker failed"), message
+    # run.worker_retries: the group dies once at step 2, starts again from step 1's checkpoint
+    # and finishes like the uninterrupted run.
+    retried = tmp_path / "retried"
+    monkeypatch.setenv(EXIT_AT_ENV, "1:2:once")
+    result = trainer.run(_config(tiny_testbed, retried, "forking-tokens", steps=2,
+                                 extra=[*extra, "run.worker_retries=1"]))
+    assert result.status == "finished" and result.steps_done == 2
+    assert (retried / EXITED_ONCE_MARKER).read_text().strip() == "2"  # it did die
+    _assert_agree(_metrics(harness), _metrics(retried))

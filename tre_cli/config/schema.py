@@ -267,6 +267,10 @@ class RunSection:
     # issue 12: data-parallel training processes of this run (Ray Train workers, policy and
     # critic sharded with FSDP2); 1 = this process alone, as before.
     workers: int = 1
+    # issue 12: with run.workers > 1, how many times a failed worker group (a crash, a killed or
+    # preempted worker) is started again, each time resuming from the last checkpoint (Ray
+    # Train's max_failures); 0 = the failure ends the run (`tre run --resume` continues it).
+    worker_retries: int = 0
     # issue 13: progress within a step (generation, old log-probs, update) on stderr: "auto" when
     # stderr is a terminal, "on" also as plain lines in a log file, "off" never. Display only.
     progress: Literal["auto", "on", "off"] = "auto"
@@ -276,6 +280,7 @@ class RunSection:
     def __post_init__(self) -> None:
         _require(self.seed >= 0, "run.seed", "must be >= 0", self.seed)
         _require(self.workers >= 1, "run.workers", "must be >= 1", self.workers)
+        _require(self.worker_retries >= 0, "run.worker_retries", "must be >= 0", self.worker_retries)
         _require(self.save_every >= 0, "run.save_every", "must be >= 0", self.save_every)
         _require(self.keep_last >= 1, "run.keep_last", "must be >= 1", self.keep_last)
         _require(self.log_every >= 1, "run.log_every", "must be >= 1", self.log_every)

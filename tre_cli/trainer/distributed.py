@@ -44,8 +44,10 @@ import torch.distributed as dist
 SHARDED_DIR = "sharded"
 WORKERS_STATE = "workers.pt"
 # A test hook (like the sweep's TRE_SWEEP_FAIL_ONCE_AT_STEP): "RANK:STEP" makes that worker exit
-# abruptly (os._exit(1)) when it starts that step, as a crashed or killed worker would.
+# abruptly (os._exit(1)) when it starts that step, as a crashed or killed worker would;
+# "RANK:STEP:once" only the first time in a run directory (it leaves EXITED_ONCE_MARKER there).
 EXIT_AT_ENV = "TRE_WORKER_EXIT_AT"
+EXITED_ONCE_MARKER = ".worker-exited-once"
 # CPU cores each worker asks of Ray and uses for torch's intra-op threads. Set by the worker
 # itself rather than left to the environment (Ray's OMP_NUM_THREADS default, a caller's own), so
 # every launcher of the same run sums floats in the same order.
@@ -247,17 +249,26 @@ def is_sharded_checkpoint(directory: Path) -> bool:
     return (Path(directory) / SHARDED_DIR).is_dir()
 
 
-def exit_if_asked(step: int, workers: Workers) -> None:
+def exit_if_asked(step: int, workers: Workers, run_dir: Path) -> None:
     """The EXIT_AT_ENV test hook: this worker dies abruptly at the start of that step."""
     text = os.environ.get(EXIT_AT_ENV, "").strip()
     if not text:
         return
+    parts = text.split(":")
     try:
-        rank, at = (int(part) for part in text.split(":"))
+        if len(parts) not in (2, 3) or (len(parts) == 3 and parts[2] != "once"):
+            raise ValueError
+        rank, at = int(parts[0]), int(parts[1])
     except ValueError:
-        raise ValueError(f"{EXIT_AT_ENV} must be RANK:STEP, got {text!r}") from None
-    if rank == workers.rank and step == at:
-        os._exit(1)
+        raise ValueError(f"{EXIT_AT_ENV} must be RANK:STEP or RANK:STEP:once, got {text!r}") from None
+    if rank != workers.rank or step != at:
+        return
+    if len(parts) == 3:
+        marker = Path(run_dir) / EXITED_ONCE_MARKER
+        if marker.exists():
+            return
+        marker.write_text(f"{step}\n")
+    os._exit(1)
 
 
 def workers_state_path(directory: Path) -> Path:

@@ -129,15 +129,27 @@ def _train(config: RunConfig, run_dir: str | Path | None, resume_step: int | Non
 
 def _launch(config: RunConfig, run_dir: Path, resuming: bool, on_step: StepCallback | None) -> RunResult:
     """issue 12: run.workers processes through Ray Train (sweep.ray_backend.run_workers); this
-    process waits and returns the RunResult rank 0 wrote. A worker that fails fails the run."""
+    process waits and returns the RunResult rank 0 wrote. A worker that fails fails the worker
+    group; it is started again, resuming from the last checkpoint, up to run.worker_retries
+    times, and then the run fails (WorkerFailure)."""
     from tre_cli.config import to_dict
     from tre_cli.sweep.ray_backend import run_workers
+    from tre_cli.trainer.distributed import WorkerFailure
 
     if on_step is not None:
         raise ValueError("run.workers > 1 cannot report steps to a caller yet (a sweep trial); use run.workers=1")
     use_gpu = resolve_device(config.run.device) == "cuda"  # fail before any worker starts
-    payload = {"config": to_dict(config), "run_dir": str(run_dir), "resuming": resuming}
-    run_workers(worker_main, payload, config.run.workers, use_gpu=use_gpu)
+    retries = config.run.worker_retries
+    for attempt in range(retries + 1):
+        payload = {"config": to_dict(config), "run_dir": str(run_dir), "resuming": resuming or attempt > 0}
+        try:
+            run_workers(worker_main, payload, config.run.workers, use_gpu=use_gpu)
+            break
+        except WorkerFailure as failure:
+            if attempt == retries:
+                raise
+            _console(None).print(f"[yellow]{failure}[/]; starting the workers again from the last checkpoint "
+                                 f"(retry {attempt + 1} of {retries})")
     return read_run_result(run_dir)
 
 
@@ -195,7 +207,7 @@ def _train_workers(config: RunConfig, run_dir: Path, resume_step: int | None, co
             console.print(f"step {0:>4}/{steps}  [bold]eval {evaluated.metric} {evaluated.score:.3f}[/] "
                           "(before training)")
         for step in range(start, steps + 1):
-            distributed.exit_if_asked(step, workers)
+            distributed.exit_if_asked(step, workers, run_dir)
             metrics = train_step(parts, step)
             evaluated = None
             if tracker is not None:
