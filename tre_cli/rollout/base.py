@@ -234,6 +234,7 @@ class RolloutEngine(Protocol):
     """The interface the trainer and the evaluation code against; see hf.py and vllm.py."""
 
     name: str
+    tokenizer: Any  # what Rollout.texts are decoded with (and rollout.stop strings found by)
 
     def generate(
         self,
