@@ -179,4 +179,5 @@ def test_smollm2_sweep_plans_with_a_local_model_and_the_small_preset(tiny_llama,
     assert config.rollout.engine == small["rollout"]["engine"]
     assert config.ppo.prompts_per_step == small["ppo"]["prompts_per_step"]
     assert config.task.options["format_score"] == 0.1
-    assert config.task.options["response_prefix"] == "Let me solve this step by step.\n<think>"
+    assert config.task.options["response_prefix"] == "<think>\n</think>\n<answer>"  # the answer-first opening
+    assert config.rollout.stop == ("</answer>",)
