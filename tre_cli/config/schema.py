@@ -331,14 +331,15 @@ PRESETS: Mapping[str, Mapping[str, Any]] = {
     # on CPU"): each sequence of a step costs about 10-25 CPU-seconds there (prompt ~120 tokens +
     # up to T; policy and critic forward and backward), so a step of about a minute holds 8.
     # Pass the model with --model. Countdown: SmolLM2 never writes the answer format unprompted;
-    # sweeps/smollm2.yaml sets TinyZero's response_prefix and format_score 0.1.
+    # sweeps/smollm2.yaml opens its answer (response_prefix), stops at </answer> (rollout.stop)
+    # and gives a well-formed answer 0.1 (format_score).
     "small": {
         "ppo": {
             "prompts_per_step": 4,
             "rollouts_per_prompt": 2,
             "mini_batch_prompts": 2,
-            # Two sequences of ~130 prompt + 128 response tokens: micro-batches split by length
-            # (a short response is not padded to the longest's width; bench/RESULTS.md).
+            # At most 3 sequences of ~130 prompt + up to 64 response tokens, split by length (a
+            # short response is not padded to the longest's width; bench/RESULTS.md).
             "micro_batch_tokens": 640,
             "micro_batch_order": "length",
             "steps": 30,
