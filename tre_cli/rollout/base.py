@@ -195,6 +195,8 @@ def cut_at_stop(rollout: Rollout, stop: Sequence[str], tokenizer: Any) -> Rollou
     ids, mask, logprobs = rollout.response_ids.clone(), rollout.response_mask.clone(), rollout.logprobs.clone()
     finished, texts = rollout.finished.clone(), list(rollout.texts)
     for row in range(rollout.num_samples):
+        if not any(s in texts[row] for s in stop):  # the whole response's text, decoded once already
+            continue
         length = int(mask[row].sum())
         keep = stop_length(ids[row, :length].tolist(), stop, tokenizer)
         if keep is None:

@@ -94,26 +94,26 @@ def micro_batches(rows: torch.Tensor, lengths: torch.Tensor, prompt_width: int, 
     if len(rows) <= per_micro:
         yield rows, longest
         return
-    if order == "rows":
-        for start in range(0, len(rows), per_micro):
-            chunk = rows[start:start + per_micro]
-            yield chunk, int(lengths[chunk].max())
-        return
-    order = rows[torch.argsort(lengths[rows], descending=True, stable=True)]
-    sorted_lengths = lengths[order].tolist()
     full, short = divmod(len(rows), per_micro)
 
     def split(at: int) -> list[int]:  # chunk sizes with the short one (if any) at position `at`
         sizes = [per_micro] * full
         return sizes[:at] + [short] + sizes[at:] if short else sizes
 
-    def padded(sizes: list[int]) -> int:
-        starts = [sum(sizes[:i]) for i in range(len(sizes))]
-        return sum(size * sorted_lengths[start] for size, start in zip(sizes, starts))
+    if order == "rows":
+        ordered, sizes = rows, split(full)
+    else:
+        ordered = rows[torch.argsort(lengths[rows], descending=True, stable=True)]
+        sorted_lengths = lengths[ordered].tolist()
 
+        def padded(sizes: list[int]) -> int:
+            starts = [sum(sizes[:i]) for i in range(len(sizes))]
+            return sum(size * sorted_lengths[start] for size, start in zip(sizes, starts))
+
+        sizes = min((split(at) for at in (range(full + 1) if short else [0])), key=padded)
     start = 0
-    for size in min((split(at) for at in range(full + 1)), key=padded):
-        chunk = order[start:start + size]
+    for size in sizes:
+        chunk = ordered[start:start + size]
         start += size
         yield chunk, int(lengths[chunk].max())
 
