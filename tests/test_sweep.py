@@ -214,6 +214,53 @@ def test_a_trial_bigger_than_the_machine_is_an_error_before_anything_is_written(
     assert not out.exists()
 
 
+def test_main_sweeps_7b_trials_take_eight_workers_and_tune_sizes_them(tmp_path):
+    """issue 12: the paper trained 7B on 8 GPUs. main.yaml's model_set gives its 7B trials 8
+    workers (its Base evaluations stay one process); Tune reserves nothing for a worker trial's
+    own process and runs no more such trials at once than the cluster holds."""
+    from tre_cli.sweep.launch import concurrency_limit, worker_demand
+    from tre_cli.sweep.ray_backend import _reservation, trial_param
+    from tre_cli.sweep.spec import Resources
+
+    plan = sweep.plan_sweep("main", ["countdown"], out=tmp_path / "m")
+    workers = {(p.config.model.name, p.trial.kind): p.config.run.workers for p in plan.trials}
+    assert workers == {("Qwen/Qwen2.5-1.5B-Instruct", "train"): 1, ("Qwen/Qwen2.5-1.5B-Instruct", "eval"): 1,
+                       ("Qwen/Qwen2.5-7B-Instruct", "train"): 8, ("Qwen/Qwen2.5-7B-Instruct", "eval"): 8}
+    seven = next(p for p in plan.trials if p.config.run.workers == 8 and p.trial.kind == "train")
+    param = trial_param(seven, plan.resources, None)
+    assert (param["cpus"], param["gpus"], param["workers_gpu"]) == (0.0, 0.0, True)
+    assert _reservation({"trial": param}).bundles == [{"memory": 2**20}]
+    one = next(p for p in plan.trials if p.config.run.workers == 1)
+    assert _reservation({"trial": trial_param(one, plan.resources, None)}).bundles == [{"CPU": 8.0, "GPU": 1.0}]
+    assert worker_demand(seven, plan.resources) == Resources(cpu=8.0, gpu=8.0)
+    # 16 GPUs hold two 7B trials (or a 7B and 1.5B ones); 7 GPUs not one: an error naming it.
+    assert concurrency_limit(plan, {"CPU": 64, "GPU": 16}) == 2
+    with pytest.raises(ValueError, match="run.workers needs 8 GPUs and the Ray cluster has 7"):
+        concurrency_limit(plan, {"CPU": 64, "GPU": 7})
+    smoke = sweep.plan_sweep("main", ["countdown"], "smoke", out=tmp_path / "s")
+    assert {p.config.run.workers for p in smoke.trials} == {1}
+    assert concurrency_limit(smoke, {"CPU": 2}) == smoke.max_concurrent == 2
+    # On CPU a worker takes CPUS_PER_WORKER (1) CPU: 2-worker trials on 2 CPUs run one at a time.
+    cpu = sweep.plan_sweep("main", ["countdown"], "smoke", out=tmp_path / "c", sets=["run.workers=2"])
+    assert concurrency_limit(cpu, {"CPU": 2}) == 1
+    assert concurrency_limit(cpu, {"CPU": 5}) == 2
+    with pytest.raises(ValueError, match="needs 2 CPUs and the Ray cluster has 1"):
+        sweep.run_sweep(cpu, num_cpus=1)
+    assert not (tmp_path / "c").exists()
+
+
+def test_model_set_applies_to_that_models_trials_and_names_one_of_them(tmp_path):
+    content = yaml.safe_load(sweep.sweep_path("main").read_text())
+    (countdown_steps,) = {p.config.ppo.steps for p in sweep.plan_sweep("main", ["countdown"], out=tmp_path).trials}
+    content["model_set"] = {"Qwen/Qwen2.5-1.5B-Instruct": {"ppo.steps": 7}}
+    plan = sweep.plan_sweep(_write(tmp_path / "m.yaml", content), ["countdown"], out=tmp_path / "o")
+    steps = {(p.config.model.name, p.config.ppo.steps) for p in plan.trials}
+    assert steps == {("Qwen/Qwen2.5-1.5B-Instruct", 7), ("Qwen/Qwen2.5-7B-Instruct", countdown_steps)}
+    content["model_set"] = {"Qwen/Qwen2.5-3B-Instruct": {"run.workers": 2}}
+    with pytest.raises(ValueError, match="'model_set' names 'Qwen/Qwen2.5-3B-Instruct', which is not in 'models'"):
+        sweep.plan_sweep(_write(tmp_path / "bad.yaml", content), ["countdown"], out=tmp_path / "o")
+
+
 def test_progress_table_counts_trials():
     from rich.console import Console
 
@@ -257,7 +304,7 @@ def test_cli_dry_run_lists_trials_and_bad_input_is_one_line(tmp_path):
 # ----------------------------------------------------------------------------- real Ray Tune sweeps
 
 
-def _tiny_sweep(tmp_path: Path, model_dir: Path, variants: dict, steps: int = 4) -> Path:
+def _tiny_sweep(tmp_path: Path, model_dir: Path, variants: dict, steps: int = 4, extra_set: dict | None = None) -> Path:
     """A sweep file of tiny Countdown trials on the tiny testbed (the same sizes as test_trainer)."""
     content = {
         "tasks": ["countdown"], "run_preset": "smoke", "models": [str(model_dir)], "variants": variants,
@@ -265,7 +312,8 @@ def _tiny_sweep(tmp_path: Path, model_dir: Path, variants: dict, steps: int = 4)
         "set": {"task.options.train_size": 64, "task.options.test_size": 8, "eval.metric": "pass@1",
                 "ppo.steps": steps, "ppo.prompts_per_step": 4, "ppo.rollouts_per_prompt": 2,
                 "ppo.mini_batch_prompts": 2, "ppo.micro_batch_tokens": 128, "eval.limit": 4,
-                "eval.n_samples": 1, "eval.every": 0, "run.save_every": 2, "run.wandb.mode": "disabled"},
+                "eval.n_samples": 1, "eval.every": 0, "run.save_every": 2, "run.wandb.mode": "disabled",
+                **(extra_set or {})},
         "resources": {"cpu": 1, "gpu": 0}, "max_concurrent": 2, "max_failures": 2,
         "presets": {"paper": {}},
     }
@@ -316,6 +364,41 @@ def test_sweep_runs_trials_through_ray_and_retries_a_failing_one(tiny_testbed, t
     # tre report reads the sweep's directory.
     report = runner.invoke(app, ["report", str(out), "--out", str(tmp_path / "report"), "--no-log-wandb"])
     assert report.exit_code == 0, report.output
+
+
+@pytest.mark.slow
+def test_trials_of_two_workers_run_through_tune_and_a_dead_worker_is_retried(tiny_testbed, tmp_path, monkeypatch):
+    """issue 12: trials of run.workers=2 (Ray Train inside Ray Tune). On 2 CPUs the trials run
+    one at a time (each one's workers take both). Rank 1 of each trial dies at the start of
+    step 3 once (the test hook): the trial fails, Tune retries it, and it resumes from its
+    step-2 checkpoint. Tune hears every step from the trial's process, which follows rank 0's
+    run directory."""
+    from tre_cli.trainer.distributed import EXIT_AT_ENV, EXITED_ONCE_MARKER
+
+    variants = {"vanilla": {"method": "vanilla"}, "tre-p": {"method": "tre-p"}}
+    path = _tiny_sweep(tmp_path, tiny_testbed, variants, steps=3, extra_set={"run.workers": 2})
+    out = tmp_path / "out"
+    plan = sweep.plan_sweep(path, out=out)
+    monkeypatch.setenv(EXIT_AT_ENV, "1:3:once")
+    outcome = sweep.run_sweep(plan, num_cpus=2)
+    assert sorted(outcome.finished) == ["countdown-T16-tre-p-s0", "countdown-T16-vanilla-s0"], outcome
+    assert not outcome.failed and not outcome.interrupted
+    for name in outcome.finished:
+        run_dir = out / "runs" / name
+        metrics = read_jsonl(run_dir / "metrics.jsonl")
+        assert [m["step"] for m in metrics] == [1, 2, 3]
+        died = run_dir / EXITED_ONCE_MARKER
+        assert died.read_text().strip() == "3"
+        assert metrics[1]["time"] < died.stat().st_mtime < metrics[2]["time"]  # resumed from step 2
+        result = json.loads((run_dir / "result.json").read_text())
+        assert result["status"] == "finished" and result["steps_done"] == 3 and result["final_eval"] is not None
+        # What Tune received: steps 1 and 2 from the first attempt, step 3 from the retry (which
+        # reports only the steps it computes), each with the values rank 0 logged.
+        (tune_results,) = (out / "ray" / "tune").glob(f"{name}/result.json")
+        reported = read_jsonl(tune_results)
+        assert [r["step"] for r in reported] == [1, 2, 3]
+        assert reported[-1]["eval/score"] == result["final_eval"]
+        assert reported[-1]["reward/mean"] == metrics[-1]["reward/mean"]
 
 
 @pytest.mark.slow

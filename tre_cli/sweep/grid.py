@@ -93,8 +93,8 @@ def expand_grid(spec: SweepSpec, tasks: Sequence[str] = (), seeds: Sequence[int]
                         if horizon is not None:
                             grid["rollout.max_new_tokens"] = horizon
                         grid["run.seed"] = seed
-                        values = (*spec.set.items(), *spec.task_set.get(task, {}).items(), *variant.set.items(),
-                                  *grid.items())
+                        values = (*spec.set.items(), *spec.task_set.get(task, {}).items(),
+                                  *spec.model_set.get(model, {}).items(), *variant.set.items(), *grid.items())
                         kind = "eval" if variant.name == BASE_VARIANT else "train"
                         trials.append(Trial("-".join(parts), task, model, horizon, variant.name, seed, values, kind))
     names = [t.name for t in trials]

@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from tre_cli.io import atomic_write_text
-from tre_cli.sweep.grid import SWEEP_FILE, SweepPlan, check_out_dir
+from tre_cli.sweep.grid import SWEEP_FILE, PlannedTrial, SweepPlan, check_out_dir
 from tre_cli.sweep.spec import Resources
 
 # Test hook: TRE_SWEEP_FAIL_ONCE_AT_STEP=N (read by the driver, passed to every trial) makes each
@@ -135,6 +135,16 @@ def _short_temp_link(temp: Path) -> Path | None:
     return link
 
 
+def local_cluster(plan: SweepPlan, num_cpus: int | None = None) -> dict[str, float]:
+    """The CPUs and GPUs a local Ray cluster started for this sweep will have."""
+    gpus = 0
+    if plan.resources.gpu > 0:
+        import torch
+
+        gpus = torch.cuda.device_count()
+    return {"CPU": float(num_cpus or os.cpu_count() or 1), "GPU": float(gpus)}
+
+
 def check_local_resources(resources: Resources, num_cpus: int | None = None) -> None:
     """A trial that asks for more than this machine has would wait forever in Ray's queue: say so now."""
     cpus = num_cpus or os.cpu_count() or 1
@@ -148,6 +158,41 @@ def check_local_resources(resources: Resources, num_cpus: int | None = None) -> 
         if resources.gpu > gpus:
             raise ValueError(f"each trial asks for {resources.gpu:g} GPUs but this machine has {gpus}; "
                              "pass --gpus-per-trial 0 (or --preset smoke), or join a cluster with --address")
+
+
+def worker_demand(planned: PlannedTrial, resources: Resources) -> Resources:
+    """What a trial holds while it runs: its own reservation plus its workers' (one GPU each,
+    or CPUS_PER_WORKER CPUs each on CPU)."""
+    from tre_cli.trainer.distributed import CPUS_PER_WORKER
+
+    workers = planned.config.run.workers
+    if workers <= 1 or planned.trial.kind != "train":
+        return resources
+    if resources.gpu > 0:
+        return Resources(cpu=float(workers), gpu=float(workers))
+    return Resources(cpu=float(workers * CPUS_PER_WORKER), gpu=0.0)
+
+
+def concurrency_limit(plan: SweepPlan, cluster: dict[str, float]) -> int | None:
+    """How many trials may run at once: the plan's max_concurrent, and, when a trial has
+    several workers (which Tune does not reserve), no more than the cluster holds of the
+    largest trial's demand. A trial bigger than the cluster is an error."""
+    if all(p.config.run.workers <= 1 for p in plan.trials):
+        return plan.max_concurrent
+    demands = [worker_demand(p, plan.resources) for p in plan.trials]
+    fits = []
+    for demand in demands:
+        for name, need in (("CPU", demand.cpu), ("GPU", demand.gpu)):
+            have = float(cluster.get(name, 0.0))
+            if need > 0:
+                if need > have:
+                    raise ValueError(f"a trial's run.workers needs {need:g} {name}s and the Ray cluster has {have:g}; "
+                                     "lower run.workers or join a bigger cluster with --address")
+                fits.append(int(have // need))
+    limit = min(fits) if fits else None
+    if plan.max_concurrent is not None:
+        limit = plan.max_concurrent if limit is None else min(limit, plan.max_concurrent)
+    return limit
 
 
 def run_sweep(
@@ -167,6 +212,7 @@ def run_sweep(
     fail_once = fail_once_from_env()
     if address is None:
         check_local_resources(plan.resources, num_cpus)
+        concurrency_limit(plan, local_cluster(plan, num_cpus))  # a trial's workers that cannot fit: say so now
     started = time.monotonic()
 
     plan.out.mkdir(parents=True, exist_ok=True)

@@ -28,10 +28,12 @@ from ray import tune
 from tre_cli.config import from_dict, to_dict, with_overrides
 from tre_cli.sweep.display import SweepDisplay, TrialProgress
 from tre_cli.sweep.grid import RUNS_DIR, PlannedTrial, SweepPlan
-from tre_cli.sweep.launch import FAIL_ONCE_ENV, FAIL_ONCE_MARKER, SweepOutcome, finished_result
+from tre_cli.sweep.launch import FAIL_ONCE_ENV, FAIL_ONCE_MARKER, SweepOutcome, concurrency_limit, finished_result
 from tre_cli.sweep.spec import PathLike, Resources
 
 EXPERIMENT_NAME = "tune"
+# What Tune reserves for the process of a trial whose run.workers > 1 (see _reservation).
+DRIVER_MEMORY_BYTES = 2**20
 
 # The display the callback forwards to while `drive` runs (see SweepProgressCallback).
 _ACTIVE_DISPLAY: SweepDisplay | None = None
@@ -95,7 +97,7 @@ def train_trial(trial_config: dict[str, Any]) -> None:
             (run_dir / FAIL_ONCE_MARKER).write_text(f"{step}\n")
             raise RuntimeError(f"{FAIL_ONCE_ENV}={fail_at}: trial {name} fails once after step {step} (a test hook)")
 
-    trainer.run(config, on_step=on_step, console=console)
+    trainer.run(config, on_step=on_step, console=console, workers_gpu=spec.get("workers_gpu"))
 
 
 def _set_aside_failed_attempt(run_dir: Path) -> None:
@@ -109,14 +111,27 @@ def _set_aside_failed_attempt(run_dir: Path) -> None:
 
 def trial_param(planned: PlannedTrial, resources: Resources, fail_once_at_step: int | None) -> dict[str, Any]:
     """What Tune's param space holds for one trial: plain data only (it is pickled and restored)."""
+    reserved = trial_resources(planned, resources)
     return {
         "name": planned.trial.name,
         "run_dir": str(planned.run_dir),
-        "cpus": resources.cpu,
+        "cpus": reserved.cpu,
+        "gpus": reserved.gpu,
+        # run.workers > 1: the trial's process only starts and follows the workers, which take
+        # one GPU each when the sweep's trials take GPUs (resources.gpu > 0), else CPUs.
+        "workers_gpu": resources.gpu > 0 if planned.config.run.workers > 1 else None,
         "config": to_dict(planned.config),
         "fail_once_at_step": fail_once_at_step,
         "kind": planned.trial.kind,
     }
+
+
+def trial_resources(planned: PlannedTrial, resources: Resources) -> Resources:
+    """What Tune reserves for a trial's own process: the sweep's resources, or nothing for a
+    trial of run.workers > 1 (its workers ask Ray Train for theirs: see worker_demand)."""
+    if planned.config.run.workers > 1 and planned.trial.kind == "train":
+        return Resources(cpu=0.0, gpu=0.0)
+    return resources
 
 
 def _storage(plan: SweepPlan, storage: str | None) -> str:
@@ -185,7 +200,8 @@ def drive(
             )
     _ACTIVE_DISPLAY = display
     try:
-        trainable = tune.with_resources(train_trial, {"cpu": plan.resources.cpu, "gpu": plan.resources.gpu})
+        trainable = tune.with_resources(train_trial, _reservation)
+        max_concurrent = concurrency_limit(plan, ray.cluster_resources())
         storage_path = _storage(plan, storage)
         experiment = storage_path.rstrip("/") + "/" + EXPERIMENT_NAME
         if resume and tune.Tuner.can_restore(experiment):
@@ -202,7 +218,7 @@ def drive(
                 param_space={"trial": tune.grid_search(params)},
                 tune_config=tune.TuneConfig(
                     num_samples=1,
-                    max_concurrent_trials=plan.max_concurrent,
+                    max_concurrent_trials=max_concurrent,
                     trial_name_creator=_trial_name,
                     trial_dirname_creator=_trial_name,
                 ),
@@ -262,6 +278,17 @@ class SweepProgressCallback(tune.Callback):
 
     def on_trial_error(self, iteration: int, trials: list[Any], trial: Any, **info: Any) -> None:
         self._show(trial, "error", trial.last_result, error=_error_line(trial))
+
+
+def _reservation(trial_config: dict[str, Any]) -> tune.PlacementGroupFactory:
+    """Tune's resource request for one trial (its param space entry: see trial_param)."""
+    spec = trial_config["trial"]
+    bundle = {"CPU": float(spec["cpus"]), "GPU": float(spec["gpus"])}
+    if not any(bundle.values()):
+        # Tune refuses an empty request; a trial that only follows its workers holds a token of
+        # memory, which every node has, so it takes no CPU or GPU from its workers.
+        bundle = {"memory": float(DRIVER_MEMORY_BYTES)}
+    return tune.PlacementGroupFactory([bundle])
 
 
 def _trial_name(trial) -> str:

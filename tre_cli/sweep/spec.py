@@ -15,7 +15,7 @@ from tre_cli.losses.registry import BASE, METHODS
 # Every key a sweep file (and each of its presets) may have.
 SWEEP_KEYS = (
     "description", "tasks", "run_preset", "models", "variants", "max_new_tokens", "seeds", "set",
-    "resources", "max_concurrent", "max_failures", "notes", "base", "task_set",
+    "resources", "max_concurrent", "max_failures", "notes", "base", "task_set", "model_set",
 )
 # The variant name of Base evaluations (`tre eval` of the untrained model: Table 1's Base row).
 BASE_VARIANT = BASE
@@ -77,6 +77,8 @@ class SweepSpec:
     base: bool = False
     # task -> run-config keys for that task's trials only (above `set`), e.g. HH's reward models.
     task_set: dict[str, dict[str, Any]] = field(default_factory=dict)
+    # model -> run-config keys for that model's trials only (above `task_set`), e.g. run.workers.
+    model_set: dict[str, dict[str, Any]] = field(default_factory=dict)
 
 
 def safe_name(text: str) -> bool:
@@ -236,6 +238,11 @@ def load_sweep(name: PathLike, preset: str | None = None) -> SweepSpec:
         if task not in TASKS:
             raise ValueError(f"{where}: 'task_set' names an unknown task {task!r}; known tasks: {', '.join(TASKS)}")
         task_set[task] = _mapping(values, f"task_set.{task}", where)
+    model_set = _mapping(merged.get("model_set"), "model_set", where)
+    for model, values in model_set.items():
+        if model not in models:
+            raise ValueError(f"{where}: 'model_set' names {model!r}, which is not in 'models' ({', '.join(models)})")
+        model_set[model] = _mapping(values, f"model_set.{model}", where)
     max_failures = merged.get("max_failures", 2)
     if isinstance(max_failures, bool) or not isinstance(max_failures, int) or max_failures < 0:
         raise ValueError(f"{where}: 'max_failures' must be an integer >= 0, got {max_failures!r}")
@@ -257,4 +264,5 @@ def load_sweep(name: PathLike, preset: str | None = None) -> SweepSpec:
         notes=tuple(notes),
         base=base,
         task_set=task_set,
+        model_set=model_set,
     )

@@ -9,6 +9,7 @@ from collections.abc import Callable
 
 from tre_cli.config import RunConfig, load_run_config, resolve_device, with_overrides
 from tre_cli.evaluation import EvalResult, evaluate
+from tre_cli.io import truncate_jsonl_after
 from tre_cli.losses.registry import BASE
 from tre_cli.tracking import RunResult, Tracker, default_run_dir, open_run_dir
 from tre_cli.trainer import distributed
@@ -19,6 +20,7 @@ from tre_cli.trainer.checkpoint import (
     save_checkpoint,
     save_checkpoint_workers,
 )
+from tre_cli.trainer.follow import StepFollower, checkpoints_at, evaluates_at, run_and_follow
 from tre_cli.trainer.parts import (
     Parts,
     build,
@@ -36,19 +38,23 @@ from tre_cli.trainer.step import train_step
 StepCallback = Callable[[int, dict[str, float], Path | None], None]
 
 
-def run(config: RunConfig, on_step: StepCallback | None = None, console: Any = None) -> RunResult:
+def run(config: RunConfig, on_step: StepCallback | None = None, console: Any = None,
+        workers_gpu: bool | None = None) -> RunResult:
     """Train with `config`: a fresh run, or (`run.resume` set) the continuation of that run directory.
-    `console`: where the per-step lines go (default stdout); progress goes to stderr."""
+    `console`: where the per-step lines go (default stdout); progress goes to stderr.
+    `workers_gpu` (run.workers > 1): whether each worker takes a GPU, when this process cannot
+    tell from its own devices (a sweep trial's, which holds none); default: run.device here."""
     if config.run.resume:
         display = {"run.progress": config.run.progress, "run.verbose": config.run.verbose}
-        return resume(config.run.resume, on_step=on_step, console=console, display=display)
+        return resume(config.run.resume, on_step=on_step, console=console, display=display, workers_gpu=workers_gpu)
     if config.run.workers > 1:
-        return _launch(config, Path(config.run.out) if config.run.out else default_run_dir(config), False, on_step)
+        return _launch(config, Path(config.run.out) if config.run.out else default_run_dir(config), False, on_step,
+                       workers_gpu)
     return _train(config, config.run.out, None, None, on_step, console)
 
 
 def resume(run_dir: str | Path, on_step: StepCallback | None = None, console: Any = None,
-           display: dict[str, Any] | None = None) -> RunResult:
+           display: dict[str, Any] | None = None, workers_gpu: bool | None = None) -> RunResult:
     """Continue a run directory from its latest checkpoint, with the config it recorded;
     `display` may change its run.progress and run.verbose (they change what is shown only)."""
     opened = open_run_dir(run_dir)
@@ -58,7 +64,7 @@ def resume(run_dir: str | Path, on_step: StepCallback | None = None, console: An
                          f"got {', '.join(sorted(unknown))}")
     config = with_overrides(load_run_config(opened.path), {"run.resume": str(opened.path), **(display or {})})
     if config.run.workers > 1:
-        return _launch(config, opened.path, True, on_step)
+        return _launch(config, opened.path, True, on_step, workers_gpu)
     latest = opened.latest_checkpoint()
     # Read (and vet) the trainer state before anything is built or written.
     state = read_trainer_state(latest[1]) if latest else None
@@ -110,11 +116,11 @@ def _train(config: RunConfig, run_dir: str | Path | None, resume_step: int | Non
                 metrics = train_step(parts, step, bar.phases)
                 tracker.log(metrics, step=step)
                 evaluated = None
-                if (cfg.eval.every and step % cfg.eval.every == 0) or step == steps:
+                if evaluates_at(cfg, step):
                     evaluated = run_eval(parts, step, tracker, bar.phases)
                     metrics = {**metrics, "eval/score": evaluated.score}
                 checkpoint = None
-                if (cfg.run.save_every and step % cfg.run.save_every == 0) or step == steps:
+                if checkpoints_at(cfg, step):
                     checkpoint = save_checkpoint(parts, tracker, step)
                 console.print(progress_line(step, steps, metrics, evaluated), soft_wrap=True)
                 bar.advance(metrics)
@@ -127,23 +133,35 @@ def _train(config: RunConfig, run_dir: str | Path | None, resume_step: int | Non
     return result
 
 
-def _launch(config: RunConfig, run_dir: Path, resuming: bool, on_step: StepCallback | None) -> RunResult:
+def _launch(config: RunConfig, run_dir: Path, resuming: bool, on_step: StepCallback | None,
+            use_gpu: bool | None = None) -> RunResult:
     """issue 12: run.workers processes through Ray Train (sweep.ray_backend.run_workers); this
     process waits and returns the RunResult rank 0 wrote. A worker that fails fails the worker
     group; it is started again, resuming from the last checkpoint, up to run.worker_retries
-    times, and then the run fails (WorkerFailure)."""
+    times, and then the run fails (WorkerFailure). With `on_step` (a sweep trial), this process
+    follows rank 0's run directory and reports each step (trainer.follow). `use_gpu`: whether
+    the workers take a GPU each (a sweep trial says so: its own process holds none); by
+    default, what run.device resolves to here."""
     from tre_cli.config import to_dict
     from tre_cli.sweep.ray_backend import run_workers
     from tre_cli.trainer.distributed import WorkerFailure
 
-    if on_step is not None:
-        raise ValueError("run.workers > 1 cannot report steps to a caller yet (a sweep trial); use run.workers=1")
-    use_gpu = resolve_device(config.run.device) == "cuda"  # fail before any worker starts
+    if use_gpu is None:
+        use_gpu = resolve_device(config.run.device) == "cuda"  # fail before any worker starts
     retries = config.run.worker_retries
     for attempt in range(retries + 1):
-        payload = {"config": to_dict(config), "run_dir": str(run_dir), "resuming": resuming or attempt > 0}
-        try:
+        resumes = resuming or attempt > 0
+        payload = {"config": to_dict(config), "run_dir": str(run_dir), "resuming": resumes}
+
+        def start(payload: dict[str, Any] = payload) -> None:
             run_workers(worker_main, payload, config.run.workers, use_gpu=use_gpu)
+
+        try:
+            if on_step is None:
+                start()
+            else:
+                run_and_follow(start, StepFollower(run_dir, config, _forget_after_checkpoint(run_dir, resumes)),
+                               on_step)
             break
         except WorkerFailure as failure:
             if attempt == retries:
@@ -151,6 +169,20 @@ def _launch(config: RunConfig, run_dir: Path, resuming: bool, on_step: StepCallb
             _console(None).print(f"[yellow]{failure}[/]; starting the workers again from the last checkpoint "
                                  f"(retry {attempt + 1} of {retries})")
     return read_run_result(run_dir)
+
+
+def _forget_after_checkpoint(run_dir: Path, resuming: bool) -> int:
+    """The step the workers start after: 0 for a fresh run, else the last checkpoint's, whose
+    later log records (of an attempt that died) are dropped now, as rank 0's tracker will do,
+    so that the follower never reports them."""
+    if not resuming or not (Path(run_dir) / "config.yaml").is_file():
+        return 0
+    opened = open_run_dir(run_dir)
+    latest = opened.latest_checkpoint()
+    step = latest[0] if latest else 0
+    for path in (opened.metrics_file, opened.eval_file):
+        truncate_jsonl_after(path, step)
+    return step
 
 
 def read_run_result(run_dir: str | Path) -> RunResult:
@@ -212,9 +244,9 @@ def _train_workers(config: RunConfig, run_dir: Path, resume_step: int | None, co
             evaluated = None
             if tracker is not None:
                 tracker.log(metrics, step=step)
-                if (cfg.eval.every and step % cfg.eval.every == 0) or step == steps:
+                if evaluates_at(cfg, step):
                     evaluated = run_eval(parts, step, tracker)
-            if (cfg.run.save_every and step % cfg.run.save_every == 0) or step == steps:
+            if checkpoints_at(cfg, step):
                 save_checkpoint_workers(parts, tracker, step)
             if tracker is not None:
                 console.print(progress_line(step, steps, metrics, evaluated), soft_wrap=True)
