@@ -215,6 +215,24 @@ def test_engine_loads_the_model_when_not_given(quick_testbed, quick_tokenizer):
     state = {k: torch.zeros_like(v) for k, v in engine.model.state_dict().items()}
     engine.sync_weights(state)
     assert all((p == 0).all() for p in engine.model.parameters())
+    # (name, tensor) pairs that are not a mapping (a sharded policy's stream, issue 12) are
+    # copied in as they come, cast to the engine's dtype; the generator is read to its end.
+    own = engine.model.state_dict()
+    target = {k: torch.randn_like(v, dtype=torch.float64) for k, v in own.items()}
+    for name, tensor in own.items():  # tied weights (the embedding and the head) get one value
+        first = next(k for k, v in own.items() if v.data_ptr() == tensor.data_ptr())
+        target[name] = target[first]
+    read = []
+
+    def stream():
+        for name, tensor in target.items():
+            read.append(name)
+            yield name, tensor
+
+    engine.sync_weights(stream())
+    assert read == list(target)
+    for name, tensor in engine.model.state_dict().items():
+        assert torch.equal(tensor, target[name].to(tensor.dtype)), name
 
 
 def _first_stop_by_scan(tokens, stop, tokenizer):

@@ -98,8 +98,17 @@ def test_sync_weights_changes_outputs(engine, quick_policy, quick_tokenizer):
     after = engine.generate(prompts, n=2, max_new_tokens=10)
     assert torch.allclose(after.logprobs, recompute(perturbed, after, 1.0), atol=1e-4)
     assert not torch.allclose(after.logprobs, recompute(quick_policy, after, 1.0), atol=1e-3)
-    # And back: the original weights again.
-    engine.sync_weights(quick_policy.state_dict())
+    # And back: the original weights again, this time as a stream of (name, tensor) pairs (a
+    # sharded policy's, issue 12), which the engine reads once, to its end.
+    read = []
+
+    def stream():
+        for name, tensor in quick_policy.state_dict().items():
+            read.append(name)
+            yield name, tensor
+
+    engine.sync_weights(stream())
+    assert read == list(quick_policy.state_dict())
     restored = engine.generate(prompts, n=2, max_new_tokens=10)
     assert torch.allclose(restored.logprobs, recompute(quick_policy, restored, 1.0), atol=1e-4)
 

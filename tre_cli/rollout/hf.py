@@ -150,12 +150,20 @@ class HFEngine(EngineBase):
     def sync_weights(self, weights: Weights = None) -> None:
         """Nothing to do when `weights` is the module the engine samples from (the trainer's
         policy) or that module's own state dict; another module's weights, or a state dict, are
-        loaded into the engine's module (cast to its dtype: its own copy under fp32 masters)."""
+        loaded into the engine's module (cast to its dtype: its own copy under fp32 masters).
+        (name, tensor) pairs that are not a mapping (a sharded policy's stream) are copied in
+        one at a time, as they come."""
         if weights is None or weights is self.model:
             return
         state_dict = weights.state_dict() if isinstance(weights, torch.nn.Module) else weights
-        state = dict(state_dict.items())
         own = self.model.state_dict()
+        if not hasattr(state_dict, "items"):
+            with torch.no_grad():
+                for name, tensor in state_dict:
+                    if name in own:  # as load_state_dict(strict=False) below
+                        own[name].copy_(tensor)
+            return
+        state = dict(state_dict.items())
         if all(name in own and tensor.data_ptr() == own[name].data_ptr() for name, tensor in state.items()):
             return
         self.model.load_state_dict(state, strict=False)

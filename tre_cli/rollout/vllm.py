@@ -235,8 +235,12 @@ class VLLMEngine(EngineBase):
         state_dict = weights.state_dict() if isinstance(weights, torch.nn.Module) else weights
         if self.asleep:
             self.wake()
-        # A list, not a generator: the RPC may look at the weights more than once.
-        weights = list(engine_state_dict(_items(state_dict), self.dtype))
+        # In process, the RPC calls the model's load_weights once, which reads the pairs once:
+        # (name, tensor) pairs that are not a mapping (a sharded policy's stream) stay a
+        # generator, so one cast tensor exists at a time; a state dict is cast up front.
+        weights = engine_state_dict(_items(state_dict), self.dtype)
+        if hasattr(state_dict, "items"):
+            weights = list(weights)
         with vllm_logs(self.verbose):
             self.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": weights})
             self.llm.reset_prefix_cache()

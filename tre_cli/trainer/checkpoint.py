@@ -168,5 +168,5 @@ def load_checkpoint_workers(parts: Parts, path: Path) -> int:
                          f"tensors and plain data ({str(error).strip()[:160]})") from None
     parts.critic_sched.load_state_dict(saved["critic_sched"])
     _set_rng_state(parts, saved["rng"])
-    parts.engine.sync_weights(distributed.full_state_dict(parts.policy))
+    parts.engine.sync_weights(distributed.stream_full_state(parts.policy))
     return int(json.loads((path / "state.json").read_text())["step"])

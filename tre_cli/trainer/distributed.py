@@ -33,7 +33,7 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -187,6 +187,16 @@ def full_state_dict(module: torch.nn.Module, *, rank0_cpu: bool = False) -> dict
     return get_model_state_dict(module, options=StateDictOptions(full_state_dict=True, cpu_offload=rank0_cpu))
 
 
+def stream_full_state(module: torch.nn.Module) -> Iterator[tuple[str, torch.Tensor]]:
+    """A sharded module's whole state, one tensor at a time (a collective: every worker walks
+    the same names in the same order): (name, full tensor) pairs, each gathered from its shards
+    only when asked for. What a rollout engine's weight sync reads, so a worker never holds more
+    than one whole parameter beyond its shards (for a 7B policy, the embedding's 545M values
+    instead of all 7.6e9: full_state_dict would gather 30 GB of fp32 on every GPU)."""
+    for name, tensor in module.state_dict().items():
+        yield name, local_tensor(tensor).detach()
+
+
 # ----------------------------------------------------------------------------- rollouts
 
 
@@ -283,4 +293,5 @@ __all__: Sequence[str] = (
     "EXIT_AT_ENV", "SINGLE", "Workers", "all_gather_objects", "all_max", "all_reduce_sum", "barrier",
     "broadcast_object", "current_workers", "full_state_dict", "gather_samples", "is_sharded_checkpoint",
     "load_sharded", "local_tensor", "merge_weighted_means", "save_sharded", "shard_module", "share",
+    "stream_full_state",
 )

@@ -367,8 +367,9 @@ def train_step(parts: Parts, step: int, phases: Phases = NO_PHASES) -> dict[str,
     update_metrics = ppo_update(parts, rollout, scored, step, phases)
     timings["timing/update_s"] = time.perf_counter() - t
     t = time.perf_counter()
-    # issue 12: with several workers the engine's copy takes the weights gathered from the shards.
-    parts.engine.sync_weights(distributed.full_state_dict(parts.policy) if parts.workers.many else parts.policy)
+    # issue 12: with several workers the engine's copy takes the weights gathered from the shards,
+    # one parameter at a time.
+    parts.engine.sync_weights(distributed.stream_full_state(parts.policy) if parts.workers.many else parts.policy)
     timings["timing/sync_s"] = time.perf_counter() - t
     timings["timing/step_s"] = time.perf_counter() - t0
     return {**_step_metrics(rollout, scores, scored, timings), **update_metrics, **timings,
