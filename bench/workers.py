@@ -41,7 +41,8 @@ def _worker(rank: int, world: int, port: int, payload: dict) -> None:
 
         worker_main(payload)
     finally:
-        dist.destroy_process_group()
+        if dist.is_initialized():  # an in-process vLLM engine destroys it when it closes (as Ray Train guards too)
+            dist.destroy_process_group()
 
 
 def _one(config_dict: dict, threads: int) -> None:

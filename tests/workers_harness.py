@@ -27,7 +27,8 @@ def _worker(rank: int, world: int, port: int, payload: dict, env: dict) -> None:
 
         worker_main(payload)
     finally:
-        dist.destroy_process_group()
+        if dist.is_initialized():  # an in-process vLLM engine destroys it when it closes (as Ray Train guards too)
+            dist.destroy_process_group()
 
 
 def run_workers_locally(config, run_dir, world: int, resuming: bool = False, env: dict | None = None) -> None:
