@@ -1,9 +1,9 @@
 """One run with 1 worker and with 2 (issue 12), side by side: each step's metrics and their gaps,
 and the step time of each, on CPU (gloo, one torch thread a worker, as Ray Train's workers).
 
-The 2-worker run starts its workers with torch.multiprocessing and a gloo process group, the
-entry Ray Train calls (trainer.job.worker_main) without Ray's start-up; the 1-worker run is
-`trainer.run` in a child process with one thread. Also a 1-worker run with 2 threads: what the
+The 2-worker run starts its workers with tests/workers_harness.py (torch.multiprocessing and a
+gloo process group calling the entry Ray Train calls, trainer.job.worker_main, without Ray);
+the 1-worker run is `trainer.run` in a child process with one thread. Also a 1-worker run with 2 threads: what the
 same 2 cores give one process.
 
     python bench/workers.py                        # the shipped testbed, smoke preset, 3 steps
@@ -14,35 +14,17 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import socket
 import statistics
+import sys
 import tempfile
 from pathlib import Path
 
+# The tests' launcher of a run's workers without Ray (torch.multiprocessing + gloo, worker_main).
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+from workers_harness import run_workers_locally  # noqa: E402
+
 COMPARED = ("reward/mean", "response/length_mean", "actor/p_max", "actor/entropy", "actor/pg_loss",
             "actor/ppo_kl", "critic/vf_loss", "actor/grad_norm")
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _worker(rank: int, world: int, port: int, payload: dict) -> None:
-    import torch.distributed as dist
-
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
-                      LOCAL_RANK=str(rank))
-    dist.init_process_group("gloo", rank=rank, world_size=world)
-    try:
-        from tre_cli.trainer.job import worker_main
-
-        worker_main(payload)
-    finally:
-        if dist.is_initialized():  # an in-process vLLM engine destroys it when it closes (as Ray Train guards too)
-            dist.destroy_process_group()
 
 
 def _one(config_dict: dict, threads: int) -> None:
@@ -68,8 +50,7 @@ def run(config, out: Path, workers: int, threads: int = 1) -> list[dict]:
         if child.exitcode != 0:
             raise SystemExit(f"the 1-worker run failed (exit {child.exitcode})")
     else:
-        payload = {"config": to_dict(config), "run_dir": str(out), "resuming": False}
-        mp.spawn(_worker, args=(workers, _free_port(), payload), nprocs=workers)
+        run_workers_locally(config, out, workers)
     return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
 
 
