@@ -9,6 +9,7 @@ import pytest
 import torch
 
 import brute
+from tre_cli.losses import regions as R
 from tre_cli.losses import stats as S
 from tre_cli.losses.stats import RegionSpec, token_stats
 
@@ -198,7 +199,7 @@ def test_full_width_rows_with_large_nuclei():
     tokens = torch.randint(vocab, (4,), generator=gen)
     rows = _safe_p(z, 0.99, tokens)
     sizes = [r["region_size"] for r in rows]
-    assert 256 < sizes[0] < S.FIRST_CANDIDATES < sizes[1] < S.FIRST_CANDIDATES * 8 < sizes[2] < sizes[3]
+    assert 256 < sizes[0] < R.FIRST_CANDIDATES < sizes[1] < R.FIRST_CANDIDATES * 8 < sizes[2] < sizes[3]
     z.requires_grad_(True)
     ours = token_stats(z, tokens, RegionSpec.top_p(0.99), chunk_rows=3)
     _check(ours, rows, tol=1e-4)
@@ -296,7 +297,7 @@ def test_wide_rows_every_search_path(p):
     tokens = torch.randint(vocab, (z.shape[0],), generator=gen)
     rows = _safe_p(z, p, tokens)
     sizes = [r["region_size"] for r in rows]
-    assert max(sizes) > S.FIRST_CANDIDATES  # some band needed narrowing
+    assert max(sizes) > R.FIRST_CANDIDATES  # some band needed narrowing
     ours = token_stats(z, tokens, RegionSpec.top_p(p), chunk_rows=4)
     _check(ours, rows, tol=1e-4)
 
@@ -326,7 +327,7 @@ def test_nucleus_is_exact_whatever_the_histogram_says(margin):
         zmax = z.max(-1).values
         sum_e = torch.exp(z - zmax[:, None]).sum(-1)
         lse64 = zmax.double() + torch.log(sum_e.double())
-        found = S._nucleus(z, torch.exp(z - zmax[:, None]), zmax, sum_e, lse64, p, margin=margin)
+        found = R.nucleus(z, torch.exp(z - zmax[:, None]), zmax, sum_e, lse64, p, margin=margin)
         assert found.size.tolist() == [r["region_size"] for r in rows]
         for n, r in enumerate(rows):
             region = sorted(r["region"], key=lambda i: (-z[n, i].item(), i))
@@ -389,4 +390,4 @@ def test_dtype_and_layout_do_not_change_results():
 def test_flat_nonzero_is_nonzero(shape, density):
     gen = torch.Generator().manual_seed(len(shape) * 1000 + shape[-1])
     mask = torch.rand(shape, generator=gen) < density
-    assert torch.equal(S._flat_nonzero(mask), mask.view(-1).nonzero().squeeze(-1))
+    assert torch.equal(R.flat_nonzero(mask), mask.view(-1).nonzero().squeeze(-1))
