@@ -69,3 +69,10 @@ def test_no_module_outside_the_registry_names_a_method():
         if quoted.search(line)
     ]
     assert not offenders, "\n".join(offenders)
+
+
+def test_no_module_is_over_600_lines():
+    """The house's rule (issue 14): a module that grows past 600 lines is split by concern."""
+    long = [f"{path.relative_to(ROOT)}: {n} lines" for path in sorted((ROOT / "tre_cli").rglob("*.py"))
+            if (n := len(path.read_text(encoding="utf-8").splitlines())) > 600]
+    assert not long, "\n".join(long)
