@@ -295,6 +295,11 @@ def _title(model: str, task: str, several_models: bool, suffix: str = "") -> str
     return (f"{model_label(model)}: " if several_models else "") + task_label(task) + suffix
 
 
+def _baseline_short() -> str:
+    """The baseline's name in axis labels and titles ("Vanilla")."""
+    return baseline().short_label or baseline().label
+
+
 ALPHA_COLORS = ("#d62728", "#ff7f0e", "#2ca02c", "#1f77b4", "#9467bd", "#8c564b")
 
 
@@ -302,6 +307,8 @@ def plot_horizon(panels: Sequence[HorizonPanel]):
     """Figure 1: Δ (Ent - Vanilla) against T (log2) per alpha; Vanilla's score on a twin axis."""
     from matplotlib.ticker import FixedLocator, NullLocator
 
+    base = _baseline_short()
+    swept = next(m.label for m in METHODS.values() if m.horizon_sweep)
     fig, axes, several = _grid([(p.model, p.task) for p in panels])
     for panel in panels:
         ax = axes[(panel.model, panel.task)]
@@ -310,7 +317,7 @@ def plot_horizon(panels: Sequence[HorizonPanel]):
         for index, (alpha, points) in enumerate(panel.deltas):
             ax.plot(
                 [t for t, _ in points], [panel.scale.show(d) for _, d in points],
-                marker="o", color=ALPHA_COLORS[index % len(ALPHA_COLORS)], label=f"Ent α={_format_param(alpha)}",
+                marker="o", color=ALPHA_COLORS[index % len(ALPHA_COLORS)], label=f"{swept} α={_format_param(alpha)}",
             )
         ax.set_xscale("log", base=2)
         horizons = sorted({t for _, points in panel.deltas for t, _ in points})
@@ -318,14 +325,14 @@ def plot_horizon(panels: Sequence[HorizonPanel]):
         ax.xaxis.set_minor_locator(NullLocator())
         ax.set_xticklabels([str(t) for t in horizons])
         ax.set_xlabel("max response length T (tokens)")
-        ax.set_ylabel(f"Δ to Vanilla{unit}")
+        ax.set_ylabel(f"Δ to {base}{unit}")
         ax.grid(True, alpha=0.3)
         twin = ax.twinx()
         twin.plot(
             [t for t, _ in panel.vanilla], [panel.scale.show(v) for _, v in panel.vanilla],
-            linestyle="--", color="grey", marker="s", markersize=4, label="Vanilla (right axis)",
+            linestyle="--", color="grey", marker="s", markersize=4, label=f"{base} (right axis)",
         )
-        twin.set_ylabel(f"Vanilla {panel.scale.header}", color="grey")
+        twin.set_ylabel(f"{base} {panel.scale.header}", color="grey")
         twin.tick_params(axis="y", colors="grey")
         ax.set_title(_title(panel.model, panel.task, several))
     _legend_below(fig)
@@ -396,7 +403,7 @@ def plot_hparam(panels: Sequence[HparamPanel]):
                     ha="center",
                     fontsize=7,
                 )
-        ax.axhline(panel.scale.show(panel.vanilla), color="red", linestyle="--", label="Vanilla (PPO)")
+        ax.axhline(panel.scale.show(panel.vanilla), color="red", linestyle="--", label=baseline().label)
         ax.set_xticks(xs, [p.label for p in panel.points])
         ax.set_xlim(-0.6, len(xs) - 0.4)
         ax.set_ylabel(panel.scale.header)
@@ -408,7 +415,7 @@ def plot_hparam(panels: Sequence[HparamPanel]):
                 panel.model,
                 panel.task,
                 several,
-                f" (T={panel.max_new_tokens}), Vanilla {panel.scale.text(panel.vanilla)}",
+                f" (T={panel.max_new_tokens}), {_baseline_short()} {panel.scale.text(panel.vanilla)}",
             )
         )
     _legend_below(fig)
