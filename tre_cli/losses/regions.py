@@ -1,7 +1,5 @@
-"""Where a row's trust region lies: the row maximum, the K largest logits and the exact top-P
-nucleus, found from the row's logits without sorting the vocabulary (used by `stats.token_stats`).
-
-The nucleus is the TRE-P region of `stats` (tokens sorted by probability, descending, ties by
+"""Where a row's trust region lies, for `stats.token_stats`: the row maximum, the K largest logits
+(TRE-K) and the exact top-P nucleus (TRE-P: tokens sorted by probability, descending, ties by
 lower id; a token is in it iff the mass strictly before it is < P).
 
 The nucleus is found without sorting the vocabulary (`nucleus`). A float32 histogram of each
