@@ -154,7 +154,9 @@ def test_a_forking_tokens_step_is_the_same_for_any_micro_batch_budget(quick_test
     (m1, w1), (m2, w2) = results
     assert math.isclose(m1["actor/forking_kept_frac"], m2["actor/forking_kept_frac"], rel_tol=1e-6)
     for key in ("actor/pg_loss", "actor/entropy", "actor/p_max", "critic/vf_loss"):
-        assert math.isclose(m1[key], m2[key], rel_tol=1e-4, abs_tol=1e-7), (key, m1[key], m2[key])
+        # pg_loss nearly cancels: its rounding is relative to the mean |A| (see test_trainer).
+        floor = 1e-7 + (1e-5 * m1["critic/advantages_abs"] if key == "actor/pg_loss" else 0.0)
+        assert math.isclose(m1[key], m2[key], rel_tol=1e-4, abs_tol=floor), (key, m1[key], m2[key])
     # Adam's first step moves every weight by about lr x sign(gradient): where a gradient is ~0, the
     # order of the micro-batch sums can flip its sign, so a few weights may differ by up to 2 lr.
     # A different selection would change the gradient everywhere.

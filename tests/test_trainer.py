@@ -175,7 +175,13 @@ def test_micro_batch_order_is_a_speed_knob(tiny_testbed, tmp_path):
     extra = ["ppo.steps=1", "ppo.micro_batch_tokens=400"]  # ~100 prompt tokens: 2 rows a micro-batch
     rows = _metrics_after(tiny_testbed, tmp_path / "rows", "tre-p", extra)
     length = _metrics_after(tiny_testbed, tmp_path / "length", "tre-p", [*extra, "ppo.micro_batch_order=length"])
+    # pg_loss is a token mean of terms -A * ratio of both signs that nearly cancel (about 2.6e-4
+    # from terms of size |A| ~ 0.9 on one machine's tiny model; gap 4.7e-8): float32 sums in another order
+    # move it by rounding relative to |A|, not to itself. So its tolerance is relative to the
+    # mean |A|; a change of what is averaged (a mean of micro-batch means) moves it far more.
+    scale = {"actor/pg_loss": rows["critic/advantages_abs"]}
     for key in ("actor/pg_loss", "actor/entropy", "actor/p_max", "actor/tre_local_entropy", "critic/vf_loss",
                 "actor/grad_norm", "critic/values"):
-        assert math.isclose(rows[key], length[key], rel_tol=1e-5, abs_tol=1e-8), (key, rows[key], length[key])
+        tolerance = 1e-5 * scale.get(key, 0.0) + 1e-8
+        assert math.isclose(rows[key], length[key], rel_tol=1e-5, abs_tol=tolerance), (key, rows[key], length[key])
     assert rows["reward/mean"] == length["reward/mean"]

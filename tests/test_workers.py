@@ -63,7 +63,10 @@ def _assert_agree(a, b):
         for key in EXACT:
             assert ra[key] == rb[key], (ra["step"], key)
         for key in (*CLOSE, "actor/forking_kept_frac", "critic/advantages_abs"):
-            assert math.isclose(ra[key], rb[key], rel_tol=1e-3, abs_tol=1e-7), (ra["step"], key, ra[key], rb[key])
+            # pg_loss nearly cancels (terms of size |A| give a mean of ~1e-4): its rounding is
+            # relative to the mean |A| (as in test_trainer's micro-batch order test).
+            floor = 1e-7 + (1e-5 * ra["critic/advantages_abs"] if key == "actor/pg_loss" else 0.0)
+            assert math.isclose(ra[key], rb[key], rel_tol=1e-3, abs_tol=floor), (ra["step"], key, ra[key], rb[key])
 
 
 def test_two_workers_train_like_one(two_runs):
