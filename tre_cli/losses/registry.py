@@ -319,6 +319,11 @@ def baseline() -> Method:
     return next(m for m in METHODS.values() if m.baseline)
 
 
+def horizon_method() -> Method:
+    """The method Figure 1 sweeps against T, as deltas to the baseline (Ent)."""
+    return next(m for m in METHODS.values() if m.horizon_sweep)
+
+
 def all_params() -> dict[str, Param]:
     """Every parameter any method has, by name (a name means the same parameter in every method)."""
     found: dict[str, Param] = {}

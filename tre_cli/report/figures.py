@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from typing import Any
 from collections.abc import Sequence
 
-from tre_cli.losses.registry import METHODS, baseline
+from tre_cli.losses.registry import METHODS, baseline, horizon_method
 from tre_cli.losses.registry import label as method_label
 from tre_cli.report.records import (
     SMOOTHING,
@@ -74,7 +74,7 @@ def horizon_data(records: Sequence[RunRecord], score: str = "final") -> list[Hor
     """Figure 1: per (model, task), Ent's delta to Vanilla at each T, per alpha."""
     cells = group_cells(records, score)
     reference = baseline().name
-    swept = next(m.name for m in METHODS.values() if m.horizon_sweep)
+    swept = horizon_method().name
     panels = []
     for model, task in sorted({(c.model, c.task) for c in cells}, key=_key_sort):
         vanilla = {
@@ -295,11 +295,6 @@ def _title(model: str, task: str, several_models: bool, suffix: str = "") -> str
     return (f"{model_label(model)}: " if several_models else "") + task_label(task) + suffix
 
 
-def _baseline_short() -> str:
-    """The baseline's name in axis labels and titles ("Vanilla")."""
-    return baseline().short_label or baseline().label
-
-
 ALPHA_COLORS = ("#d62728", "#ff7f0e", "#2ca02c", "#1f77b4", "#9467bd", "#8c564b")
 
 
@@ -307,8 +302,8 @@ def plot_horizon(panels: Sequence[HorizonPanel]):
     """Figure 1: Δ (Ent - Vanilla) against T (log2) per alpha; Vanilla's score on a twin axis."""
     from matplotlib.ticker import FixedLocator, NullLocator
 
-    base = _baseline_short()
-    swept = next(m.label for m in METHODS.values() if m.horizon_sweep)
+    base = baseline().short_label
+    swept = horizon_method().label
     fig, axes, several = _grid([(p.model, p.task) for p in panels])
     for panel in panels:
         ax = axes[(panel.model, panel.task)]
@@ -415,7 +410,7 @@ def plot_hparam(panels: Sequence[HparamPanel]):
                 panel.model,
                 panel.task,
                 several,
-                f" (T={panel.max_new_tokens}), {_baseline_short()} {panel.scale.text(panel.vanilla)}",
+                f" (T={panel.max_new_tokens}), {baseline().short_label} {panel.scale.text(panel.vanilla)}",
             )
         )
     _legend_below(fig)
