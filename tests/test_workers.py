@@ -14,7 +14,7 @@ import torch
 from safetensors.torch import load_file
 from workers_harness import run_workers_locally
 
-from test_trainer import _config, _metrics, _stable
+from test_trainer import _config, _metrics, _stable, rounding_floor
 from tre_cli import trainer
 from tre_cli.trainer.distributed import EXIT_AT_ENV, EXITED_ONCE_MARKER, SINGLE, Workers, share
 
@@ -63,9 +63,7 @@ def _assert_agree(a, b):
         for key in EXACT:
             assert ra[key] == rb[key], (ra["step"], key)
         for key in (*CLOSE, "actor/forking_kept_frac", "critic/advantages_abs"):
-            # pg_loss nearly cancels (terms of size |A| give a mean of ~1e-4): its rounding is
-            # relative to the mean |A| (as in test_trainer's micro-batch order test).
-            floor = 1e-7 + (1e-5 * ra["critic/advantages_abs"] if key == "actor/pg_loss" else 0.0)
+            floor = rounding_floor(key, ra, 1e-7)
             assert math.isclose(ra[key], rb[key], rel_tol=1e-3, abs_tol=floor), (ra["step"], key, ra[key], rb[key])
 
 
