@@ -88,3 +88,20 @@ def grad_of(logits: torch.Tensor, tokens: torch.Tensor | None, rows: list[dict],
             total = total + weights["region_entropy"][n] * scale * -(lq.exp() * lq).sum()
     total.backward()
     return z.grad
+
+
+def tail_mass(z: list[float], k: int) -> float:
+    """The mass outside the k most probable tokens of one row, by sorting its probabilities."""
+    zmax = max(z)
+    lse = zmax + math.log(sum(math.exp(v - zmax) for v in z))
+    probs = sorted((math.exp(v - lse) for v in z), reverse=True)
+    return sum(probs[k:])
+
+
+def tail_draws(logprobs: list[list[float]], lengths: list[int], p: float) -> tuple[float, float]:
+    """(share of responses with a sampled token of probability < p, mean count per response),
+    over the responses with at least one token; a plain loop."""
+    counts = [sum(1 for lp in row[:n] if math.exp(lp) < p) for row, n in zip(logprobs, lengths) if n > 0]
+    if not counts:
+        return 0.0, 0.0
+    return sum(1 for c in counts if c > 0) / len(counts), sum(counts) / len(counts)

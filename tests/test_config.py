@@ -390,6 +390,9 @@ def test_unknown_method():
         ("rollout.top_p=0", "config key 'rollout.top_p' must be in (0, 1], got 0.0"),
         ("eval.every=-1", "config key 'eval.every' must be >= 0, got -1"),
         ("run.keep_last=0", "config key 'run.keep_last' must be >= 1, got 0"),
+        ("metrics.tail_k=0", "config key 'metrics.tail_k' must be >= 1, got 0"),
+        ("metrics.tail_p=1", "config key 'metrics.tail_p' must be in (0, 1), got 1.0"),
+        ("metrics.tail_p=0", "config key 'metrics.tail_p' must be in (0, 1), got 0.0"),
         ("model.name=' '", "config key 'model.name' must not be empty"),
     ],
 )

@@ -43,9 +43,12 @@ def test_every_method_trains(method, tiny_testbed, tmp_path):
     assert [r["step"] for r in records] == [1, 2]
     for record in records:
         for key in ("reward/mean", "actor/p_max", "actor/entropy", "actor/pg_loss", "actor/ppo_kl",
-                    "actor/pg_clipfrac", "critic/vf_loss", "actor/grad_norm", "timing/gen_s", "perf/tokens_per_s"):
+                    "actor/pg_clipfrac", "critic/vf_loss", "actor/grad_norm", "timing/gen_s", "perf/tokens_per_s",
+                    "actor/tail_mass", "rollout/tail_draws", "rollout/tail_draws_per_response"):
             assert key in record and math.isfinite(record[key]), (method, key)
         assert 0 < record["actor/p_max"] <= 1
+        assert 0 <= record["actor/tail_mass"] < 1 - record["actor/p_max"] + 1e-6
+        assert 0 <= record["rollout/tail_draws"] <= 1 and record["rollout/tail_draws_per_response"] >= 0
     has_region = method in ("tre-k", "tre-p")
     assert ("actor/tre_region_size" in records[0]) == has_region
     if method == "tre-k":

@@ -240,6 +240,23 @@ class EvalConfig:
 
 
 @dataclass(frozen=True)
+class MetricsConfig:
+    """Diagnostics of where the policy puts its mass (they change no loss)."""
+
+    # actor/tail_mass: the policy's mass outside its tail_k most probable tokens (token mean over
+    # the response), from the update's forward pass.
+    tail_k: int = 20
+    # rollout/tail_draws(_per_response): sampled tokens whose probability under the sampling
+    # policy was below tail_p.
+    tail_p: float = 1e-3
+
+    def __post_init__(self) -> None:
+        _require(not isinstance(self.tail_k, bool) and self.tail_k >= 1, "metrics.tail_k", "must be >= 1",
+                 self.tail_k)
+        _require(0 < self.tail_p < 1, "metrics.tail_p", "must be in (0, 1)", self.tail_p)
+
+
+@dataclass(frozen=True)
 class WandbConfig:
     project: str = "tre"
     entity: str | None = None
@@ -295,6 +312,7 @@ class RunConfig:
     rollout: RolloutConfig = field(default_factory=RolloutConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     run: RunSection = field(default_factory=RunSection)
+    metrics: MetricsConfig = field(default_factory=MetricsConfig)
 
     def __post_init__(self) -> None:
         problem = METHODS[self.method.name].loss_agg_problem(self.ppo.loss_agg)

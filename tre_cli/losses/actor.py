@@ -105,6 +105,8 @@ def actor_loss(stats: TokenStats, batch: PPOBatch, objective: ActorObjective) ->
     for key, value in (("actor/p_max", stats.p_max), ("actor/entropy", stats.entropy),
                        ("actor/min_entropy", stats.min_entropy)):
         metrics[key] = masked_mean(value.detach(), mask)
+    if stats.tail_mass is not None:
+        metrics["actor/tail_mass"] = masked_mean(stats.tail_mass, mask)
     if objective.region is not None:
         metrics["actor/tre_region_size"] = masked_mean(stats.region_size, mask)
         metrics["actor/tre_local_entropy"] = masked_mean(stats.region_entropy.detach(), mask)

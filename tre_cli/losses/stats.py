@@ -84,6 +84,9 @@ class TokenStats(NamedTuple):
     min_entropy:    -log max_a pi(a)                             (Min-Ent's H_inf)
     region_size:    |trust region| (0 when no region was asked for; not differentiable)
     region_entropy: log|V|/log|region| * H(softmax over the region), 0 for a one-token region
+    tail_mass:      1 - the mass of the `tail_k` most probable tokens (None unless `tail_k` was
+                    given; a diagnostic, not differentiable): where a global entropy bonus
+                    pushes probability and a trust-region one does not
     """
 
     logprob: torch.Tensor
@@ -92,14 +95,14 @@ class TokenStats(NamedTuple):
     min_entropy: torch.Tensor
     region_size: torch.Tensor
     region_entropy: torch.Tensor
-
+    tail_mass: torch.Tensor | None = None
 
 
 # ----------------------------------------------------------------------------------------------
 # One chunk of rows, forward and backward.
 
 
-def _chunk_forward(z, tokens, region: RegionSpec | None, scratch: Scratch):
+def _chunk_forward(z, tokens, region: RegionSpec | None, scratch: Scratch, tail_k: int = 0):
     vocab = z.shape[-1]
     blocks = row_blocks(z)
     block_max = blocks.amax(-1)
@@ -145,8 +148,18 @@ def _chunk_forward(z, tokens, region: RegionSpec | None, scratch: Scratch):
         scale = _scale(vocab, size)
         region_entropy = scale * found.entropy
         saved.update(region=found, scale=scale)
-    outputs = (logprob, entropy, p_max, log_sum, size.to(torch.float32), region_entropy)
+    # With tail_k >= |V| nothing is outside: 0 exactly, not the normaliser's rounding.
+    tail = _tail_mass(top_values(z, blocks, block_max, tail_k), lse64) if 0 < tail_k < vocab else torch.zeros_like(lse)
+    outputs = (logprob, entropy, p_max, log_sum, size.to(torch.float32), region_entropy, tail)
     return outputs, saved
+
+
+def _tail_mass(top: torch.Tensor, lse64: torch.Tensor) -> torch.Tensor:
+    """1 - the mass of the given largest logits, summed in float64 against the row's float64
+    log-normaliser: the tail to about 1e-7 absolute (the normaliser's float32 row sum), where a
+    float32 head sum would round tails of ~1e-4 to a few digits."""
+    head = torch.exp(top.double() - lse64[:, None]).sum(-1)
+    return (1.0 - head).clamp_(min=0.0).float()
 
 
 def _scale(vocab: int, size: torch.Tensor) -> torch.Tensor:
@@ -211,16 +224,16 @@ def _chunk_backward(z, tokens, saved, grads, inv_temperature: float, out: torch.
 
 class _TokenStatsFunction(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, logits2d, tokens1d, region, temperature, chunk_rows):
+    def forward(ctx, logits2d, tokens1d, region, temperature, chunk_rows, tail_k):
         n = logits2d.shape[0]
-        outs = [torch.empty(n, dtype=torch.float32, device=logits2d.device) for _ in range(6)]
+        outs = [torch.empty(n, dtype=torch.float32, device=logits2d.device) for _ in range(7)]
         saved_chunks = []
         scratch = Scratch()
         for start in range(0, n, chunk_rows):
             stop = min(start + chunk_rows, n)
             z = _scaled(logits2d[start:stop], temperature, scratch)
             toks = tokens1d[start:stop] if tokens1d is not None else None
-            chunk_out, saved = _chunk_forward(z, toks, region, scratch)
+            chunk_out, saved = _chunk_forward(z, toks, region, scratch, tail_k)
             for buf, val in zip(outs, chunk_out):
                 buf[start:stop] = val
             saved_chunks.append(saved)
@@ -228,11 +241,11 @@ class _TokenStatsFunction(torch.autograd.Function):
         ctx.saved_chunks = saved_chunks
         ctx.temperature = temperature
         ctx.chunk_rows = chunk_rows
-        ctx.mark_non_differentiable(outs[4])
+        ctx.mark_non_differentiable(outs[4], outs[6])
         return tuple(outs)
 
     @staticmethod
-    def backward(ctx, g_logprob, g_entropy, g_pmax, g_minent, _g_size, g_region):
+    def backward(ctx, g_logprob, g_entropy, g_pmax, g_minent, _g_size, g_region, _g_tail):
         logits2d, tokens1d = ctx.saved_tensors
         grad_logits = torch.empty_like(logits2d)
         n = logits2d.shape[0]
@@ -249,7 +262,7 @@ class _TokenStatsFunction(torch.autograd.Function):
             _chunk_backward(z, toks, ctx.saved_chunks[i], chunk_grads, 1.0 / ctx.temperature, out, scratch)
             if not direct:
                 target.copy_(out)
-        return grad_logits, None, None, None, None
+        return grad_logits, None, None, None, None, None
 
 
 def _scaled(logits_chunk: torch.Tensor, temperature: float, scratch: Scratch) -> torch.Tensor:
@@ -267,11 +280,13 @@ def token_stats(
     region: RegionSpec | None = None,
     temperature: float = 1.0,
     chunk_rows: int | None = None,
+    tail_k: int | None = None,
 ) -> TokenStats:
     """All per-token statistics of `logits / temperature` in one pass per chunk of rows.
 
     logits: [..., V]; tokens: [...] integer ids (for `logprob`), or None.
     region: the trust region for `region_size` / `region_entropy`, or None (both zero).
+    tail_k: also `tail_mass`, the mass outside the tail_k most probable tokens (None: not computed).
     The gradient of any combination of the outputs flows back to `logits` (in their dtype).
     """
     if logits.dim() < 1 or logits.shape[-1] < 1:
@@ -280,6 +295,8 @@ def token_stats(
         raise ValueError(f"logits must be floating point, got {logits.dtype}")
     if temperature <= 0:
         raise ValueError(f"temperature must be > 0, got {temperature}")
+    if tail_k is not None and (isinstance(tail_k, bool) or not isinstance(tail_k, int) or tail_k < 1):
+        raise ValueError(f"tail_k must be an integer >= 1, got {tail_k!r}")
     lead_shape = logits.shape[:-1]
     vocab = logits.shape[-1]
     logits2d = logits.reshape(-1, vocab)
@@ -296,9 +313,22 @@ def token_stats(
         from tre_cli.kernels import fused_or_none
 
         outs = fused_or_none(logits2d, tokens1d, region, float(temperature))
+        if outs is not None and tail_k:  # the kernels do not compute it: one more read of the logits
+            outs = (*outs, _tail_mass_of(logits2d, float(temperature), tail_k))
     if outs is None:
-        outs = _TokenStatsFunction.apply(logits2d, tokens1d, region, float(temperature), int(chunk_rows))
-    return TokenStats(*(o.reshape(lead_shape) for o in outs))
+        outs = _TokenStatsFunction.apply(logits2d, tokens1d, region, float(temperature), int(chunk_rows),
+                                         int(tail_k or 0))
+    stats = TokenStats(*(o.reshape(lead_shape) for o in outs))
+    return stats if tail_k else stats._replace(tail_mass=None)
+
+
+@torch.no_grad()
+def _tail_mass_of(logits2d: torch.Tensor, temperature: float, tail_k: int) -> torch.Tensor:
+    z = logits2d.float() / temperature
+    if tail_k >= z.shape[-1]:
+        return torch.zeros(z.shape[0], dtype=torch.float32, device=z.device)
+    lse64 = torch.logsumexp(z, -1).double()
+    return _tail_mass(torch.topk(z, tail_k, dim=-1).values, lse64)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -339,3 +369,19 @@ def tre_p_region_size(logits: torch.Tensor, p: float, released_code_compat: bool
     """Number of tokens in the top-P nucleus of each row (float32)."""
     with torch.no_grad():
         return token_stats(logits.detach(), region=RegionSpec.top_p(p, released_code_compat)).region_size
+
+
+def tail_draws(logprob: torch.Tensor, mask: torch.Tensor, p: float) -> tuple[float, float]:
+    """Draws from the tail, over responses ([N, R] log-probs of the sampled tokens under the
+    policy that sampled them, 0/1 mask): (the share of responses with at least one token of
+    probability < p, the mean number of such tokens per response). A per-token risk compounds
+    with length: at a constant rate r per token a response of T tokens holds one with
+    probability 1 - (1 - r)^T."""
+    if not 0.0 < p < 1.0:
+        raise ValueError(f"the tail threshold must be in (0, 1), got {p!r}")
+    draws = ((logprob < math.log(p)) & (mask > 0)).sum(-1).double()
+    responses = (mask > 0).any(-1)
+    if not bool(responses.any()):
+        return 0.0, 0.0
+    draws = draws[responses]
+    return float((draws > 0).double().mean()), float(draws.mean())

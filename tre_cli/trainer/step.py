@@ -23,7 +23,7 @@ import torch
 from tre_cli.losses.actor import PPOBatch, actor_loss, critic_loss
 from tre_cli.losses.ppo import gae, masked_mean, place_terminal_reward, whiten
 from tre_cli.losses.selection_groups import selection_groups
-from tre_cli.losses.stats import token_stats
+from tre_cli.losses.stats import tail_draws, token_stats
 from tre_cli.models.modes import set_training
 from tre_cli.models.precision import autocast_for
 from tre_cli.rollout.base import Rollout, assemble_rollout, cut_at_stop, position_ids_from_mask
@@ -301,7 +301,7 @@ def ppo_update(parts: Parts, rollout: Rollout, scored: Scored, step: int,
                 )
                 logits = _response_logits(parts.policy, inputs, r_width)
                 stats = token_stats(logits, rollout.response_ids[chunk, :r_width].to(dev), objective.region,
-                                    temperature=rollout.temperature)
+                                    temperature=rollout.temperature, tail_k=cfg.metrics.tail_k)
                 del logits
                 actor = actor_loss(stats, batch, objective)
                 (actor.loss * scale).backward() if parts.workers.many else actor.loss.backward()
@@ -373,7 +373,15 @@ def train_step(parts: Parts, step: int, phases: Phases = NO_PHASES) -> dict[str,
     timings["timing/sync_s"] = time.perf_counter() - t
     timings["timing/step_s"] = time.perf_counter() - t0
     return {**_step_metrics(rollout, scores, scored, timings), **update_metrics, **timings,
-            **_memory_metrics(parts.device), **rollout_gap(rollout, scored)}
+            **_memory_metrics(parts.device), **rollout_gap(rollout, scored),
+            **_tail_draw_metrics(rollout, scored, cfg.metrics.tail_p)}
+
+
+def _tail_draw_metrics(rollout: Rollout, scored: Scored, tail_p: float) -> dict[str, float]:
+    """Sampled tokens the sampling policy gave less than tail_p, from the trainer's recomputed
+    log-probs of the policy that sampled them (the engine's own are absent with vLLM top_p < 1)."""
+    share, per_response = tail_draws(scored.old_logprob, rollout.response_mask.float(), tail_p)
+    return {"rollout/tail_draws": share, "rollout/tail_draws_per_response": per_response}
 
 
 def _generate_shared(parts: Parts, prompt_ids: list[list[int]], step: int) -> Rollout:
