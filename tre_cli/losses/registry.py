@@ -250,7 +250,7 @@ METHODS: Mapping[str, Method] = {
                     "released_code_compat",
                     bool,
                     False,
-                    "TRE-P: reproduce the released code's top-256 cap and bf16 cumsum",
+                    "TRE-P: the released runtime's nucleus (top 256 only; bf16 logits, float32 mass and P)",
                 ),
             ),
             bonus=operator.attrgetter("region_entropy"),
