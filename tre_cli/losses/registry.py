@@ -231,7 +231,8 @@ METHODS: Mapping[str, Method] = {
         Method(
             "tre-k",
             "TRE-K",
-            "PPO - alpha * log|V|/log K * entropy of the softmax over the K largest logits.",
+            "PPO - alpha * log|V|/log K * entropy of the softmax over the K largest logits (K >= 2; K = 1 is "
+            "min-ent).",
             row=5,
             # K = 1 would be a one-token region, whose regularizer is 0: a Vanilla run. The released
             # code's top_k = 1 is Min-Ent (-log max pi), which is method min-ent here.
@@ -246,7 +247,8 @@ METHODS: Mapping[str, Method] = {
         Method(
             "tre-p",
             "TRE-P",
-            "PPO - alpha * log|V|/log|N| * entropy inside the top-P nucleus N (0 when |N| = 1).",
+            "PPO - alpha * log|V|/log|N| * entropy inside the top-P nucleus N (0 when |N| = 1). "
+            "released_code_compat: the released runtime's nucleus (top 256 only; bf16 logits, float32 mass).",
             row=6,
             params=(
                 _alpha(),
