@@ -57,6 +57,7 @@ def _compat_check(monkeypatch):
     return check
 
 
+@pytest.mark.slow
 def test_compat_check_dry_run_compares_compat_mode_with_the_released_rule(monkeypatch):
     """bench/compat_check.py on a CPU: the released rule (eager and through dynamo) against
     `released_code_compat` on every (V, P) group, every row agreeing."""
