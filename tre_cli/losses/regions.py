@@ -326,8 +326,8 @@ def released_nucleus(z: torch.Tensor, top: torch.Tensor, p: float) -> Region:
     those ops: the logits rounded to bf16 (a no-op for bf16 logits at temperature 1), the row's
     float32 sum of exp(z - max), the candidates' probabilities divided by it, torch.cumsum, the
     comparison with P as a Python float. What can still differ from a GPU run is the order of
-    the two float32 sums (the row's normaliser and the cumulative sum), which moves a row only
-    where the mass before a token is within float32 rounding of P.
+    the two float32 sums (the row's normaliser and the cumulative sum) and an ulp of exp, which
+    move a row only where the mass before a token is within float32 rounding of P.
 
     The region is then the `size` largest logits as given (bf16 rounding preserves their order),
     and its local entropy is computed from their values, as for every other region."""
