@@ -11,7 +11,9 @@ about 8 minutes. Checks, most valuable first, each with its own time cap inside 
    with the hf engine, bf16 compute over fp32 masters and gradient checkpointing: seconds and
    tokens/s per phase and peak memory (the first step, compilation, left out).
 3. kernel_tests: tests/test_kernels.py natively (no TRITON_INTERPRET).
-4. token_stats: bench/token_stats.py's measurements at N = 4,096 and 16,384 (V = 151,936, bf16,
+4. released_compat: bench/compat_check.py, `released_code_compat` against the released TRE-P
+   rule under CUDA autocast, eager and torch.compile(dynamic=True) (issue 23).
+5. token_stats: bench/token_stats.py's measurements at N = 4,096 and 16,384 (V = 151,936, bf16,
    forward + backward): us/token, ratio to the copy-bandwidth floor, extra memory, for the fused
    kernels, the torch reference and the released code's approach.
 
@@ -40,13 +42,14 @@ ROOT = HERE.parent
 sys.path.insert(0, str(ROOT))
 
 TOTAL_BUDGET_S = 470
-CAPS_S = {"bf16_check": 90, "ppo_step": 240, "kernel_tests": 150, "token_stats": 150}
+CAPS_S = {"bf16_check": 90, "ppo_step": 240, "kernel_tests": 150, "released_compat": 120, "token_stats": 150}
 MODULES = ("torch", "transformers", "triton", "yaml", "safetensors", "pytest")
 
 
 def _load(name: str):
     spec = importlib.util.spec_from_file_location(f"bench_{name}", HERE / f"{name}.py")
     module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # torch.compile looks a function's module up by name
     spec.loader.exec_module(module)
     return module
 
@@ -276,6 +279,7 @@ def main(argv=None) -> dict:
             "bf16_check": lambda cap: bf16_check(device, scratch, tokenizer),
             "ppo_step": lambda cap: ppo_step(device, scratch, tokenizer, args.dry_run),
             "kernel_tests": lambda cap: kernel_tests(cap),
+            "released_compat": lambda cap: _load("compat_check").run(device, args.dry_run),
             "token_stats": lambda cap: token_stats(device, args.dry_run, time.perf_counter() + cap),
         }
         for name in CAPS_S:

@@ -111,8 +111,9 @@ def sort_based(logits, tokens, stat, k=2, p=0.99):
 
 
 def released_approach(logits, tokens, stat, k=2, p=0.99, top=256):
-    """Full softmax and a top-256 per token in eager PyTorch, bf16 mass; the full entropy and
-    P_max are computed alongside, as the released code does even when unused."""
+    """Full softmax and a top-256 per token in eager PyTorch, float32 mass compared with P in
+    float32 (as the released code ran under CUDA autocast); the full entropy and P_max are
+    computed alongside, as the released code does even when unused."""
     z = logits.float()
     logp = torch.log_softmax(z, -1)
     prob = logp.exp()
@@ -123,8 +124,8 @@ def released_approach(logits, tokens, stat, k=2, p=0.99, top=256):
         keep = torch.zeros_like(vals, dtype=torch.bool)
         keep[:, :k] = True
     else:
-        top_p = prob.gather(-1, idx).detach().to(torch.bfloat16)
-        keep = (top_p.cumsum(-1) - top_p) < torch.tensor(p, dtype=torch.bfloat16)
+        top_p = prob.gather(-1, idx).detach()
+        keep = (top_p.cumsum(-1) - top_p) < p
     size = keep.sum(-1)
     lq = torch.log_softmax(vals.masked_fill(~keep, float("-inf")), -1)
     h = -(lq.exp() * lq.masked_fill(~keep, 0.0)).sum(-1)

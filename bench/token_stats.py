@@ -3,7 +3,7 @@ forward and forward+backward, time and peak memory, side by side:
 
 - fused:     tre_cli.kernels (Triton; on CPU only under TRITON_INTERPRET=1, timings meaningless)
 - reference: tre_cli.losses.token_stats on the torch path (TRE_KERNELS=0)
-- released:  the released code's approach (bench/losses.py: full softmax, top-256, bf16 mass)
+- released:  the released code's approach (bench/losses.py: full softmax, top-256, float32 mass)
 - floor:     copy bandwidth measured in the same run: forward = read the logits once
              (copy time / 2), forward+backward = read them once and write their gradient once
              (copy time)

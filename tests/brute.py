@@ -1,10 +1,13 @@
 """Brute-force definitions of the per-token statistics: float64, a plain loop over the
-probability-sorted vocabulary. Slow on purpose; the tests compare the library against these."""
+probability-sorted vocabulary. Slow on purpose; the tests compare the library against these.
+`released_row` is the one float32 definition: the released code's nucleus as its runtime
+computed it."""
 
 from __future__ import annotations
 
 import math
 
+import numpy as np
 import torch
 
 
@@ -105,3 +108,63 @@ def tail_draws(logprobs: list[list[float]], lengths: list[int], p: float) -> tup
     if not counts:
         return 0.0, 0.0
     return sum(1 for c in counts if c > 0) / len(counts), sum(counts) / len(counts)
+
+
+RELEASED_TOP = 256
+
+
+def bf16_value(v: float) -> np.float32:
+    """v rounded to the nearest bf16 (ties to even), as a float32: the float32 bits with the low
+    16 rounded away."""
+    bits = int(np.float32(v).view(np.uint32))
+    bits = (bits + 0x7FFF + ((bits >> 16) & 1)) & 0xFFFF0000
+    return np.uint32(bits).view(np.float32)
+
+
+def float32_sum(xs: list) -> np.float32:
+    """The float32 sum of float32 numbers, added pairwise (halves, then halves of those), as a
+    GPU reduction adds: a sequential sum of thousands of terms rounds more than any GPU does."""
+    if len(xs) <= 8:
+        total = np.float32(0.0)
+        for x in xs:
+            total = total + x
+        return total
+    half = len(xs) // 2
+    return float32_sum(xs[:half]) + float32_sum(xs[half:])
+
+
+def released_row(z: list[float], p: float) -> dict:
+    """The released code's TRE-P statistic of one row as its runtime computed it (bf16 logits,
+    softmax and cumulative sum in float32 under CUDA autocast), by its description, every number
+    a float32 (no float64 anywhere): the logits rounded to bf16; probabilities exp(z - max)
+    divided by their sum; the 256 most probable tokens (ties by lower id); a token is in iff the
+    running float32 sum of the probabilities before it is < P as a float32 (the first token
+    always); the value is log|V| / log|region| * (logsumexp - sum q z) over the region, 0 for one
+    token. "margin": the smallest distance between a compared running sum and P, i.e. how close a
+    boundary decision came to flipping."""
+    f32 = np.float32
+    zb = [bf16_value(v) for v in z]
+    zmax = max(zb)
+    e = [np.exp(v - zmax) for v in zb]
+    total = float32_sum(e)
+    probs = [x / total for x in e]
+    order = sorted(range(len(z)), key=lambda i: (-probs[i], i))[:RELEASED_TOP]
+    p32 = f32(p)
+    region, running, margin = [], f32(0.0), f32(np.inf)
+    for rank, i in enumerate(order):
+        if rank > 0:
+            margin = min(margin, abs(running - p32))
+            if not running < p32:
+                break
+        region.append(i)
+        running = running + probs[i]
+    value = f32(0.0)
+    if len(region) > 1:
+        vals = [zb[i] for i in region]
+        top = max(vals)
+        lse = top + np.log(float32_sum([np.exp(v - top) for v in vals]))
+        dot = f32(0.0)
+        for v in vals:
+            dot = dot + np.exp(v - lse) * v
+        value = np.log(f32(len(z))) / np.log(f32(len(region))) * (lse - dot)
+    return {"region": region, "region_size": len(region), "region_entropy": value, "margin": margin}

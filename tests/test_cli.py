@@ -32,6 +32,14 @@ def test_methods_lists_every_method_with_its_defaults():
             assert f"{key}={value}" in result.stdout
 
 
+def test_methods_say_what_compat_does_and_that_k_1_is_min_ent():
+    result = runner.invoke(app, ["methods"], env={"COLUMNS": "400"})
+    assert result.exit_code == 0
+    assert "released_code_compat: the released runtime's nucleus (top 256 only; bf16 logits, float32 mass)" in \
+        result.stdout
+    assert "(K >= 2; K = 1 is min-ent)" in result.stdout
+
+
 def test_registry_is_consistent():
     assert set(METHODS) == {"vanilla", "ent", "tre-k", "tre-p", "min-ent", "forking-tokens", "kl-cov"}
     for method in METHODS.values():

@@ -26,6 +26,8 @@ def _invoke(args):
         (["--set", "method.p=1.5"], "'method.p' must be in (0, 1]"),
         (["--set", "method.p=0"], "'method.p' must be in (0, 1]"),
         (["--method", "tre-k", "--set", "method.k=0"], "'method.k' must be"),
+        (["--method", "tre-k", "--set", "method.k=1"], "'method.k' must be an integer >= 2, got 1 (K = 1 is Min-Ent, "
+                                                       "-log max pi: use method min-ent)"),
         (["--method", "ent", "--set", "method.alpha=-0.1"], "'method.alpha' must be >= 0"),
         (["--set", "ppo.lr=1e-6"], "unknown config key 'ppo.lr' (did you mean 'ppo.actor_lr'?)"),
         (["--method", "tre-p", "--set", "method.k=5"], "'method.k' is not a parameter of method 'tre-p'"),

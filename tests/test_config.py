@@ -297,7 +297,10 @@ def test_bad_type_in_a_file(tmp_path):
     [
         ("tre-p", "method.p=0", "config key 'method.p' must be in (0, 1], got 0.0"),
         ("tre-p", "method.p=1.01", "config key 'method.p' must be in (0, 1], got 1.01"),
-        ("tre-k", "method.k=0", "config key 'method.k' must be an integer >= 1, got 0"),
+        ("tre-k", "method.k=0", "config key 'method.k' must be an integer >= 2, got 0"),
+        # K = 1 is a one-token region (regularizer 0, a Vanilla run); Min-Ent is its own method.
+        ("tre-k", "method.k=1", "config key 'method.k' must be an integer >= 2, got 1 "
+                                "(K = 1 is Min-Ent, -log max pi: use method min-ent)"),
         ("tre-k", "method.k=2.5", "config key 'method.k' expects an integer or null, got '2.5'"),
         ("ent", "method.alpha=-0.1", "config key 'method.alpha' must be >= 0, got -0.1"),
         (

@@ -4,6 +4,7 @@ tiny shapes and lands in one JSON summary (issue 11, item 10)."""
 from __future__ import annotations
 
 import json
+import sys
 
 import pytest
 
@@ -17,7 +18,7 @@ def _gpu_check():
 def test_the_budget_fits_eight_minutes():
     module = _gpu_check()
     assert module.TOTAL_BUDGET_S <= 480
-    assert list(module.CAPS_S) == ["bf16_check", "ppo_step", "kernel_tests", "token_stats"]
+    assert list(module.CAPS_S) == ["bf16_check", "ppo_step", "kernel_tests", "released_compat", "token_stats"]
 
 
 @pytest.mark.slow
@@ -29,7 +30,7 @@ def test_dry_run_writes_one_summary(tmp_path, capsys):
     assert (
         summary["dry_run"]
         and summary["device"] == "cpu"
-        and set(checks) == {"bf16_check", "ppo_step", "kernel_tests", "token_stats"}
+        and set(checks) == {"bf16_check", "ppo_step", "kernel_tests", "released_compat", "token_stats"}
     )
     bf16 = checks["bf16_check"]
     assert bf16["status"] == "ok" and bf16["same_rollouts"] and bf16["master_dtypes"] == ["torch.float32"]
@@ -40,9 +41,44 @@ def test_dry_run_writes_one_summary(tmp_path, capsys):
     assert ppo["phases"]["update"]["seconds"] > 0 and ppo["steps"] == 1
     # No Triton in the test venv: the kernel tests skip themselves; the others measure.
     assert checks["kernel_tests"]["status"].startswith(("skipped", "ok"))
+    compat = checks["released_compat"]
+    assert compat["status"] == "ok" and compat["worst_agreement"] >= 0.995, compat
     stats = checks["token_stats"]
     assert stats["status"] == "ok", stats
     assert set(stats["sizes"][0]["impls"]) == {"reference", "released"}
     assert all(row["x_floor"] > 0 for row in stats["sizes"][0]["impls"].values())
     assert summary["ok"] is True
     assert "gpu-check passed" in capsys.readouterr().out
+
+
+def _compat_check(monkeypatch):
+    check = load_bench("compat_check")
+    monkeypatch.setitem(sys.modules, "compat_check", check)  # torch.compile looks modules up by name
+    return check
+
+
+@pytest.mark.slow
+def test_compat_check_dry_run_compares_compat_mode_with_the_released_rule(monkeypatch):
+    """bench/compat_check.py on a CPU: the released rule (eager and through dynamo) against
+    `released_code_compat` on every (V, P) group, every row agreeing."""
+    check = _compat_check(monkeypatch)
+    result = check.run("cpu", dry_run=True)
+    assert result["passed"] and result["worst_agreement"] == 1.0, result
+    groups = result["groups"]
+    assert {(g["vocab"], g["p"]) for g in groups} == {(v, p) for v, _ in check.DRY_GROUPS for p in (0.9, 0.99, 0.999)}
+    for g in groups:
+        assert g["eager"]["agree"] == g["compiled"]["agree"] == g["rows"]
+
+
+def test_compat_check_fails_when_compat_mode_differs(monkeypatch):
+    """A compat nucleus capped at 128 instead of 256 disagrees on the rows whose released
+    nucleus is longer, and no near-tie explains them: the check fails."""
+    from tre_cli.losses import stats
+
+    check = _compat_check(monkeypatch)
+    monkeypatch.setattr(check, "P_VALUES", (0.99,))
+    monkeypatch.setattr(check, "DRY_GROUPS", ((4_096, 48),))
+    monkeypatch.setattr(stats, "RELEASED_CODE_TOP", 128)
+    result = check.run("cpu", dry_run=True)
+    eager = result["groups"][0]["eager"]
+    assert not result["passed"] and eager["size_differs"] > 0 and eager["explained_near_ties"] == 0, result

@@ -42,8 +42,10 @@ def test_parameters_are_checked_against_their_ranges():
         tre_p.resolve_params({"p": 0})
     with pytest.raises(ParamError, match="is not a parameter of method 'tre-p'"):
         tre_p.resolve_params({"k": 3})
-    with pytest.raises(ParamError, match="must be an integer >= 1"):
+    with pytest.raises(ParamError, match="must be an integer >= 2, got 0"):
         get_method("tre-k").resolve_params({"k": 0})
+    with pytest.raises(ParamError, match=r"got 1 \(K = 1 is Min-Ent, -log max pi: use method min-ent\)"):
+        get_method("tre-k").resolve_params({"k": 1})
     with pytest.raises(ParamError, match="must be one of 'group', 'global'"):
         get_method("forking-tokens").resolve_params({"scope": "everywhere"})
 

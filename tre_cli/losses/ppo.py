@@ -6,10 +6,14 @@ mask that is 1 on response tokens (bool, int or float 0/1 are all accepted). Red
 the number of tokens in the mask, never by B*T, and an empty mask gives 0 (still attached to the
 graph, so `backward()` works and yields zero gradients) instead of NaN.
 
-Semantics follow verl's `core_algos.py` (the base of the paper's released code), with two
-deliberate differences, both documented where they apply:
+Semantics follow verl's `core_algos.py` (the paper's released code is a fork of verl 0.4.0),
+with deliberate differences, each documented where it applies:
 - `gae` does not whiten the advantages; verl's `compute_gae_advantage_return` always does. Call
   `whiten(advantages, mask)` to reproduce the released code.
+- `gae` skips positions outside the mask, as later verl releases do; the released fork's
+  recursion ignores the mask. tre's trainer gives the same advantages either way.
+- `policy_loss` clamps the log-ratio at +-20, as later verl releases do; the released fork does
+  not clamp. The two differ only on tokens beyond |log ratio| 20 (see _LOG_RATIO_BOUND).
 - `aggregate` ignores sequences whose mask row is empty in the seq-mean modes (verl gives NaN
   for "seq-mean-token-mean" there); on batches without empty rows the results are identical.
 """
@@ -22,8 +26,14 @@ import torch
 
 AGG_MODES = ("token-mean", "seq-mean-token-sum", "seq-mean-token-mean")
 
-# exp() of a log-ratio beyond this overflows or underflows float32 to a useless value; verl clamps
-# at the same bound, so ratios (and ppo_kl) agree with it.
+# exp() of a log-ratio beyond this overflows or underflows float32 to a useless value, and an
+# overflowed ratio times A = 0 is NaN; later verl releases clamp at the same bound. The paper's
+# released fork does not clamp: on a token with |log ratio| > 20 its `actor/ppo_kl` term is the
+# unclamped log-ratio, and where A > 0 and the log-ratio is below -20 its loss term differs from
+# this one by less than |A| e^-20 (a constant here, a gradient that small there). With the clip
+# and the dual clip on (the released PPO loss) every other such token gives the same loss and
+# gradient, one of the clips being active in both; without them (clip=None, the KL-Cov
+# surrogate) its ratio stays e^+-20 here.
 _LOG_RATIO_BOUND = 20.0
 
 
@@ -87,9 +97,16 @@ def gae(
     """Generalised advantage estimation over the response tokens.
 
     delta_t = r_t + gamma * V_{t+1} - V_t and A_t = delta_t + gamma * lam * A_{t+1}, where t+1 is
-    the next position inside the mask (so masked positions are skipped, as in verl) and the value
-    after the last response token is 0 (the episode ends there). Returns (advantages, returns)
-    with returns = advantages + values; both are 0 outside the mask.
+    the next position inside the mask (so masked positions are skipped, as in later verl
+    releases) and the value after the last response token is 0 (the episode ends there).
+    Returns (advantages, returns) with returns = advantages + values; both are 0 outside the
+    mask.
+
+    The paper's released fork (verl 0.4.0) takes t+1 as the next position whatever the mask: it
+    discounts through holes in the mask and bootstraps from the values on padding after the
+    response (its critic sets them to 0), and its returns are not masked. tre's trainer gives
+    each response one contiguous mask from its first token and values of 0 after it, where the
+    two recursions agree; this one stays right for masks with holes.
 
     Not whitened: the released code (verl's GAE) whitens the advantages over the whole batch
     afterwards; call `whiten(advantages, mask)` for that.
@@ -172,7 +189,7 @@ def policy_loss(
 ) -> PolicyLoss:
     """PPO clipped surrogate with dual-clip (Ye et al. 2020; verl's definition).
 
-    With r = exp(logprob - old_logprob) (log-ratio clamped to +-20 as in verl):
+    With r = exp(logprob - old_logprob) (log-ratio clamped to +-20, see _LOG_RATIO_BOUND):
       clipped  = max(-A * r, -A * clip(r, 1 - clip, 1 + clip))
       per-token loss = clipped                     where A >= 0
                        min(clipped, -A * c)        where A < 0   (c = clip_ratio_c)

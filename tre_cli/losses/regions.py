@@ -311,19 +311,35 @@ def whole_vocabulary(z: torch.Tensor, lse: torch.Tensor, entropy: torch.Tensor) 
     return Region(size, zmin, (z == zmin[:, None]).sum(-1), lse.clone(), entropy.clone())
 
 
-def released_nucleus(z: torch.Tensor, top: torch.Tensor, lse: torch.Tensor, p: float) -> Region:
-    """The released code's nucleus: top-256 candidates (`top`, sorted), probabilities accumulated
-    and compared with P in bf16. A bf16 running sum near 1 stops growing when the next probability
-    is below half its spacing, and P = 0.999 itself rounds to 1.0, so such nuclei run to the cap."""
-    probs = torch.exp(top - lse[:, None]).to(torch.bfloat16)
-    p_bf16 = torch.tensor(p, dtype=torch.bfloat16, device=z.device)
-    running = torch.zeros_like(probs[:, 0])
-    below = torch.zeros(z.shape[0], dtype=torch.long, device=z.device)
-    for j in range(top.shape[-1] - 1):  # sequential, each partial sum rounded to bf16
-        running = running + probs[:, j]
-        below += running < p_bf16
+def released_nucleus(z: torch.Tensor, top: torch.Tensor, p: float) -> Region:
+    """The released code's TRE-P nucleus as its runtime computes it: among the top 256 tokens
+    (`top`, the row's largest logits, sorted), a token is in iff the float32 mass of the tokens
+    before it is < P in float32; the top-1 token always is.
+
+    The released actor computes its statistics inside `torch.autocast("cuda", dtype=bfloat16)`
+    on the model's bf16 logits (divided by the temperature in place, so rounded to bf16 again).
+    Its `entropy_from_logits` takes `softmax` over the whole row, the top 256 probabilities, their
+    `cumsum`, the sum shifted by one and compares it with the Python float P. CUDA autocast runs
+    softmax and cumsum in float32 (both are on its float32 list), so the probabilities are
+    float32 exp(z - max) / sum of bf16-valued logits, summed in float32, and a float32 tensor
+    compared with a Python float is compared in float32 (P = 0.9 is 0.89999998). This repeats
+    those ops: the logits rounded to bf16 (a no-op for bf16 logits at temperature 1), the row's
+    float32 sum of exp(z - max), the candidates' probabilities divided by it, torch.cumsum, the
+    comparison with P as a Python float. What can still differ from a GPU run is the order of
+    the two float32 sums (the row's normaliser and the cumulative sum) and an ulp of exp, which
+    move a row only where the mass before a token is within float32 rounding of P.
+
+    The region is then the `size` largest logits as given (bf16 rounding preserves their order),
+    and its local entropy is computed from their values, as for every other region."""
+    as_bf16 = z.to(torch.bfloat16).to(torch.float32)
+    zmax = as_bf16.amax(-1, keepdim=True)
+    normaliser = torch.exp(as_bf16 - zmax).sum(-1, keepdim=True)
+    del as_bf16
+    probs = torch.exp(top.to(torch.bfloat16).to(torch.float32) - zmax) / normaliser
+    before = torch.cumsum(probs, -1)[:, :-1]  # the mass before tokens 2, 3, ...
+    size = 1 + (before < p).sum(-1)
     region = _empty_region(z.shape[0], z)
-    _fill(region, torch.arange(z.shape[0], device=z.device), 1 + below, top)
+    _fill(region, torch.arange(z.shape[0], device=z.device), size, top)
     return region
 
 

@@ -53,6 +53,7 @@ class Param:
     above: float | None = None  # value > above
     maximum: float | None = None  # value <= maximum
     choices: tuple[str, ...] = ()  # a str parameter's allowed values
+    hint: str = ""  # said after a problem with a value: where to go instead
 
     def problem(self, value: Any) -> str | None:
         """What is wrong with a value of the right type ("must be in (0, 1]"), or None."""
@@ -134,7 +135,8 @@ class Method:
             value = given.get(param.name, param.default)
             problem = param.problem(value)
             if problem:
-                raise ParamError(param.name, f"{problem}, got {value!r}")
+                hint = f" ({param.hint})" if param.hint else ""
+                raise ParamError(param.name, f"{problem}, got {value!r}{hint}")
             resolved[param.name] = value
         return resolved
 
@@ -229,9 +231,13 @@ METHODS: Mapping[str, Method] = {
         Method(
             "tre-k",
             "TRE-K",
-            "PPO - alpha * log|V|/log K * entropy of the softmax over the K largest logits.",
+            "PPO - alpha * log|V|/log K * entropy of the softmax over the K largest logits (K >= 2; K = 1 is "
+            "min-ent).",
             row=5,
-            params=(_alpha(), Param("k", int, 2, "TRE-K region size", symbol="K", minimum=1)),
+            # K = 1 would be a one-token region, whose regularizer is 0: a Vanilla run. The released
+            # code's top_k = 1 is Min-Ent (-log max pi), which is method min-ent here.
+            params=(_alpha(), Param("k", int, 2, "TRE-K region size", symbol="K", minimum=2,
+                                    hint="K = 1 is Min-Ent, -log max pi: use method min-ent")),
             bonus=operator.attrgetter("region_entropy"),
             region_of=_top_k_region,
             variant_params=("k",),
@@ -241,7 +247,8 @@ METHODS: Mapping[str, Method] = {
         Method(
             "tre-p",
             "TRE-P",
-            "PPO - alpha * log|V|/log|N| * entropy inside the top-P nucleus N (0 when |N| = 1).",
+            "PPO - alpha * log|V|/log|N| * entropy inside the top-P nucleus N (0 when |N| = 1). "
+            "released_code_compat: the released runtime's nucleus (top 256 only; bf16 logits, float32 mass).",
             row=6,
             params=(
                 _alpha(),
@@ -250,7 +257,7 @@ METHODS: Mapping[str, Method] = {
                     "released_code_compat",
                     bool,
                     False,
-                    "TRE-P: reproduce the released code's top-256 cap and bf16 cumsum",
+                    "TRE-P: the released runtime's nucleus (top 256 only; bf16 logits, float32 mass and P)",
                 ),
             ),
             bonus=operator.attrgetter("region_entropy"),

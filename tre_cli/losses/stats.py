@@ -18,9 +18,11 @@ Trust regions (Algorithm 1 of the paper):
 
 Where the region lies (row maxima, top-K, the nucleus found without a sort) is `regions.py`.
 
-`released_code_compat=True` reproduces the released code's two deviations on purpose: the
-nucleus is searched among the top 256 tokens only, and the cumulative mass is compared with P in
-bf16 (so P = 0.999 behaves as 1.0). It exists to reproduce the paper's numbers, not as a default.
+`released_code_compat=True` reproduces the released code's TRE-P nucleus as its runtime computed
+it (`regions.released_nucleus`): searched among the top 256 tokens only, from the logits as bf16
+values, with float32 probabilities, a float32 cumulative sum and a float32 comparison with P (CUDA
+autocast runs softmax and cumsum in float32). It exists to reproduce the paper's numbers, not as
+a default.
 """
 
 from __future__ import annotations
@@ -139,7 +141,7 @@ def _chunk_forward(z, tokens, region: RegionSpec | None, scratch: Scratch, tail_
             found = top_k_region(top_values(z, blocks, block_max, min(region.k, vocab)))
         elif region.released_code_compat:
             top = top_values(z, blocks, block_max, min(RELEASED_CODE_TOP, vocab))
-            found = released_nucleus(z, top, lse, region.p)
+            found = released_nucleus(z, top, region.p)
         elif region.p >= 1.0:  # the smallest prefix with all the mass is the whole vocabulary
             found = whole_vocabulary(z, lse, entropy)
         else:
