@@ -128,3 +128,18 @@ def test_tail_draws_edges():
     for bad in (0.0, 1.0, -1.0):
         with pytest.raises(ValueError, match="tail threshold"):
             tail_draws(logprob, torch.ones(2, 3), bad)
+
+
+def test_the_tail_mass_beside_the_fused_kernels_matches_brute_force():
+    """On CUDA the Triton kernels give the six other outputs and the tail mass is computed beside
+    them (`_tail_mass_of`, plain torch): the same definition, checked here on the CPU."""
+    from tre_cli.losses.stats import _tail_mass_of
+
+    gen = torch.Generator().manual_seed(4)
+    logits = (torch.randn(9, 300, generator=gen) * 3).to(torch.bfloat16)
+    for k, temperature in ((1, 1.0), (20, 0.7), (300, 1.0)):
+        got = _tail_mass_of(logits, temperature, k).double()
+        want = torch.tensor([brute.tail_mass(z, k) for z in (logits.double() / temperature).tolist()])
+        assert torch.allclose(got, want.double(), rtol=1e-5, atol=5e-7)
+        reference = token_stats(logits, temperature=temperature, tail_k=k).tail_mass.double()
+        assert torch.allclose(got, reference, atol=5e-7)

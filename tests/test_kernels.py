@@ -277,7 +277,7 @@ def test_leading_shape_and_rows_are_independent():
     whole = _fused(logits, tokens, RegionSpec.top_p(0.9))
     assert whole.entropy.shape == (3, 5)
     one = _fused(logits[1:2, 2:3], tokens[1:2, 2:3], RegionSpec.top_p(0.9))
-    for a, b in zip(whole, one):
+    for a, b in zip(whole[:6], one[:6]):  # the kernels' six outputs (no tail mass)
         assert torch.equal(a[1, 2], b[0, 0])
 
 
@@ -297,7 +297,7 @@ def test_token_stats_uses_the_kernels_on_cuda_and_the_switch_turns_them_off():
     spec = RegionSpec.top_p(0.9)
     fused = _fused(logits, tokens, spec)
     via_api = token_stats(logits, tokens, spec)
-    for a, b in zip(fused, via_api):
+    for a, b in zip(fused[:6], via_api[:6]):
         assert torch.equal(a, b)
     os.environ["TRE_KERNELS"] = "0"
     try:
