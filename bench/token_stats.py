@@ -38,6 +38,7 @@ sees those very tokens). ../shared/models/to_hf.py makes such a folder from the 
 from __future__ import annotations
 
 import argparse
+import inspect
 import importlib.util
 import json
 import math
@@ -356,9 +357,12 @@ def vs_model(args, console) -> list:
     leaf = logits.requires_grad_(True)
 
     def stats(module, region):
+        # What the trainer computes: with the tail mass (metrics.tail_k 20) where the module has it.
+        extra = {"tail_k": 20} if "tail_k" in inspect.signature(module.token_stats).parameters else {}
+
         def run():
             leaf.grad = None
-            s = module.token_stats(leaf, tokens, region)
+            s = module.token_stats(leaf, tokens, region, **extra)
             (s.logprob + s.entropy + s.p_max + s.min_entropy + s.region_entropy).sum().backward()
         return run
 
