@@ -106,14 +106,15 @@ def seed_curve(
     )
 
 
-def band_text(ns: Sequence[int]) -> str:
-    """'band: min-max over 3 seeds' (or '2-3 seeds'); '' when no curve has several seeds."""
+def band_text(ns: Sequence[int], what: str = "band") -> str:
+    """'band: min-max over 3 seeds' ('2-3 seeds' when the counts differ, and a word on the curves of
+    one seed, which have none); '' when nothing has several seeds."""
     several = sorted({n for n in ns if n > 1})
     if not several:
         return ""
-    counts = sorted(set(ns))
-    seeds = str(counts[0]) if len(counts) == 1 else f"{counts[0]}-{counts[-1]}"
-    return f"band: min-max over {seeds} seeds"
+    seeds = str(several[0]) if len(several) == 1 else f"{several[0]}-{several[-1]}"
+    single = " (one seed: none)" if any(n == 1 for n in ns) else ""
+    return f"{what}: min-max over {seeds} seeds{single}"
 
 
 # --------------------------------------------------------------------------- variants

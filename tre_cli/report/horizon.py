@@ -17,6 +17,7 @@ from collections.abc import Sequence
 from tre_cli.losses.registry import BASE, baseline
 from tre_cli.report.figures import (
     _legend_below,
+    band_text,
     _suptitle,
     _title,
     method_color,
@@ -178,13 +179,9 @@ def plot_horizon(panels: Sequence[HorizonPanel]):
         right.set_title(_title(panel.model, panel.task, several, f": {short}'s own score"))
         right.margins(y=0.25)
     _legend_below(fig)
-    counts = sorted(set(ns))
-    if counts[-1] > 1:
-        seeds = str(counts[0]) if len(counts) == 1 else f"{counts[0]}-{counts[-1]}"
-        bars = (
-            f"error bars: min-max over {seeds} seeds (left: the variant's seeds less {short}'s mean); "
-            "points side by side at each T"
-        )
+    bars = band_text(ns, "error bars")
+    if bars:
+        bars += f"; left: the variant's seeds less {short}'s mean; points side by side at each T"
     else:
         bars = "one seed per point: no error bars"
     _suptitle(fig, f"Figure 1: each regularizer against {short} as the response budget T grows\n{bars}", panels)
