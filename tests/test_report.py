@@ -601,7 +601,7 @@ def test_seed_band_is_min_max_over_seeds(tmp_path):
     assert curve.high == pytest.approx([max(s[i] for s in smoothed) for i in range(3)])
     assert curve.mean == pytest.approx([statistics.fmean(s[i] for s in smoothed) for i in range(3)])
     assert rp.band_text([3, 3]) == "band: min-max over 3 seeds"
-    assert rp.band_text([1, 1]) == ""
+    assert rp.band_text([1, 1]) == "one seed per curve: no band" and rp.band_text([]) == ""
 
 
 def test_range_against_a_reference():
@@ -635,6 +635,8 @@ def test_mechanism_table(mechanism_set):
     assert plain["params"] == {"alpha": 0.03} and plain["vs_baseline"][M.TAIL_MASS] == "above"
     with pytest.raises(KeyError, match="0 entries of tre-k"):
         rp.find_entry(entries, "tre-k", 32, k=5)
+    one_seed = [r for r in records_of(mechanism_set) if r.seed == 0]
+    assert rp.find_entry(rp.mechanism_table(one_seed), "ent", 64).vs_baseline == {}  # no range: no claim
 
 
 def test_mechanism_table_files(mechanism_set, tmp_path):
@@ -688,7 +690,9 @@ def test_mechanism_figure_with_a_metric_missing(tmp_path):
     data = rp.mechanism_data(records_of(tmp_path))
     assert data.metrics == (M.P_MAX, M.TAIL_MASS) and data.missing == (M.TAIL_DRAWS_PER_RESPONSE,)
     fig = rp.plot_mechanism(data)
-    assert len([ax for ax in fig.axes if ax.get_visible()]) == 2
+    axes = [ax for ax in fig.axes if ax.get_visible()]
+    assert len(axes) == 2
+    assert axes[1].get_yscale() == "linear"  # 1e-4..2e-4: within a factor 5, a log axis would have no labels
     assert "not logged by these runs: rollout/tail_draws_per_response" in fig._suptitle.get_text()
     assert "band: min-max over 2 seeds" in fig._suptitle.get_text()
 

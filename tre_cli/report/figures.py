@@ -108,10 +108,10 @@ def seed_curve(
 
 def band_text(ns: Sequence[int], what: str = "band") -> str:
     """'band: min-max over 3 seeds' ('2-3 seeds' when the counts differ, and a word on the curves of
-    one seed, which have none); '' when nothing has several seeds."""
+    one seed, which have none); 'one seed per curve: no band' when nothing has several seeds."""
     several = sorted({n for n in ns if n > 1})
     if not several:
-        return ""
+        return f"one seed per curve: no {what}" if ns else ""
     seeds = str(several[0]) if len(several) == 1 else f"{several[0]}-{several[-1]}"
     single = " (one seed: none)" if any(n == 1 for n in ns) else ""
     return f"{what}: min-max over {seeds} seeds{single}"
@@ -316,7 +316,7 @@ def _legend_below(fig) -> None:
             list(seen.values()),
             list(seen),
             loc="outside lower center",
-            ncol=min(len(seen), 6),
+            ncol=math.ceil(len(seen) / math.ceil(len(seen) / 6)),  # rows of equal length, at most 6 wide
             fontsize=9,
             frameon=False,
         )

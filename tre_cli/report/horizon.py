@@ -180,9 +180,7 @@ def plot_horizon(panels: Sequence[HorizonPanel]):
         right.margins(y=0.25)
     _legend_below(fig)
     bars = band_text(ns, "error bars")
-    if bars:
+    if any(n > 1 for n in ns):
         bars += f"; left: the variant's seeds less {short}'s mean; points side by side at each T"
-    else:
-        bars = "one seed per point: no error bars"
     _suptitle(fig, f"Figure 1: each regularizer against {short} as the response budget T grows\n{bars}", panels)
     return fig

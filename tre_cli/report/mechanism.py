@@ -33,6 +33,12 @@ PANELS = (M.P_MAX, M.TAIL_MASS, M.TAIL_DRAWS_PER_RESPONSE)
 # The figure is drawn when the runs logged at least one of these (P_max alone is Figure 3).
 NEEDED = (M.TAIL_MASS, M.TAIL_DRAWS_PER_RESPONSE)
 LOG_SCALE = (M.TAIL_MASS,)  # ~1e-4..1e-2 on the testbed: a log axis shows both ends
+LOG_RATIO = 5.0  # ... where the panel's values span that ratio; a narrower span reads better linear
+
+
+def _spans_decades(curves: Sequence[Curve]) -> bool:
+    values = [v for curve in curves for v in (*curve.low, *curve.high)]
+    return bool(values) and min(values) > 0 and max(values) / min(values) >= LOG_RATIO
 
 
 def mechanism_methods() -> list[str]:
@@ -139,9 +145,10 @@ def plot_mechanism(data: MechanismFigure):
                 if curve.n > 1:
                     ax.fill_between(curve.steps, curve.low, curve.high, color=curve.color, alpha=0.18, linewidth=0)
                 ns.append(curve.n)
-            values = [v for curve in curves for v in curve.low]
-            if key in LOG_SCALE and values and min(values) > 0:
+            if key in LOG_SCALE and _spans_decades(curves):
                 ax.set_yscale("log")
+            elif key in LOG_SCALE:
+                ax.ticklabel_format(axis="y", style="sci", scilimits=(-2, 3))
             ax.xaxis.set_major_locator(MaxNLocator(integer=True))
             ax.set_xlabel("training step")
             ax.set_ylabel(axis_label(key, data.tail_k, data.tail_p), fontsize=9)

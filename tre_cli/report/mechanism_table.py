@@ -26,6 +26,9 @@ LAST_STEPS = 5  # the curves' values are the mean over each seed's last 5 logged
 EVAL = "eval/score"  # the final (or best) eval score's key in an entry's values
 TABLE_METRICS = (M.P_MAX, M.TAIL_MASS, M.TAIL_DRAWS, M.TAIL_DRAWS_PER_RESPONSE, M.ENTROPY, M.REWARD_MEAN, EVAL)
 ABOVE, BELOW, OVERLAPS = "above", "below", "overlaps"
+# A range is compared with Vanilla's only when both hold this many seeds: one seed is no range,
+# and "above" would say no more than "greater".
+MIN_SEEDS = 2
 
 
 @dataclass(frozen=True)
@@ -62,7 +65,8 @@ class MechanismEntry:
     seeds: tuple[int | None, ...]
     values: dict[str, Range | None]  # TABLE_METRICS key -> over seeds (None: not logged)
     # key -> ABOVE / BELOW / OVERLAPS against Vanilla's range at the same (model, task, T); empty
-    # for Vanilla itself and where Vanilla did not run; a key missing on either side is left out.
+    # for Vanilla itself and where Vanilla did not run; a key missing on either side, or with fewer
+    # than MIN_SEEDS seeds on either side, is left out.
     vs_baseline: dict[str, str]
 
     @property
@@ -127,7 +131,7 @@ def mechanism_table(
                 vs = {
                     k: v.against(reference[k])
                     for k, v in values.items()
-                    if v is not None and reference.get(k) is not None
+                    if v is not None and reference.get(k) is not None and min(v.n, reference[k].n) >= MIN_SEEDS
                 }
             entries.append(MechanismEntry(*place, method, dict(params), shown_label(method, dict(params)), seeds,
                                           values, vs))
@@ -205,7 +209,7 @@ def render_mechanism_markdown(entries: Sequence[MechanismEntry], records: Sequen
         f"Each curve: every seed's mean over its last {last} logged steps (unsmoothed), then the mean over "
         "seeds and [min, max] over seeds; the eval column: the " + what + " over seeds, the same way.",
         f"▲ / ▼: the variant's [min, max] lies entirely above / below {baseline().short_label}'s at the same T "
-        "(no mark: the ranges overlap). With one seed a range is a single value.",
+        f"(no mark: the ranges overlap, or one side has fewer than {MIN_SEEDS} seeds: no range to compare).",
         "tail mass: the policy's mass outside its top-k tokens (metrics.tail_k); tail draws: responses holding a "
         "sampled token of probability below metrics.tail_p (share, and mean count per response).",
     ]
