@@ -171,7 +171,8 @@ def plot_horizon(panels: Sequence[HorizonPanel]):
         left.set_title(_title(panel.model, panel.task, several, f": each variant minus {short}"))
         _errorbar(
             right, [t for t, _ in panel.vanilla], [s for _, s in panel.vanilla], show,
-            color=method_color(baseline().name), marker="s", linestyle="--", label=f"{short} (its own score, right)",
+            color=method_color(baseline().name), marker="s", linestyle="--",
+            label=f"{short}'s own score (right panels)",
         )
         ns += [s.n for _, s in panel.vanilla]
         _t_axis(right, horizons)
