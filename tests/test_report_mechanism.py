@@ -210,3 +210,25 @@ def test_mechanism_figure_and_table_need_their_metrics(tmp_path):
     make_run(bare, "vanilla", "countdown", 0, [0.5])
     with pytest.raises(rp.NotEnoughData, match="needs per-step logs"):
         rp.mechanism_table(records_of(bare))
+
+
+def _record(method: str, seed: int, entropy: float, params=()) -> rp.RunRecord:
+    return rp.RunRecord(
+        source=f"{method}-{seed}", model="testbed", task="countdown", method=method, params=params,
+        max_new_tokens=64, seed=seed, status="finished", final_eval=0.1, best_eval=0.1, eval_metric="pass@1",
+        curves=((M.ENTROPY, ((1, entropy),)),),
+    )
+
+
+def test_mechanism_markdown_shows_the_digits_a_mark_needs():
+    """Ranges a hair apart are 'above'; the table prints enough digits (in Vanilla's row too) that
+    they do not read as equal."""
+    records = [_record("vanilla", 0, 0.15160), _record("vanilla", 1, 0.15162)]
+    records += [_record("ent", s, v, (("alpha", 0.03),)) for s, v in ((0, 0.15178), (1, 0.15180))]
+    entries = rp.mechanism_table(records)
+    assert rp.find_entry(entries, "ent").vs_baseline[M.ENTROPY] == "above"
+    md = rp.render_mechanism_markdown(entries)
+    cells = [line.split("|") for line in md.splitlines() if line.startswith("| 64")]
+    rows = {cell[2].strip(): cell[8].strip() for cell in cells}  # column 8: entropy
+    assert rows["**Vanilla**"] == "0.1516 [0.1516, 0.1516]"
+    assert rows["Ent (α=0.03)"] == "0.1518 [0.1518, 0.1518] ▲"

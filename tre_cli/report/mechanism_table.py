@@ -162,12 +162,25 @@ SHORT = {
 MARK = {ABOVE: "▲", BELOW: "▼", OVERLAPS: ""}
 
 
-def _number(key: str, value: float, scale: Scale | None) -> str:
+def _number(key: str, value: float, scale: Scale | None, extra: int = 0) -> str:
+    """A value as the table shows it; `extra` more digits where two values must be told apart."""
     if key == EVAL and scale is not None:
-        return scale.text(value)
+        return f"{scale.show(value):.{scale.decimals + extra}f}"
     if key == M.TAIL_MASS:
-        return f"{value:.2e}"
-    return f"{value:.3f}"
+        return f"{value:.{2 + extra}e}"
+    return f"{value:.{3 + extra}f}"
+
+
+def _extra_digits(key: str, value: Range, mark: str | None, reference: Range | None, scale: Scale | None) -> int:
+    """0, or the digits a marked range needs for its edge and Vanilla's facing edge to differ in
+    print: two ranges a hair apart are above or below, and the table must not show them equal."""
+    if reference is None or mark not in (ABOVE, BELOW):
+        return 0
+    mine, theirs = (value.low, reference.high) if mark == ABOVE else (value.high, reference.low)
+    extra = 0
+    while extra < 6 and _number(key, mine, scale, extra) == _number(key, theirs, scale, extra):
+        extra += 1
+    return extra
 
 
 def _scales(entries: Sequence[MechanismEntry], records: Sequence[RunRecord] = ()) -> dict[tuple[str, str], Scale]:
@@ -188,17 +201,26 @@ def render_mechanism_markdown(entries: Sequence[MechanismEntry], records: Sequen
         align = ["---:", "---", "---"] + ["---:"] * len(TABLE_METRICS)
         lines += [f"### {model_label(model)} {task_label(task)}", "",
                   "| " + " | ".join(header) + " |", "|" + "|".join(align) + "|"]
-        for entry in (e for e in entries if (e.model, e.task) == (model, task)):
+        here = [e for e in entries if (e.model, e.task) == (model, task)]
+        references = {e.max_new_tokens: e for e in here if e.method == baseline().name}
+        # Per T and column, the digits every row of that T shows (Vanilla's row included).
+        extras: dict[tuple[int | None, str], int] = {}
+        for entry in here:
+            for key, mark in entry.vs_baseline.items():
+                need = _extra_digits(key, entry.values[key], mark, references[entry.max_new_tokens].values[key], scale)
+                extras[(entry.max_new_tokens, key)] = max(need, extras.get((entry.max_new_tokens, key), 0))
+        for entry in here:
             cells = []
             for key in TABLE_METRICS:
                 value = entry.values[key]
                 if value is None:
                     cells.append("–")
                     continue
-                text = _number(key, value.mean, scale)
-                if value.n > 1:
-                    text += f" [{_number(key, value.low, scale)}, {_number(key, value.high, scale)}]"
                 mark = entry.vs_baseline.get(key)
+                extra = extras.get((entry.max_new_tokens, key), 0)
+                text = _number(key, value.mean, scale, extra)
+                if value.n > 1:
+                    text += f" [{_number(key, value.low, scale, extra)}, {_number(key, value.high, scale, extra)}]"
                 cells.append(text + (f" {MARK[mark]}" if mark and MARK[mark] else ""))
             seeds = ", ".join(str(s) for s in entry.seeds)
             label = f"**{entry.label}**" if entry.method == baseline().name else entry.label
