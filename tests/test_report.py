@@ -428,16 +428,29 @@ def test_horizon_figure_of_the_mechanism_sweep(tmp_path):
     for method, params in variants.items():
         for t in (32, 64):
             for seed in range(3):
-                make_run(tmp_path, method, "countdown", seed, [0.1 + gain[method] * t / 32 + seed / 100],
+                own = 0.003 * seed if method == "ent" else 0.0  # Ent's seeds differ from Vanilla's a little more
+                make_run(tmp_path, method, "countdown", seed, [0.1 + gain[method] * t / 32 + seed / 100 + own],
                          max_new_tokens=t, params=params)
     [panel] = rp.horizon_data(records_of(tmp_path))
     assert [line.label for line in panel.lines] == ["Ent (α=0.03)", "TRE-K (K=2, α=0.003)", "TRE-P (P=0.99, α=0.003)"]
     ent = dict(panel.lines[0].points)
-    assert ent[64].mean == pytest.approx(-0.04)
-    assert (ent[64].low, ent[64].high, ent[64].n) == pytest.approx((-0.05, -0.03, 3))  # its seeds less Vanilla's mean
+    assert ent[64].mean == pytest.approx(-0.037)
+    # The same seeds ran for both: the spread is over each seed's difference to Vanilla's same seed
+    # (-0.040, -0.037, -0.034), not over Ent's seeds less Vanilla's mean (-0.050 .. -0.024).
+    assert panel.lines[0].paired == {32, 64}
+    assert (ent[64].low, ent[64].high, ent[64].n) == pytest.approx((-0.04, -0.034, 3))
     assert len({line.color for line in panel.lines}) == 3
     fig = rp.plot_horizon([panel])
     assert _twins(fig) == [] and "min-max over 3 seeds" in fig._suptitle.get_text()
+    assert "each seed's score less Vanilla's of the same seed" in fig._suptitle.get_text()
+
+    # Seeds that do not match (Ent's seed 2 missing at T=64): that T falls back on Vanilla's mean.
+    unpaired = [r for r in records_of(tmp_path) if not (r.method == "ent" and r.max_new_tokens == 64 and r.seed == 2)]
+    [panel] = rp.horizon_data(unpaired)
+    ent = dict(panel.lines[0].points)
+    assert panel.lines[0].paired == {32}
+    assert (ent[64].low, ent[64].high, ent[64].n) == pytest.approx((0.06 - 0.11, 0.073 - 0.11, 2))
+    assert "where both ran the same seeds, else less its mean" in rp.plot_horizon([panel])._suptitle.get_text()
 
 
 def test_pmax_figure(figure_set):

@@ -41,7 +41,10 @@ class Spread:
 @dataclass(frozen=True)
 class HorizonLine:
     """One variant's delta to Vanilla against T: mean = the variant's mean score - Vanilla's mean
-    score at that T; low/high = the variant's min/max over its seeds - Vanilla's mean."""
+    score at that T. The spread, where the variant and Vanilla ran the same seeds (each once):
+    min/max over seeds of (the variant's score - Vanilla's score of the same seed), as a sweep's
+    seed fixes the initial samples, the data order and the evaluation's draws for every method;
+    else (`paired` lacks that T): the variant's min/max over its seeds - Vanilla's mean."""
 
     method: str
     params: tuple[tuple[str, Any], ...]
@@ -49,6 +52,7 @@ class HorizonLine:
     color: str
     marker: str
     points: tuple[tuple[int, Spread], ...]  # (T, delta), by T
+    paired: frozenset[int] = frozenset()  # the T whose spread is over per-seed differences
 
 
 @dataclass(frozen=True)
@@ -76,6 +80,7 @@ def horizon_data(records: Sequence[RunRecord], score: str = "final") -> list[Hor
         for key, cell in here.items():
             if key.method == reference:
                 vanilla_cells.setdefault(key.max_new_tokens, []).append(cell)
+        vanilla_seeds = {t: [pair for c in cs for pair in zip(c.seeds, c.scores)] for t, cs in vanilla_cells.items()}
         # Vanilla's every run at T (its variants, if any, pooled: it has no parameters of its own).
         vanilla = {
             t: Spread(
@@ -87,13 +92,19 @@ def horizon_data(records: Sequence[RunRecord], score: str = "final") -> list[Hor
             for t, cs in vanilla_cells.items()
         }
         by_variant: dict[tuple, dict[int, Spread]] = {}
+        paired: dict[tuple, set[int]] = {}
         for key, cell in here.items():
             if key.method in (reference, BASE) or key.max_new_tokens not in vanilla:
                 continue
-            base = vanilla[key.max_new_tokens].mean
-            by_variant.setdefault((key.method, key.params), {})[key.max_new_tokens] = Spread(
-                cell.mean - base, cell.low - base, cell.high - base, cell.n
-            )
+            t, variant = key.max_new_tokens, (key.method, key.params)
+            differences = _paired(list(zip(cell.seeds, cell.scores)), vanilla_seeds[t])
+            if differences is not None:
+                spread = Spread(statistics.fmean(differences), min(differences), max(differences), len(differences))
+                paired.setdefault(variant, set()).add(t)
+            else:
+                base = vanilla[t].mean
+                spread = Spread(cell.mean - base, cell.low - base, cell.high - base, cell.n)
+            by_variant.setdefault(variant, {})[t] = spread
         drawn = [v for v in variant_order(list(by_variant)) if len(by_variant[v]) >= 2]
         if not drawn:
             continue
@@ -101,7 +112,7 @@ def horizon_data(records: Sequence[RunRecord], score: str = "final") -> list[Hor
         lines = tuple(
             HorizonLine(
                 method, params, shown_label(method, dict(params)), *styles[(method, params)],
-                tuple(sorted(by_variant[(method, params)].items())),
+                tuple(sorted(by_variant[(method, params)].items())), frozenset(paired.get((method, params), ())),
             )
             for method, params in drawn
         )
@@ -116,6 +127,17 @@ def horizon_data(records: Sequence[RunRecord], score: str = "final") -> list[Hor
             "Figure 1 needs Vanilla and another method at two or more max_new_tokens (T) of one task; none found"
         )
     return panels
+
+
+def _paired(variant: list[tuple[int | None, float]], vanilla: list[tuple[int | None, float]]) -> list[float] | None:
+    """Per seed, the variant's score minus Vanilla's, when both ran the same seeds once each; else None."""
+    seeds = [s for s, _ in variant]
+    if None in seeds or len(set(seeds)) != len(seeds) or len(seeds) < 2:
+        return None
+    theirs = dict(vanilla)
+    if len(theirs) != len(vanilla) or set(theirs) != set(seeds):
+        return None
+    return [score - theirs[seed] for seed, score in variant]
 
 
 DODGE = 0.035  # log2 units: error bars of the variants side by side at each T, not on top of each other
@@ -181,7 +203,12 @@ def plot_horizon(panels: Sequence[HorizonPanel]):
         right.margins(y=0.25)
     _legend_below(fig)
     bars = band_text(ns, "error bars")
-    if any(n > 1 for n in ns):
-        bars += f"; left: the variant's seeds less {short}'s mean; points side by side at each T"
+    kinds = frozenset(t in line.paired for panel in panels for line in panel.lines for t, s in line.points if s.n > 1)
+    if kinds:
+        left = {
+            frozenset({True}): f"each seed's score less {short}'s of the same seed",
+            frozenset({False}): f"the variant's seeds less {short}'s mean",
+        }.get(kinds, f"per seed less {short}'s same seed where both ran the same seeds, else less its mean")
+        bars += f"; left: {left}; points side by side at each T"
     _suptitle(fig, f"Figure 1: each regularizer against {short} as the response budget T grows\n{bars}", panels)
     return fig
