@@ -52,12 +52,14 @@ bench: $(VENV)/.installed
 clean:
 	rm -rf $(VENV) $(KVENV) build *.egg-info
 
-# Figure 1 in small: the smoke horizon sweep on Countdown (Ent at three alphas and Vanilla, T in
-# {32, 64}, testbed model) through Ray Tune with W&B offline, then `tre report`: the figure and the
-# table land in runs/demo/report. Run again, it resumes (an interrupted demo) or only reports.
+# The paper's mechanism in small (issue 19): the mechanism sweep's smoke preset on Countdown
+# (Vanilla, Ent, TRE-K, TRE-P at T in {32, 64}, three seeds each, testbed model) through Ray Tune
+# with W&B offline, then `tre report`: the mechanism figure (P_max, tail mass and tail draws per
+# response against the step, min-max bands over seeds), the mechanism table, Figures 1 and 3 and
+# Table 1 land in runs/demo/report. Run again, it resumes (an interrupted demo) or only reports.
 DEMO_OUT := runs/demo
 demo: $(VENV)/.installed
-	$(VENV)/bin/tre sweep horizon --task countdown --preset smoke --out $(DEMO_OUT) \
+	$(VENV)/bin/tre sweep mechanism --task countdown --preset smoke --out $(DEMO_OUT) \
 		--set run.wandb.mode=offline $$(test -f $(DEMO_OUT)/sweep.json && echo --resume)
 	$(VENV)/bin/tre report $(DEMO_OUT) --out $(DEMO_OUT)/report
 

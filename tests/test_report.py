@@ -1,4 +1,5 @@
-"""tre report: Table 1 (numbers, marks, files), EMA smoothing, Figures 1/3/4, skips, errors, the CLI.
+"""tre report: Table 1 (numbers, marks, files), EMA smoothing, Figures 1/3/4, the mechanism figure
+and table, skips, errors, the CLI.
 
 Runs are written with tracking.py's own writers (Tracker, create_run_dir, append_result), so the
 report reads exactly what training writes.
@@ -12,11 +13,12 @@ import math
 import statistics
 import xml.etree.ElementTree as ET
 from pathlib import Path
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 import pytest
 from typer.testing import CliRunner
 
+from tre_cli import metrics as M
 from tre_cli import report as rp
 from tre_cli.cli import app
 from tre_cli.config import from_dict, to_dict
@@ -40,11 +42,13 @@ def make_run(
     metric: str = "pass@1",
     name: str | None = None,
     status: str = "finished",
+    curves: Mapping[str, Sequence[float]] | None = None,
 ) -> Path:
     """One run directory under root (its store: root/results.jsonl), written by Tracker.
 
     scores are eval scores at steps 1..len(scores) (the last is final_eval); p_max is logged at
-    steps 1..len(p_max)."""
+    steps 1..len(p_max) (with reward/mean 0.5), each of `curves` (metric key -> values) at steps
+    1..len(values)."""
     cfg = from_dict({
         "model": {"name": model},
         "task": {"name": task},
@@ -54,10 +58,13 @@ def make_run(
     })
     label = "-".join(f"{k}{v}" for k, v in sorted((params or {}).items()))
     run_dir = root / (name or f"{model.rsplit('/', 1)[-1]}-{task}-T{max_new_tokens}-{method}{label}-s{seed}")
+    curves = dict(curves or {})
     with Tracker(cfg, run_dir) as tracker:
-        for step in range(1, max(len(scores), len(p_max)) + 1):
-            if step <= len(p_max):
-                tracker.log({"actor/p_max": p_max[step - 1], "reward/mean": 0.5}, step=step)
+        for step in range(1, max(len(scores), len(p_max), *map(len, curves.values()), 0) + 1):
+            logged = {"actor/p_max": p_max[step - 1], "reward/mean": 0.5} if step <= len(p_max) else {}
+            logged.update({key: values[step - 1] for key, values in curves.items() if step <= len(values)})
+            if logged:
+                tracker.log(logged, step=step)
             if step <= len(scores):
                 tracker.log_eval(step=step, score=scores[step - 1], metric=metric, n_prompts=8, n_samples=2)
         if status != "finished":
@@ -333,7 +340,8 @@ def test_ema_matches_a_hand_computation():
 @pytest.fixture(scope="module")
 def figure_set(tmp_path_factory) -> Path:
     """Horizon runs (Ent alpha 0.01/0.001 at T 32/128/512 on Countdown, T 512/1024 on MATH),
-    hparam runs (K 2/5/10, P 0.9/0.99, Min-Ent) and P_max logs (two seeds for Vanilla)."""
+    hparam runs (K 2/5/10, P 0.9/0.99, Min-Ent), P_max logs (two seeds for Vanilla) and tail mass
+    logs (Vanilla's seed 1, TRE-K K=2)."""
     root = tmp_path_factory.mktemp("figs")
     for task, horizons in (("countdown", (32, 128, 512)), ("math", (512, 1024))):
         for t in horizons:
@@ -350,10 +358,11 @@ def figure_set(tmp_path_factory) -> Path:
                 )
     big = 1024
     make_run(root, "vanilla", "math", 1, [0.8], max_new_tokens=big, p_max=[0.5, 0.7, 0.95])
-    make_run(root, "vanilla", "countdown", 1, [0.55], p_max=[0.5, 0.7, 0.95])
+    make_run(root, "vanilla", "countdown", 1, [0.55], p_max=[0.5, 0.7, 0.95], curves={M.TAIL_MASS: [1e-4, 2e-4, 1e-4]})
     for k in (2, 5, 10):
         make_run(
-            root, "tre-k", "countdown", 0, [0.6 - k / 100], params={"k": k}, p_max=[0.6, 0.7, 0.7] if k == 2 else ()
+            root, "tre-k", "countdown", 0, [0.6 - k / 100], params={"k": k}, p_max=[0.6, 0.7, 0.7] if k == 2 else (),
+            curves={M.TAIL_MASS: [1e-4, 1e-4, 1e-4]} if k == 2 else None,
         )
     for p in (0.9, 0.99):
         make_run(
@@ -369,6 +378,16 @@ def figure_set(tmp_path_factory) -> Path:
     return root
 
 
+def _twins(fig) -> list:
+    """Pairs of visible axes drawn at the same place (what twinx makes)."""
+    axes = [ax for ax in fig.axes if ax.get_visible()]
+    return [
+        (a, b) for i, a in enumerate(axes) for b in axes[i + 1:] if tuple(a.get_position().bounds) == tuple(
+            b.get_position().bounds
+        )
+    ]
+
+
 def test_horizon_figure(figure_set):
     panels = rp.horizon_data(records_of(figure_set))
     assert [(p.task, [t for t, _ in p.vanilla]) for p in panels] == [
@@ -376,24 +395,62 @@ def test_horizon_figure(figure_set):
         ("countdown", [32, 128, 512]),
     ]
     countdown = panels[1]
-    assert [alpha for alpha, _ in countdown.deltas] == [0.01, 0.001]
-    deltas = dict(countdown.deltas[0][1])
-    assert deltas[32] == pytest.approx(0.02)
-    # T=512 has a second Vanilla seed (0.55): Vanilla's mean is 0.553, Ent's 0.526.
-    assert deltas[512] == pytest.approx(0.526 - 0.553)
+    assert [line.label for line in countdown.lines] == ["Ent (α=0.01)", "Ent (α=0.001)"]
+    deltas = dict(countdown.lines[0].points)
+    assert deltas[32].mean == pytest.approx(0.02) and deltas[32].n == 1
+    # T=512 has a second Vanilla seed (0.55): Vanilla's mean is 0.553 (range 0.55..0.556), Ent's 0.526.
+    assert deltas[512].mean == pytest.approx(0.526 - 0.553)
+    vanilla = dict(countdown.vanilla)[512]
+    assert (vanilla.low, vanilla.high, vanilla.n) == pytest.approx((0.55, 0.556, 2))
     fig = rp.plot_horizon(panels)
     axes = [ax for ax in fig.axes if ax.get_visible()]
-    assert len(axes) == 4  # two panels, each with its twin
-    main_axes = [ax for ax in axes if ax.get_ylabel().startswith("Δ")]
-    assert len(main_axes) == 2
-    for ax in main_axes:
-        alpha_lines = [line for line in ax.get_lines() if line.get_label().startswith("Ent α=")]
-        assert [line.get_label() for line in alpha_lines] == ["Ent α=0.01", "Ent α=0.001"]
+    assert len(axes) == 4 and _twins(fig) == []  # two panels per task, none on another's twin axis
+    left = [ax for ax in axes if ax.get_ylabel().startswith("Δ")]
+    right = [ax for ax in axes if ax.get_ylabel().startswith("Vanilla")]
+    assert len(left) == 2 and len(right) == 2
+    for ax in left:
+        assert [c.get_label() for c in ax.containers] == ["Ent (α=0.01)", "Ent (α=0.001)"]
         assert ax.get_xscale() == "log"
-    twins = [ax for ax in axes if ax.get_ylabel().startswith("Vanilla")]
-    assert [len(ax.get_lines()) for ax in twins] == [1, 1]
-    assert twins[1].get_lines()[0].get_linestyle() == "--"
-    assert list(twins[1].get_lines()[0].get_ydata()) == pytest.approx([31.6, 36.4, 55.3])
+    [vanilla_bars] = right[1].containers
+    assert list(vanilla_bars.lines[0].get_ydata()) == pytest.approx([31.6, 36.4, 55.3])
+    assert vanilla_bars.lines[0].get_linestyle() == "--"
+    # Vanilla's two seeds at T=512: its error bar spans their min-max.
+    segments = vanilla_bars.lines[2][0].get_segments()
+    assert [segments[2][0][1], segments[2][1][1]] == pytest.approx([55.0, 55.6])
+    assert "error bars: min-max over 2 seeds (one seed: none)" in fig._suptitle.get_text()
+
+
+def test_horizon_figure_of_the_mechanism_sweep(tmp_path):
+    """Ent, TRE-K and TRE-P, each at its own alpha, with three seeds at T 32 and 64."""
+    variants = {"vanilla": {}, "ent": {"alpha": 0.03}, "tre-k": {"k": 2, "alpha": 0.003},
+                "tre-p": {"p": 0.99, "alpha": 0.003}}
+    gain = {"vanilla": 0.0, "ent": -0.02, "tre-k": 0.01, "tre-p": 0.0}
+    for method, params in variants.items():
+        for t in (32, 64):
+            for seed in range(3):
+                own = 0.003 * seed if method == "ent" else 0.0  # Ent's seeds differ from Vanilla's a little more
+                make_run(tmp_path, method, "countdown", seed, [0.1 + gain[method] * t / 32 + seed / 100 + own],
+                         max_new_tokens=t, params=params)
+    [panel] = rp.horizon_data(records_of(tmp_path))
+    assert [line.label for line in panel.lines] == ["Ent (α=0.03)", "TRE-K (K=2, α=0.003)", "TRE-P (P=0.99, α=0.003)"]
+    ent = dict(panel.lines[0].points)
+    assert ent[64].mean == pytest.approx(-0.037)
+    # The same seeds ran for both: the spread is over each seed's difference to Vanilla's same seed
+    # (-0.040, -0.037, -0.034), not over Ent's seeds less Vanilla's mean (-0.050 .. -0.024).
+    assert panel.lines[0].paired == {32, 64}
+    assert (ent[64].low, ent[64].high, ent[64].n) == pytest.approx((-0.04, -0.034, 3))
+    assert len({line.color for line in panel.lines}) == 3
+    fig = rp.plot_horizon([panel])
+    assert _twins(fig) == [] and "min-max over 3 seeds" in fig._suptitle.get_text()
+    assert "each seed's score less Vanilla's of the same seed" in fig._suptitle.get_text()
+
+    # Seeds that do not match (Ent's seed 2 missing at T=64): that T falls back on Vanilla's mean.
+    unpaired = [r for r in records_of(tmp_path) if not (r.method == "ent" and r.max_new_tokens == 64 and r.seed == 2)]
+    [panel] = rp.horizon_data(unpaired)
+    ent = dict(panel.lines[0].points)
+    assert panel.lines[0].paired == {32}
+    assert (ent[64].low, ent[64].high, ent[64].n) == pytest.approx((0.06 - 0.11, 0.073 - 0.11, 2))
+    assert "where both ran the same seeds, else less its mean" in rp.plot_horizon([panel])._suptitle.get_text()
 
 
 def test_pmax_figure(figure_set):
@@ -410,6 +467,8 @@ def test_pmax_figure(figure_set):
     [ax] = [ax for ax in fig.axes if ax.get_visible()]
     assert len(ax.get_lines()) == 3
     assert len(ax.collections) == 1  # a band only for the curve with several seeds
+    assert "band: min-max over 2 seeds (one seed: none)" in fig._suptitle.get_text()
+    assert "EMA-smoothed (0.8)" in fig._suptitle.get_text()
 
 
 def test_hparam_figure(figure_set):
@@ -439,15 +498,16 @@ def test_figures_have_one_legend_outside_the_panels(figure_set):
     for fig in (rp.plot_horizon(rp.horizon_data(records)), rp.plot_hparam(rp.hparam_data(records))):
         assert len(fig.legends) == 1 and all(ax.get_legend() is None for ax in fig.axes)
     fig1_labels = [t.get_text() for t in rp.plot_horizon(rp.horizon_data(records)).legends[0].get_texts()]
-    assert fig1_labels == ["Ent α=0.01", "Ent α=0.001", "Vanilla (right axis)"]
+    assert fig1_labels == ["Ent (α=0.01)", "Ent (α=0.001)", "Vanilla's own score (right panels)"]
 
 
 def test_write_report_writes_every_file(figure_set, tmp_path):
     report = rp.write_report(rp.load_local_runs([figure_set]), tmp_path / "out")
     names = sorted(p.name for p in (tmp_path / "out").iterdir())
     assert names == sorted([
-        "table1.md", "table1.csv", "table1.tex",
+        "table1.md", "table1.csv", "table1.tex", "mechanism.md", "mechanism.csv",
         "fig1_horizon.png", "fig1_horizon.svg", "fig3_pmax.png", "fig3_pmax.svg", "fig4_hparam.png", "fig4_hparam.svg",
+        "fig_mechanism.png", "fig_mechanism.svg",
     ])
     assert report.skipped == []
     for stem in rp.FIGURES:
@@ -458,15 +518,21 @@ def test_write_report_writes_every_file(figure_set, tmp_path):
 
 def test_missing_figure_data_is_skipped_with_one_line(small_set, tmp_path):
     report = rp.write_report(rp.load_local_runs([small_set]), tmp_path / "out")
-    # small_set: no horizon runs; Countdown has P_max for Vanilla, TRE-K, TRE-P and two K values.
-    assert [line.split(":")[0] for line in report.skipped] == ["fig1_horizon"]
+    # small_set: no horizon runs; Countdown has P_max for Vanilla, TRE-K, TRE-P and two K values;
+    # no run logged a tail metric (as runs of tre before issue 19): the mechanism table is written
+    # (P_max and reward), its figure is not.
+    assert [line.split(":")[0] for line in report.skipped] == ["fig1_horizon", "fig_mechanism"]
     assert (tmp_path / "out" / "fig3_pmax.png").exists() and not (tmp_path / "out" / "fig1_horizon.png").exists()
+    assert (tmp_path / "out" / "mechanism.md").exists() and not (tmp_path / "out" / "fig_mechanism.png").exists()
+    assert "actor/tail_mass or rollout/tail_draws_per_response" in report.skipped[1]
 
     bare = tmp_path / "bare"
     make_run(bare, "vanilla", "countdown", 0, [0.5])
     make_run(bare, "tre-p", "countdown", 0, [0.6])
     report = rp.write_report(rp.load_local_runs([bare]), tmp_path / "out2")
-    assert [line.split(":")[0] for line in report.skipped] == ["fig1_horizon", "fig3_pmax", "fig4_hparam"]
+    assert [line.split(":")[0] for line in report.skipped] == [
+        "mechanism", "fig1_horizon", "fig3_pmax", "fig4_hparam", "fig_mechanism"
+    ]
     assert all(len(line.splitlines()) == 1 and "needs" in line for line in report.skipped)
     assert sorted(p.name for p in (tmp_path / "out2").iterdir()) == ["table1.csv", "table1.md", "table1.tex"]
 
@@ -497,7 +563,7 @@ def test_wandb_runs_read_like_run_directories():
         )
     )
     history = [
-        {"_step": 1, "actor/p_max": 0.5},
+        {"_step": 1, "actor/p_max": 0.5, "actor/tail_mass": 1e-4},
         {"_step": 2, "actor/p_max": 0.6, "eval/score": 0.25},
         {"_step": 3, "eval/score": 0.5},
     ]
@@ -507,7 +573,9 @@ def test_wandb_runs_read_like_run_directories():
     record = rp.record_from_run(run)
     assert (record.method, record.task, record.seed, record.max_new_tokens) == ("tre-k", "countdown", 3, 64)
     assert record.param_dict["k"] == 5 and record.final_eval == 0.5 and record.status == "finished"
-    assert record.p_max == ((1, 0.5), (2, 0.6))
+    # Each curve read on its own: step 2 lacks a tail mass, and P_max keeps it.
+    assert record.p_max == ((1, 0.5), (2, 0.6)) and record.curve(M.TAIL_MASS) == ((1, 1e-4),)
+    assert record.curve(M.REWARD_MEAN) == ()
     crashed = wandb_run_to_run(_FakeWandbRun(cfg, {}, "crashed", history))
     assert crashed["result"]["status"] == "failed" and crashed["result"]["final_eval"] == 0.5
     assert wandb_run_to_run(_FakeWandbRun({"report": True}, {}, "finished", [])) is None
@@ -557,7 +625,8 @@ def test_cli_report_end_to_end(figure_set, small_set, tmp_path):
     done = runner.invoke(app, ["report", str(figure_set), "--out", str(out), "--no-log-wandb"])
     assert done.exit_code == 0, done.output
     assert "Table 1" in done.output and "fig4_hparam.png" in done.output
-    assert (out / "table1.md").exists() and (out / "fig1_horizon.svg").exists()
+    assert "fig_mechanism.png" in done.output and "mechanism.md" in done.output
+    assert (out / "table1.md").exists() and (out / "fig1_horizon.svg").exists() and (out / "mechanism.csv").exists()
 
     skipped = runner.invoke(
         app, ["report", str(small_set), "--out", str(tmp_path / "r2"), "--score", "best", "--no-log-wandb"]

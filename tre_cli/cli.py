@@ -136,7 +136,8 @@ def report(
         help="Log the tables and figures to W&B; default: when --wandb is given or the runs logged online.",
     ),
 ) -> None:
-    """Table 1 (terminal, Markdown, CSV, LaTeX) and Figures 1, 3, 4 (PNG, SVG) from finished runs."""
+    """Table 1 (terminal, Markdown, CSV, LaTeX), the mechanism table (Markdown, CSV), Figures 1, 3, 4 and
+    the mechanism figure (PNG, SVG) from finished runs."""
     from tre_cli import report as report_lib
     from tre_cli import tracking
 

@@ -38,6 +38,7 @@ from collections.abc import Mapping
 
 from tre_cli import __version__
 from tre_cli.config import RunConfig, dump_yaml, read_yaml_file, to_dict, with_overrides
+from tre_cli.metrics import CURVES
 from tre_cli.io import append_line, atomic_write_text, read_jsonl, truncate_jsonl_after
 from tre_cli.losses.registry import BASE
 
@@ -464,7 +465,7 @@ _WANDB_STATES = {
 }
 
 
-def wandb_run_to_run(run: Any, metric_keys: tuple[str, ...] = ("actor/p_max",)) -> dict[str, Any] | None:
+def wandb_run_to_run(run: Any, metric_keys: tuple[str, ...] = CURVES) -> dict[str, Any] | None:
     """A W&B public-API run in read_run's shape; None for a run that is not a tre job (a report).
 
     `result` is built from the config and the summary that Tracker writes (final_eval, best_eval,
@@ -475,10 +476,14 @@ def wandb_run_to_run(run: Any, metric_keys: tuple[str, ...] = ("actor/p_max",)) 
     if not isinstance(method, Mapping) or "name" not in method:
         return None
     summary = dict(run.summary_metrics or {})
-    metrics = [
-        {"step": int(row["_step"]), **{k: row[k] for k in metric_keys if row.get(k) is not None}}
-        for row in run.scan_history(keys=["_step", *metric_keys])
-    ] if metric_keys else []
+    # One scan per key: scan_history(keys=[...]) keeps only the rows holding every key, so a run
+    # that never logged one of them (an older tre) would lose all its curves.
+    by_step: dict[int, dict[str, Any]] = {}
+    for key in metric_keys:
+        for row in run.scan_history(keys=["_step", key]):
+            if row.get(key) is not None:
+                by_step.setdefault(int(row["_step"]), {"step": int(row["_step"])})[key] = row[key]
+    metrics = [by_step[step] for step in sorted(by_step)]
     evals = [
         {"step": int(row["_step"]), "eval/score": row["eval/score"]}
         for row in run.scan_history(keys=["_step", "eval/score"])
@@ -505,7 +510,7 @@ def wandb_run_to_run(run: Any, metric_keys: tuple[str, ...] = ("actor/p_max",)) 
     return {"path": run.url, "config": config, "metrics": metrics, "eval": evals, "result": result, "checkpoints": []}
 
 
-def read_wandb_project(path: str, metric_keys: tuple[str, ...] = ("actor/p_max",)) -> list[dict[str, Any]]:
+def read_wandb_project(path: str, metric_keys: tuple[str, ...] = CURVES) -> list[dict[str, Any]]:
     """Every tre job of a W&B project ("ENTITY/PROJECT"), each in read_run's shape."""
     if path.count("/") != 1 or not all(path.split("/")):
         raise ValueError(f"--wandb expects ENTITY/PROJECT, got {path!r}")

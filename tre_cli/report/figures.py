@@ -1,4 +1,5 @@
-"""Figures 1, 3 and 4: their data from the run records, and their plots.
+"""Figures 3 and 4: their data from the run records, and their plots; what every figure shares
+(smoothing, curves over seeds, variant colours, the grid of panels, the legend).
 
 Figures are built on `matplotlib.figure.Figure` directly, never pyplot: no display and no global
 state, so plotting works headless and the functions can be tested on the Figure they return.
@@ -12,7 +13,8 @@ from dataclasses import dataclass
 from typing import Any
 from collections.abc import Sequence
 
-from tre_cli.losses.registry import METHODS, baseline, horizon_method
+from tre_cli import metrics as M
+from tre_cli.losses.registry import METHODS, baseline
 from tre_cli.losses.registry import label as method_label
 from tre_cli.report.records import (
     SMOOTHING,
@@ -60,58 +62,18 @@ def ema_smooth(values: Sequence[float], weight: float = SMOOTHING) -> list[float
 
 
 @dataclass(frozen=True)
-class HorizonPanel:
-    model: str
-    task: str
-    scale: Scale
-    vanilla: tuple[tuple[int, float], ...]  # (T, Vanilla mean) in raw units
-    deltas: tuple[
-        tuple[float, tuple[tuple[int, float], ...]], ...
-    ]  # (alpha, ((T, Ent - Vanilla), ...)), alpha descending
-
-
-def horizon_data(records: Sequence[RunRecord], score: str = "final") -> list[HorizonPanel]:
-    """Figure 1: per (model, task), Ent's delta to Vanilla at each T, per alpha."""
-    cells = group_cells(records, score)
-    reference = baseline().name
-    swept = horizon_method().name
-    panels = []
-    for model, task in sorted({(c.model, c.task) for c in cells}, key=_key_sort):
-        vanilla = {
-            k.max_new_tokens: c.mean for k, c in cells.items()
-            if k.model == model and k.task == task and k.method == reference and k.max_new_tokens is not None
-        }
-        by_alpha: dict[float, dict[int, float]] = {}
-        for key, cell in cells.items():
-            if key.model == model and key.task == task and key.method == swept and key.max_new_tokens in vanilla:
-                alpha = cell.params.get("alpha")
-                if alpha is not None:
-                    by_alpha.setdefault(float(alpha), {})[key.max_new_tokens] = cell.mean - vanilla[key.max_new_tokens]
-        horizons = {t for points in by_alpha.values() for t in points}
-        if len(horizons) < 2:
-            continue
-        metrics = [r.eval_metric for r in records if r.model == model and r.task == task]
-        panels.append(HorizonPanel(
-            model, task, scale_for(task, metrics),
-            tuple(sorted((t, v) for t, v in vanilla.items() if t in horizons)),
-            tuple((alpha, tuple(sorted(points.items()))) for alpha, points in sorted(by_alpha.items(), reverse=True)),
-        ))
-    if not panels:
-        raise NotEnoughData(
-            "Figure 1 needs Vanilla and Ent runs at two or more max_new_tokens (T) of one task; none found"
-        )
-    return panels
-
-
-@dataclass(frozen=True)
 class Curve:
+    """One variant's metric against the step: each seed EMA-smoothed, then the mean over seeds and
+    the band from the seeds' minimum to their maximum at each step."""
+
     label: str
     color: str
     steps: tuple[int, ...]
     mean: tuple[float, ...]
-    low: tuple[float, ...]
-    high: tuple[float, ...]
-    n: int
+    low: tuple[float, ...]  # min over seeds
+    high: tuple[float, ...]  # max over seeds
+    n: int  # seeds
+    marker: str = ""
 
 
 @dataclass(frozen=True)
@@ -122,11 +84,15 @@ class PmaxPanel:
     curves: tuple[Curve, ...]
 
 
-def _curve(label: str, color: str, runs: Sequence[RunRecord], weight: float) -> Curve:
-    # Each seed smoothed on its own (as W&B shows it), then averaged step by step.
+def seed_curve(
+    label: str, color: str, runs: Sequence[RunRecord], weight: float, key: str = M.P_MAX, marker: str = ""
+) -> Curve:
+    """Each seed's `key` curve smoothed on its own (as W&B shows it), then averaged step by step,
+    with the seeds' min-max band; runs that did not log `key` are left out (n counts the others)."""
     per_step: dict[int, list[float]] = {}
-    for run in runs:
-        points = sorted(dict(run.p_max).items())
+    logged = [run for run in runs if run.curve(key)]
+    for run in logged:
+        points = run.curve(key)
         for step, value in zip((s for s, _ in points), ema_smooth([v for _, v in points], weight)):
             per_step.setdefault(step, []).append(value)
     steps = sorted(per_step)
@@ -135,8 +101,88 @@ def _curve(label: str, color: str, runs: Sequence[RunRecord], weight: float) -> 
         tuple(statistics.fmean(per_step[s]) for s in steps),
         tuple(min(per_step[s]) for s in steps),
         tuple(max(per_step[s]) for s in steps),
-        len(runs),
+        len(logged),
+        marker,
     )
+
+
+def band_text(ns: Sequence[int], what: str = "band") -> str:
+    """'band: min-max over 3 seeds' ('2-3 seeds' when the counts differ, and a word on the curves of
+    one seed, which have none); 'one seed per curve: no band' when nothing has several seeds."""
+    several = sorted({n for n in ns if n > 1})
+    if not several:
+        return f"one seed per curve: no {what}" if ns else ""
+    seeds = str(several[0]) if len(several) == 1 else f"{several[0]}-{several[-1]}"
+    single = " (one seed: none)" if any(n == 1 for n in ns) else ""
+    return f"{what}: min-max over {seeds} seeds{single}"
+
+
+# --------------------------------------------------------------------------- variants
+
+
+def cell_key(record: RunRecord) -> CellKey:
+    return CellKey(record.model, record.task, record.max_new_tokens, record.method, record.params)
+
+
+METHOD_COLORS = {"ent": "#2ca02c"}  # methods without a Figure 3 or 4 colour
+OTHER_COLOR = "#7f7f7f"
+MARKERS = ("o", "s", "^", "D", "v", "P")
+
+
+def method_color(method: str) -> str:
+    entry = METHODS.get(method)
+    if entry is not None and entry.figure3_color:
+        return entry.figure3_color
+    if method in METHOD_COLORS:
+        return METHOD_COLORS[method]
+    return entry.figure4.color if entry is not None and entry.figure4 else OTHER_COLOR
+
+
+def _shade(color: str, index: int, count: int) -> str:
+    """The method's colour for its only variant; for several, darker to lighter shades of it."""
+    if count <= 1:
+        return color
+    import colorsys
+
+    from matplotlib.colors import to_hex, to_rgb
+
+    hue, _, saturation = colorsys.rgb_to_hls(*to_rgb(color))
+    lightness = 0.28 + 0.42 * index / (count - 1)
+    return to_hex(colorsys.hls_to_rgb(hue, lightness, saturation))
+
+
+def shown_label(method: str, params: dict[str, Any]) -> str:
+    """A variant's legend label: 'Vanilla' for the baseline, else method and parameters."""
+    entry = METHODS.get(method)
+    if entry is not None and entry.baseline:
+        return entry.short_label or entry.label
+    return variant_label(method, params)
+
+
+def variant_order(variants: Sequence[tuple[str, tuple[tuple[str, Any], ...]]]):
+    """(method, params) in the registry's order of methods; within a method, larger alpha first."""
+    rows = {name: m.row for name, m in METHODS.items()}
+
+    def key(variant):
+        method, params = variant
+        values = dict(params)
+        alpha = values.get("alpha")
+        return (rows.get(method, len(rows) + 1), method, -float(alpha) if isinstance(alpha, (int, float)) else 0.0,
+                str(params))
+
+    return sorted(dict.fromkeys(variants), key=key)
+
+
+def variant_styles(variants: Sequence[tuple[str, tuple[tuple[str, Any], ...]]]) -> dict[Any, tuple[str, str]]:
+    """(method, params) -> (colour, marker): a method's colour (Figure 3's where it has one), in
+    shades and with different markers when it has several variants."""
+    ordered_variants = variant_order(variants)
+    styles = {}
+    for method in dict.fromkeys(m for m, _ in ordered_variants):
+        own = [v for v in ordered_variants if v[0] == method]
+        for index, variant in enumerate(own):
+            styles[variant] = (_shade(method_color(method), index, len(own)), MARKERS[index % len(MARKERS)])
+    return styles
 
 
 def pmax_data(records: Sequence[RunRecord], weight: float = SMOOTHING) -> list[PmaxPanel]:
@@ -153,23 +199,13 @@ def pmax_data(records: Sequence[RunRecord], weight: float = SMOOTHING) -> list[P
                 c for k, c in cells.items()
                 if k.model == model and k.task == task and k.max_new_tokens == horizon and k.method == method
             ]
-            with_pmax = [
-                c
-                for c in candidates
-                if any(
-                    r.p_max for r in records if CellKey(r.model, r.task, r.max_new_tokens, r.method, r.params) == c.key
-                )
-            ]
+            with_pmax = [c for c in candidates if any(r.p_max for r in records if cell_key(r) == c.key)]
             cell, _ = pick_variant(with_pmax, entry.main_variant)
             if cell is None:
                 continue
-            runs = [
-                r
-                for r in records
-                if CellKey(r.model, r.task, r.max_new_tokens, r.method, r.params) == cell.key and r.p_max
-            ]
+            runs = [r for r in records if cell_key(r) == cell.key and r.p_max]
             name = entry.short_label if entry.baseline else variant_label(method, cell.params)
-            curves.append(_curve(name, color, runs, weight))
+            curves.append(seed_curve(name, color, runs, weight))
         if len(curves) >= 2:
             panels.append(PmaxPanel(model, task, horizon, tuple(curves)))
     if not panels:
@@ -280,59 +316,23 @@ def _legend_below(fig) -> None:
             list(seen.values()),
             list(seen),
             loc="outside lower center",
-            ncol=min(len(seen), 6),
+            ncol=math.ceil(len(seen) / math.ceil(len(seen) / 6)),  # rows of equal length, at most 6 wide
             fontsize=9,
             frameon=False,
         )
 
 
 def _suptitle(fig, text: str, panels: Sequence[Any]) -> None:
+    """The figure's title (with one model, the model after its first line); a second line is the
+    caption (the smoothing, what a band is)."""
     models = list(dict.fromkeys(panel.model for panel in panels))
-    fig.suptitle(text + (f" ({model_label(models[0])})" if len(models) == 1 else ""))
+    title, _, caption = text.partition("\n")
+    title += f" ({model_label(models[0])})" if len(models) == 1 else ""
+    fig.suptitle(title + (f"\n{caption}" if caption else ""), fontsize=11 if caption else None)
 
 
 def _title(model: str, task: str, several_models: bool, suffix: str = "") -> str:
     return (f"{model_label(model)}: " if several_models else "") + task_label(task) + suffix
-
-
-ALPHA_COLORS = ("#d62728", "#ff7f0e", "#2ca02c", "#1f77b4", "#9467bd", "#8c564b")
-
-
-def plot_horizon(panels: Sequence[HorizonPanel]):
-    """Figure 1: Δ (Ent - Vanilla) against T (log2) per alpha; Vanilla's score on a twin axis."""
-    from matplotlib.ticker import FixedLocator, NullLocator
-
-    base = baseline().short_label
-    swept = horizon_method().label
-    fig, axes, several = _grid([(p.model, p.task) for p in panels])
-    for panel in panels:
-        ax = axes[(panel.model, panel.task)]
-        unit = " (points)" if panel.scale.factor == 100 else ""
-        ax.axhline(0.0, color="black", linewidth=0.8, gid="zero")
-        for index, (alpha, points) in enumerate(panel.deltas):
-            ax.plot(
-                [t for t, _ in points], [panel.scale.show(d) for _, d in points],
-                marker="o", color=ALPHA_COLORS[index % len(ALPHA_COLORS)], label=f"{swept} α={_format_param(alpha)}",
-            )
-        ax.set_xscale("log", base=2)
-        horizons = sorted({t for _, points in panel.deltas for t, _ in points})
-        ax.xaxis.set_major_locator(FixedLocator(horizons))
-        ax.xaxis.set_minor_locator(NullLocator())
-        ax.set_xticklabels([str(t) for t in horizons])
-        ax.set_xlabel("max response length T (tokens)")
-        ax.set_ylabel(f"Δ to {base}{unit}")
-        ax.grid(True, alpha=0.3)
-        twin = ax.twinx()
-        twin.plot(
-            [t for t, _ in panel.vanilla], [panel.scale.show(v) for _, v in panel.vanilla],
-            linestyle="--", color="grey", marker="s", markersize=4, label=f"{base} (right axis)",
-        )
-        twin.set_ylabel(f"{base} {panel.scale.header}", color="grey")
-        twin.tick_params(axis="y", colors="grey")
-        ax.set_title(_title(panel.model, panel.task, several))
-    _legend_below(fig)
-    _suptitle(fig, "Figure 1: entropy regularization against the generation budget T", panels)
-    return fig
 
 
 def plot_pmax(panels: Sequence[PmaxPanel], weight: float = SMOOTHING):
@@ -360,8 +360,9 @@ def plot_pmax(panels: Sequence[PmaxPanel], weight: float = SMOOTHING):
             handlelength=1.5,
         )
         ax.set_title(_title(panel.model, panel.task, several, f" (T={panel.max_new_tokens})"))
-    band = "; band: min-max over seeds" if any(curve.n > 1 for panel in panels for curve in panel.curves) else ""
-    _suptitle(fig, f"Figure 3: P_max, EMA smoothing {weight:g}{band}", panels)
+    band = band_text([curve.n for panel in panels for curve in panel.curves])
+    caption = f"each seed EMA-smoothed ({weight:g}), then the mean over seeds" + (f"; {band}" if band else "")
+    _suptitle(fig, f"Figure 3: P_max against the training step\n{caption}", panels)
     return fig
 
 

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 from collections.abc import Iterable, Mapping, Sequence
 
+from tre_cli import metrics as M
 from tre_cli.losses.registry import BASE, METHODS, Method, baseline, ordered
 
 SMOOTHING = 0.8  # Figure 3's smoothing factor (the paper's caption)
@@ -24,7 +25,8 @@ TASK_LABELS = {"math": "MATH", "countdown": "Countdown", "hh": "HH"}
 SCORES = ("final", "best")
 
 OUTPUT_TABLES = ("table1.md", "table1.csv", "table1.tex")
-FIGURES = ("fig1_horizon", "fig3_pmax", "fig4_hparam")
+MECHANISM_TABLES = ("mechanism.md", "mechanism.csv")
+FIGURES = ("fig1_horizon", "fig3_pmax", "fig4_hparam", "fig_mechanism")
 
 
 class NotEnoughData(ValueError):
@@ -63,12 +65,24 @@ class RunRecord:
     final_eval: float | None
     best_eval: float | None
     eval_metric: str | None
-    p_max: tuple[tuple[int, float], ...] = ()  # (step, actor/p_max)
+    # Per-step curves: (metric key, ((step, value), ...)) for each key of metrics.CURVES the run
+    # logged, in that order; see curve().
+    curves: tuple[tuple[str, tuple[tuple[int, float], ...]], ...] = ()
     # (entity, project, mode) the run logged to, so a report can follow its runs to W&B.
     wandb: tuple[str | None, str, str] | None = None
+    tail_k: int | None = None  # the run's metrics.tail_k (what actor/tail_mass counts as the tail)
+    tail_p: float | None = None  # the run's metrics.tail_p (rollout/tail_draws' threshold)
 
     def score(self, which: str = "final") -> float | None:
         return self.final_eval if which == "final" else self.best_eval
+
+    def curve(self, key: str) -> tuple[tuple[int, float], ...]:
+        """(step, value) of one metric, by step; () when the run did not log it."""
+        return dict(self.curves).get(key, ())
+
+    @property
+    def p_max(self) -> tuple[tuple[int, float], ...]:
+        return self.curve(M.P_MAX)
 
     @property
     def param_dict(self) -> dict[str, Any]:
@@ -113,11 +127,7 @@ def record_from_run(run: Mapping[str, Any]) -> RunRecord:
     wandb = None
     if wandb_section.get("project") and wandb_section.get("mode") in ("online", "offline"):
         wandb = (wandb_section.get("entity"), str(wandb_section["project"]), str(wandb_section["mode"]))
-    p_max = tuple(
-        (int(m["step"]), float(m["actor/p_max"]))
-        for m in run.get("metrics") or ()
-        if "step" in m and _finite(m.get("actor/p_max")) is not None
-    )
+    metrics_section = _section(config, "metrics")
     return RunRecord(
         source=str(run.get("path")),
         model=str(model),
@@ -130,9 +140,30 @@ def record_from_run(run: Mapping[str, Any]) -> RunRecord:
         final_eval=_finite(result.get("final_eval")),
         best_eval=_finite(result.get("best_eval")),
         eval_metric=result.get("eval_metric") or _section(config, "eval").get("metric"),
-        p_max=p_max,
+        curves=read_curves(run.get("metrics") or ()),
         wandb=wandb,
+        tail_k=_int_or_none(metrics_section.get("tail_k")),
+        tail_p=_finite(metrics_section.get("tail_p")),
     )
+
+
+def _int_or_none(value: Any) -> int | None:
+    return int(value) if isinstance(value, int) and not isinstance(value, bool) else None
+
+
+def read_curves(
+    lines: Iterable[Mapping[str, Any]], keys: Sequence[str] = M.CURVES
+) -> tuple[tuple[str, tuple[tuple[int, float], ...]], ...]:
+    """metrics.jsonl's lines -> per key, its finite values by step (a step logged twice: the last)."""
+    points: dict[str, dict[int, float]] = {key: {} for key in keys}
+    for line in lines:
+        if "step" not in line:
+            continue
+        for key in keys:
+            value = _finite(line.get(key))
+            if value is not None:
+                points[key][int(line["step"])] = value
+    return tuple((key, tuple(sorted(by_step.items()))) for key, by_step in points.items() if by_step)
 
 
 _SKIP_DIRS = {"checkpoints", "wandb", "__pycache__"}
@@ -157,7 +188,7 @@ def load_local_runs(paths: Sequence[Path]) -> list[dict[str, Any]]:
     """Every run under the given run directories and results-store directories, once each.
 
     A store line whose run directory is gone still counts (it carries the result and the config);
-    only its P_max curve is missing.
+    only its per-step curves are missing.
     """
     from tre_cli.tracking import read_results, read_run
 
