@@ -7,6 +7,7 @@ import math
 
 import pytest
 
+from tre_cli import metrics as M
 from tre_cli import trainer
 from tre_cli.config import resolve
 from tre_cli.losses.registry import METHODS
@@ -47,6 +48,8 @@ def test_every_method_trains(method, tiny_testbed, tmp_path):
                     "actor/tail_mass", "rollout/tail_draws", "rollout/tail_draws_per_response"):
             assert key in record and math.isfinite(record[key]), (method, key)
         assert 0 < record["actor/p_max"] <= 1
+        # Every curve `tre report` reads (tre_cli/metrics.py) is logged, so a renamed metric fails here.
+        assert set(M.CURVES) <= set(record), set(M.CURVES) - set(record)
         assert 0 <= record["actor/tail_mass"] < 1 - record["actor/p_max"] + 1e-6
         assert 0 <= record["rollout/tail_draws"] <= 1 and record["rollout/tail_draws_per_response"] >= 0
     has_region = method in ("tre-k", "tre-p")

@@ -20,6 +20,7 @@ from collections.abc import Callable, Mapping
 
 import torch
 
+from tre_cli import metrics as M
 from tre_cli.losses.kl import kl_estimate
 from tre_cli.losses.ppo import aggregate_share, masked_mean, policy_loss, value_loss
 from tre_cli.losses.registry import get_method
@@ -106,7 +107,7 @@ def actor_loss(stats: TokenStats, batch: PPOBatch, objective: ActorObjective) ->
                        ("actor/min_entropy", stats.min_entropy)):
         metrics[key] = masked_mean(value.detach(), mask)
     if stats.tail_mass is not None:
-        metrics["actor/tail_mass"] = masked_mean(stats.tail_mass, mask)
+        metrics[M.TAIL_MASS] = masked_mean(stats.tail_mass, mask)
     if objective.region is not None:
         metrics["actor/tre_region_size"] = masked_mean(stats.region_size, mask)
         metrics["actor/tre_local_entropy"] = masked_mean(stats.region_entropy.detach(), mask)

@@ -20,6 +20,7 @@ from collections.abc import Iterator
 
 import torch
 
+from tre_cli import metrics as M
 from tre_cli.losses.actor import PPOBatch, actor_loss, critic_loss
 from tre_cli.losses.ppo import gae, masked_mean, place_terminal_reward, whiten
 from tre_cli.losses.selection_groups import selection_groups
@@ -381,7 +382,7 @@ def _tail_draw_metrics(rollout: Rollout, scored: Scored, tail_p: float) -> dict[
     """Sampled tokens the sampling policy gave less than tail_p, from the trainer's recomputed
     log-probs of the policy that sampled them (the engine's own are absent with vLLM top_p < 1)."""
     share, per_response = tail_draws(scored.old_logprob, rollout.response_mask.float(), tail_p)
-    return {"rollout/tail_draws": share, "rollout/tail_draws_per_response": per_response}
+    return {M.TAIL_DRAWS: share, M.TAIL_DRAWS_PER_RESPONSE: per_response}
 
 
 def _generate_shared(parts: Parts, prompt_ids: list[list[int]], step: int) -> Rollout:
