@@ -36,7 +36,25 @@ EXPECTED_COUNTS = {
     ("hparam", "smoke", ("countdown",)): 8,
     ("main", "paper", ("math", "countdown", "hh")): 3 * 2 * 7,
     ("main", "smoke", ("countdown",)): 7,
+    # mechanism: 4 variants x 2 T x seeds (3, or SmolLM2's 2)
+    ("mechanism", "paper", ("countdown",)): 4 * 2 * 3,
+    ("mechanism", "smoke", ("countdown",)): 4 * 2 * 3,
+    ("mechanism", "smollm2", ("countdown",)): 4 * 2 * 2,
 }
+
+
+def test_mechanism_smoke_gives_each_bonus_its_alpha_and_every_trial_its_seed():
+    """The mechanism sweep's smoke trials: the variants named as the report and docs expect,
+    each method's own alpha, T in {32, 64}, three seeds, the diagnostics' defaults."""
+    spec = sweep.load_sweep("mechanism", "smoke")
+    trials = sweep.expand_grid(spec)
+    by_variant: dict[str, set] = {}
+    for trial in trials:
+        by_variant.setdefault(trial.variant, set()).add((trial.max_new_tokens, trial.seed))
+    assert set(by_variant) == {"vanilla", "ent", "tre-k", "tre-p"}
+    assert all(cells == {(t, s) for t in (32, 64) for s in (0, 1, 2)} for cells in by_variant.values())
+    alphas = {t.variant: dict(t.values).get("method.alpha") for t in trials}
+    assert alphas["vanilla"] in (None, 0, 0.0) and all(alphas[m] > 0 for m in ("ent", "tre-k", "tre-p"))
 
 
 @pytest.mark.parametrize("name,preset,tasks", list(EXPECTED_COUNTS))

@@ -167,12 +167,15 @@ def report(
 @app.command()
 def sweep(
     name: str = typer.Argument(
-        ..., help="horizon (Figure 1), hparam (Figure 4), main (Table 1, Figure 3), or a sweep YAML file."
+        ..., help="horizon (Figure 1), hparam (Figure 4), main (Table 1, Figure 3), mechanism (P_max and the tail "
+             "against the step, with seed bands), or a sweep YAML file."
     ),
     tasks: list[str] = typer.Option(
         [], "--task", help="Run only this task of the sweep (repeatable); default: all of the preset's."
     ),
-    preset: str | None = typer.Option(None, help="paper (default: the paper's grid) or smoke (2 CPU cores, minutes)."),
+    preset: str | None = typer.Option(
+        None, help="paper (default: the paper's grid), smoke (2 CPU cores, minutes), or another the sweep file names."
+    ),
     sets: list[str] = typer.Option(
         [], "--set", help="Override a config key in every trial: --set ppo.steps=100 (repeatable)."
     ),
