@@ -478,3 +478,20 @@ def _wait_for_orphans(out: Path, timeout: float = 30.0) -> None:
             return
         time.sleep(0.5)
     pytest.fail(f"Ray processes of the killed sweep still running: {alive}")
+
+
+def test_dry_run_lists_every_trial_and_every_problem(tmp_path):
+    """`tre sweep main --dry-run` names every trial that cannot start (here HH's, which have no
+    reward model), lists the ones that can, and exits non-zero; a real run stops at the first."""
+    result = runner.invoke(app, ["sweep", "main", "--dry-run", "--out", str(tmp_path / "o")])
+    assert result.exit_code == 1, result.output
+    problems = [line for line in result.output.splitlines() if line.startswith("error: ")]
+    hh_trials = [t.name for t in sweep.expand_grid(sweep.load_sweep("main")) if t.task == "hh"]
+    assert len(problems) == len(hh_trials) == 14
+    assert all("has no reward model" in line for line in problems)
+    assert all(any(f"trial {name}:" in line for line in problems) for name in hh_trials)
+    assert "  math-Qwen2.5-1.5B-Instruct-vanilla-s0" in result.output.splitlines()
+    assert "14 of 42 trials cannot start" in result.output
+    with pytest.raises(ValueError, match="has no reward model"):
+        sweep.plan_sweep("main", out=tmp_path / "o")
+    assert not (tmp_path / "o").exists()

@@ -221,6 +221,7 @@ def sweep(
             gpus_per_trial=gpus_per_trial,
             max_concurrent=max_concurrent,
             max_failures=max_failures,
+            keep_going=dry_run,
         )
         console.print(f"[bold]{plan.spec.description}[/] ({plan.spec.preset}): {len(plan.trials)} trials -> {plan.out}")
         for note in plan.spec.notes:
@@ -228,6 +229,12 @@ def sweep(
         if dry_run:
             for planned in plan.trials:
                 console.print(f"  {planned.trial.name}", markup=False)
+            for problem in plan.problems:  # every trial that cannot start, then a non-zero exit
+                typer.echo(f"error: {problem}", err=True)
+            if plan.problems:
+                typer.echo(f"{len(plan.problems)} of {len(plan.trials) + len(plan.problems)} trials cannot start",
+                           err=True)
+                raise typer.Exit(1)
             return
         outcome = sweep_lib.run_sweep(plan, resume=resume, address=address, storage=storage, console=console)
     summary = (f"{len(outcome.finished)} finished, {len(outcome.failed)} failed, "

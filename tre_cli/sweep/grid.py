@@ -122,6 +122,8 @@ class SweepPlan:
     max_concurrent: int | None
     max_failures: int
     trials: tuple[PlannedTrial, ...]
+    # With plan_sweep(keep_going=True): one line per trial left out for a problem in its config.
+    problems: tuple[str, ...] = ()
 
     def manifest(self) -> dict[str, Any]:
         """What sweep.json records; --resume must ask for the same."""
@@ -156,11 +158,14 @@ def plan_sweep(
     max_concurrent: int | None = None,
     max_failures: int | None = None,
     task_overlay: Any = None,
+    keep_going: bool = False,
 ) -> SweepPlan:
     """The sweep's trials, each with its resolved RunConfig; raises before anything is written.
 
     `sets` (the CLI's --set) apply to every trial above the grid's values. `task_overlay` is
-    config.resolve's (tests use small tasks).
+    config.resolve's (tests use small tasks). A bad config key or value raises at once. With
+    `keep_going` (a dry run) a trial whose task cannot be built for it (its options, HH's reward
+    model) is left out and its error kept in `problems`, so every such trial is named in one pass.
     """
     spec = load_sweep(name, preset)
     trials = expand_grid(spec, tasks, seeds)
@@ -180,7 +185,8 @@ def plan_sweep(
     from tre_cli.tasks import task_for_run
 
     planned = []
-    checked_tasks = set()
+    problems: list[str] = []
+    checked_tasks: dict[tuple, str | None] = {}  # task options -> their error, checked once
     for trial in trials:
         run_dir = out_dir / RUNS_DIR / trial.name
         # The sweep owns these keys: where a trial writes, and its W&B group.
@@ -189,14 +195,22 @@ def plan_sweep(
         try:
             config = resolve(preset=spec.run_preset, overrides=[*trial.values, *sets, *owned],
                              task_overlay=task_overlay, check_device=False)
-            options_key = (config.task.name, config.model.name,
-                           json.dumps(config.task.options, sort_keys=True, default=str))
-            if options_key not in checked_tasks:
-                # Options are checked here, not in resolve; HH also needs the model's reward model.
-                task_for_run(config.task.name, config.task.options, config.model.name)
-                checked_tasks.add(options_key)
-        except (ValueError, FileNotFoundError) as error:
+        except (ValueError, FileNotFoundError) as error:  # a bad key or value: one line, at once
             raise type(error)(f"sweep {spec.name!r}, trial {trial.name}: {error}") from None
+        options_key = (config.task.name, config.model.name,
+                       json.dumps(config.task.options, sort_keys=True, default=str))
+        if options_key not in checked_tasks:
+            # Options are checked here, not in resolve; HH also needs the model's reward model.
+            try:
+                task_for_run(config.task.name, config.task.options, config.model.name)
+                checked_tasks[options_key] = None
+            except (ValueError, FileNotFoundError) as error:
+                checked_tasks[options_key] = str(error)
+                if not keep_going:
+                    raise type(error)(f"sweep {spec.name!r}, trial {trial.name}: {error}") from None
+        if checked_tasks[options_key] is not None:
+            problems.append(f"sweep {spec.name!r}, trial {trial.name}: {checked_tasks[options_key]}")
+            continue
         planned.append(PlannedTrial(trial, run_dir, config))
     return SweepPlan(
         spec=spec,
@@ -208,6 +222,7 @@ def plan_sweep(
         max_concurrent=spec.max_concurrent if max_concurrent is None else max_concurrent,
         max_failures=spec.max_failures if max_failures is None else max_failures,
         trials=tuple(planned),
+        problems=tuple(problems),
     )
 
 
