@@ -98,10 +98,29 @@ def test_hf_engine_samples_from_a_compute_dtype_copy_and_syncs_it(quick_testbed,
     engine.sync_weights(policy.state_dict())
     for (name, mine), theirs in zip(engine.model.state_dict().items(), policy.state_dict().values()):
         assert torch.equal(mine, theirs.to(torch.bfloat16)), name
+    # Only parameters are cast: the rotary inverse frequencies stay float32, as in the policy.
+    buffers = dict(policy.named_buffers())
+    assert {n: b.dtype for n, b in engine.model.named_buffers()} == {n: b.dtype for n, b in buffers.items()}
     # Same dtype: the engine samples from the trainer's module itself, and a sync of it is a no-op.
     shared = HFEngine(policy, quick_tokenizer, seed=0, dtype="fp32")
     assert not shared.owns_copy and shared.model is policy
     shared.sync_weights(policy.state_dict())
+
+
+def test_hf_engine_bf16_copy_samples_as_the_model_loaded_in_bf16(tiny_testbed, quick_tokenizer):
+    """The engine's bf16 copy of fp32 masters samples what the same weights loaded in bf16 sample
+    (issue 20: what a run.workers > 1 engine loads), token for token: a copy that rounded the
+    rotary frequencies to bf16 too sampled other tokens."""
+    from tre_cli.models import load_tokenizer
+
+    tokenizer = load_tokenizer(tiny_testbed)
+    copied = HFEngine(load_policy(tiny_testbed, precision=BF16_CPU), tokenizer, seed=3, dtype="bf16")
+    loaded = HFEngine(load_policy(tiny_testbed, dtype=torch.bfloat16), tokenizer, seed=3)
+    prompts = [tokenizer(f"Using the numbers {i}, 7, 3, create an equation that equals {20 + i}.")["input_ids"]
+               for i in range(4)]
+    a = copied.generate(prompts, n=4, max_new_tokens=48, stream=1)
+    b = loaded.generate(prompts, n=4, max_new_tokens=48, stream=1)
+    assert torch.equal(a.response_ids, b.response_ids) and torch.equal(a.logprobs, b.logprobs)
 
 
 def _parts_with_fp32_sampler(config):

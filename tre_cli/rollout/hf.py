@@ -98,6 +98,18 @@ def sample_tokens(logprobs: torch.Tensor, top_p: float, uniforms: torch.Tensor) 
     return torch.searchsorted(cdf, target, right=True).squeeze(-1).clamp_(max=probs.shape[-1] - 1)
 
 
+def _with_parameters_in(model: torch.nn.Module, dtype: torch.dtype) -> torch.nn.Module:
+    """`model` with its floating-point parameters cast to `dtype` in place; buffers keep their
+    dtype, as `from_pretrained(dtype=...)` leaves them: the rotary embedding's float32 inverse
+    frequencies (`module.to(bfloat16)` would round them, and with them every position's angle,
+    so the copy would sample unlike the same weights loaded in bf16, or vLLM)."""
+    with torch.no_grad():
+        for param in model.parameters():
+            if param.is_floating_point():
+                param.data = param.data.to(dtype)
+    return model
+
+
 class HFEngine(EngineBase):
     name = "hf"
 
@@ -122,7 +134,7 @@ class HFEngine(EngineBase):
         if dtype is not None:
             target = resolve_dtype(dtype, device)
             if float_dtype_of(model) != target:
-                model = copy.deepcopy(model).to(target).requires_grad_(False).eval()
+                model = _with_parameters_in(copy.deepcopy(model), target).requires_grad_(False).eval()
                 self.owns_copy = True
         self.model = model
         self.tokenizer = tokenizer
