@@ -102,6 +102,7 @@ def build(config: RunConfig) -> Parts:
     workers = current_workers()
     if workers.many and device == "cuda":  # one GPU a worker
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", workers.rank)))
+        check_engine_placement(config.rollout.engine, workers, torch.cuda.device_count())
     checkpointing = resolve_gradient_checkpointing(config.model.gradient_checkpointing, device)
     objective = objective_of(config)
     model_path = resolve_model(config.model.name)
@@ -123,7 +124,7 @@ def build(config: RunConfig) -> Parts:
         for module in (policy, critic, reference):
             if module is not None:
                 shard_module(module, precision.compute)
-        engine = make_engine(config, model_path, tokenizer, device, None)
+        engine = make_engine(config, model_path, tokenizer, engine_device(device), None)
     else:
         engine = make_engine(config, model_path, tokenizer, device, policy)
     # issue 11: AdamW weight decay and the critic's warm-up ramp as named options (defaults: the released code).
@@ -135,6 +136,26 @@ def build(config: RunConfig) -> Parts:
     test_prompts = [encode_prompt(task, ex, tokenizer, config.ppo.max_prompt_length) for ex in test]
     return Parts(config, device, task, tokenizer, policy, critic, engine, actor_opt, critic_opt, critic_sched,
                  objective, train, test, test_prompts, max_new_tokens, reference=reference, workers=workers)
+
+
+def engine_device(device: str, current: int | None = None) -> str:
+    """The device a worker's engine is built on: on CUDA the worker's own GPU by index
+    (`current`: torch.cuda.current_device() unless given), never plain "cuda"."""
+    if device != "cuda":
+        return device
+    return f"cuda:{torch.cuda.current_device() if current is None else int(current)}"
+
+
+def check_engine_placement(engine: str, workers: Workers, visible_gpus: int) -> None:
+    """A ValueError (one line) for run.workers > 1 with in-process vLLM engines on a worker that
+    sees several GPUs: vLLM's in-process executor places its engine on the first visible GPU
+    whatever the worker's own (vLLM 0.32 takes no device argument), so every worker's engine
+    would land on GPU 0. A worker that sees only its own GPU is fine."""
+    if engine == "vllm" and workers.many and visible_gpus > 1:
+        raise ValueError(
+            f"rollout.engine=vllm with run.workers={workers.world}: each worker sees {visible_gpus} GPUs, and "
+            "vLLM's in-process engine always takes the first one, so all engines would share GPU 0; "
+            "use rollout.engine=hf, or give each worker only its own GPU (CUDA_VISIBLE_DEVICES)")
 
 
 def make_engine(config: RunConfig, model_path: Path, tokenizer: Any, device: str,

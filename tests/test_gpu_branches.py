@@ -1,0 +1,160 @@
+"""The GPU-only branches of the trainer and its engines (issue 20), run on CPU: vLLM's sleep,
+sync and wake sequence through a recording stand-in for vllm.LLM, the CUDA device kept across an
+engine's start, the worker's engine device and placement check, the in-process vLLM setting.
+What only a device can confirm is listed in README.md, "What has run on a GPU"."""
+
+from __future__ import annotations
+
+import dataclasses
+import gc
+
+import pytest
+import torch
+
+from tre_cli.rollout.vllm import IN_PROCESS_ENV, VLLMEngine, kept_current_device, require_in_process
+from tre_cli.trainer.distributed import SINGLE, Workers
+from tre_cli.trainer.parts import check_engine_placement, engine_device
+
+
+class RecordingLLM:
+    """Stands in for vllm.LLM: records the calls the engine makes, reads the weights as vLLM's
+    in-process reload does (once, as they come), and runs `on_wake` at every wake_up."""
+
+    def __init__(self, on_wake=None):
+        self.calls: list[str] = []
+        self.loaded: list[tuple[str, torch.dtype]] = []
+        self.on_wake = on_wake
+
+    def sleep(self, level=1):
+        self.calls.append(f"sleep({level})")
+
+    def wake_up(self, tags=None):
+        if self.on_wake is not None:
+            self.on_wake()
+        self.calls.append(f"wake_up({tags})")
+
+    def collective_rpc(self, method, kwargs=None):
+        weights = kwargs["weights_iterator"]
+        assert not isinstance(weights, (list, tuple, dict)), "the weights must come streamed"
+        self.loaded = [(name, tensor.dtype) for name, tensor in weights]
+        self.calls.append(f"{method}({len(self.loaded)})")
+
+    def reset_prefix_cache(self):
+        self.calls.append("reset_prefix_cache")
+
+
+def _engine(llm, sleep_level=2):
+    """A VLLMEngine as on a GPU, around `llm`, without starting vLLM."""
+    engine = object.__new__(VLLMEngine)
+    engine.llm, engine.on_gpu, engine.sleep_level, engine.dtype, engine.verbose = llm, True, sleep_level, \
+        torch.bfloat16, False
+    engine.asleep = engine.weights_stale = False
+    return engine
+
+
+@pytest.fixture
+def collections():
+    """Records "gc" into a list when a full garbage collection starts."""
+    events: list[str] = []
+
+    def record(phase, info):
+        if phase == "start" and info["generation"] == 2:
+            events.append("gc")
+
+    gc.callbacks.append(record)
+    yield events
+    gc.callbacks.remove(record)
+
+
+def test_a_sync_after_sleep_frees_memory_wakes_the_weights_loads_them_then_wakes_the_kv_cache(collections):
+    model = torch.nn.Linear(4, 3)
+    seen: list[str] = []
+    llm = RecordingLLM(on_wake=lambda: seen.append("gc" if collections else "no gc"))
+    engine = _engine(llm)
+    engine.sleep()
+    collections.clear()
+    engine.sync_weights(model)
+    assert llm.calls == ["sleep(2)", "wake_up(['weights'])", "reload_weights(2)", "wake_up(['kv_cache'])",
+                         "reset_prefix_cache"]
+    assert seen[0] == "gc"  # collected before the first wake
+    assert llm.loaded == [("weight", torch.bfloat16), ("bias", torch.bfloat16)]  # cast to the engine's dtype
+    assert not engine.asleep and not engine.weights_stale
+    # Awake: a sync loads and resets the prefix cache, nothing else.
+    llm.calls.clear()
+    engine.sync_weights(model.state_dict())
+    assert llm.calls == ["reload_weights(2)", "reset_prefix_cache"]
+
+
+def test_level_2_discards_the_weights_so_only_a_sync_wakes_the_engine():
+    engine = _engine(RecordingLLM())
+    engine.sleep()
+    with pytest.raises(RuntimeError, match="level-2 sleep without new weights"):
+        engine.wake()
+    level_1 = _engine(RecordingLLM(), sleep_level=1)
+    level_1.sleep()
+    level_1.wake()
+    assert level_1.llm.calls == ["sleep(1)", "wake_up(None)"] and not level_1.asleep
+
+
+def test_no_gradient_is_alive_when_the_engine_wakes_after_an_update(tiny_testbed, tmp_path):
+    """train_step frees the last mini-batch's gradients (set_to_none) before the engine's sync
+    wakes it: a recording engine checks every parameter of the policy and critic at that moment."""
+    from test_trainer import _config
+    from tre_cli import trainer
+
+    parts = trainer.build(_config(tiny_testbed, tmp_path / "run", steps=1))
+    alive: list[int] = []
+    hf = parts.engine
+
+    class Recording:
+        def __getattr__(self, name):
+            return getattr(hf, name)
+
+        def sync_weights(self, weights=None):
+            params = [*parts.policy.parameters(), *parts.critic.parameters()]
+            alive.append(sum(p.grad is not None for p in params))
+            hf.sync_weights(weights)
+
+    metrics = trainer.train_step(dataclasses.replace(parts, engine=Recording()), 1)
+    assert metrics["actor/grad_norm"] > 0  # there were gradients, and the step took them
+    assert alive == [0]
+
+
+def test_the_current_cuda_device_is_set_again_after_the_engine_starts():
+    device = {"index": 1}
+    selected: list[int] = []
+
+    def select(index):
+        selected.append(index)
+        device["index"] = index
+
+    with kept_current_device(True, current=lambda: device["index"], select=select):
+        device["index"] = 0  # what vLLM's in-process worker does
+    assert selected == [1] and device["index"] == 1
+    with kept_current_device(True, current=lambda: device["index"], select=select):
+        pass
+    assert selected == [1]  # unchanged: nothing to set
+    with kept_current_device(False, current=lambda: pytest.fail("no CUDA call on CPU"), select=select):
+        pass
+
+
+def test_a_worker_engine_is_built_on_its_own_gpu_and_vllm_engines_cannot_share_gpu_0():
+    assert engine_device("cuda", current=3) == "cuda:3"
+    assert engine_device("cpu") == "cpu"
+    two = Workers(rank=1, world=2)
+    with pytest.raises(ValueError) as refused:
+        check_engine_placement("vllm", two, visible_gpus=2)
+    assert "\n" not in str(refused.value) and "rollout.engine=vllm with run.workers=2" in str(refused.value)
+    check_engine_placement("vllm", two, visible_gpus=1)  # the worker sees its own GPU only
+    check_engine_placement("hf", two, visible_gpus=8)
+    check_engine_placement("vllm", SINGLE, visible_gpus=8)
+
+
+def test_vllm_runs_in_process_or_is_refused_with_one_line():
+    environ: dict[str, str] = {}
+    require_in_process(environ)
+    assert environ == {IN_PROCESS_ENV: "0"}
+    require_in_process({IN_PROCESS_ENV: "0"})
+    with pytest.raises(ValueError) as refused:
+        require_in_process({IN_PROCESS_ENV: "1"})
+    assert str(refused.value).startswith(f"{IN_PROCESS_ENV}=1: ") and "\n" not in str(refused.value)
