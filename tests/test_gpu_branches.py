@@ -158,3 +158,55 @@ def test_vllm_runs_in_process_or_is_refused_with_one_line():
     with pytest.raises(ValueError) as refused:
         require_in_process({IN_PROCESS_ENV: "1"})
     assert str(refused.value).startswith(f"{IN_PROCESS_ENV}=1: ") and "\n" not in str(refused.value)
+
+
+class RecordingCuda:
+    """Stands in for torch.cuda: `visible` GPUs, the current one `current`, each with its own RNG
+    state; records which devices were touched."""
+
+    def __init__(self, visible=4, current=2):
+        self.states = {i: torch.tensor([i], dtype=torch.uint8) for i in range(visible)}
+        self.current = current
+        self.touched: set[int] = set()
+
+    def is_available(self):
+        return True
+
+    def current_device(self):
+        return self.current
+
+    def get_rng_state(self, device):
+        self.touched.add(device)
+        return self.states[device].clone()
+
+    def set_rng_state(self, state, device):
+        self.touched.add(device)
+        self.states[device] = state.clone()
+
+    def get_rng_state_all(self):
+        pytest.fail("every GPU's RNG state was read")
+
+    def set_rng_state_all(self, states):
+        pytest.fail("every GPU's RNG state was set")
+
+
+def test_a_checkpoint_holds_and_restores_the_cuda_rng_of_the_current_device_only():
+    from types import SimpleNamespace
+
+    from tre_cli.trainer.checkpoint import _rng_state, _set_rng_state
+
+    parts = SimpleNamespace(device="cuda")
+    cuda = RecordingCuda(visible=4, current=2)
+    state = _rng_state(parts, cuda=cuda)
+    assert torch.equal(state["cuda"], torch.tensor([2], dtype=torch.uint8)) and cuda.touched == {2}
+    restored = RecordingCuda(visible=4, current=2)
+    restored.states[2] = torch.tensor([9], dtype=torch.uint8)
+    _set_rng_state(parts, state, cuda=restored)
+    assert torch.equal(restored.states[2], torch.tensor([2], dtype=torch.uint8)) and restored.touched == {2}
+    # A checkpoint written with every visible GPU's state: the current device's entry is restored.
+    old = {**state, "cuda": [torch.tensor([10 + i], dtype=torch.uint8) for i in range(4)]}
+    _set_rng_state(parts, old, cuda=restored)
+    assert torch.equal(restored.states[2], torch.tensor([12], dtype=torch.uint8)) and restored.touched == {2}
+    # A CPU run touches no GPU.
+    cpu = RecordingCuda()
+    assert "cuda" not in _rng_state(SimpleNamespace(device="cpu"), cuda=cpu) and not cpu.touched
