@@ -210,3 +210,36 @@ def test_a_checkpoint_holds_and_restores_the_cuda_rng_of_the_current_device_only
     # A CPU run touches no GPU.
     cpu = RecordingCuda()
     assert "cuda" not in _rng_state(SimpleNamespace(device="cpu"), cuda=cpu) and not cpu.touched
+
+
+def test_a_vllm_without_the_layerwise_reload_is_named_in_one_line():
+    from tre_cli.rollout.vllm import weight_sync_gaps
+
+    class OldLLM:  # the shape of vLLM 0.11's LLM
+        def collective_rpc(self, method, timeout=None, args=(), kwargs=None): ...
+
+        def sleep(self, level=1): ...
+
+        def wake_up(self, tags=None): ...
+
+        def reset_prefix_cache(self): ...
+
+    class OldRunner:
+        def reload_weights(self): ...
+
+    assert weight_sync_gaps(OldLLM, OldRunner) == ["reload_weights(weights_iterator=...)"]
+    assert weight_sync_gaps(object, None) == ["LLM.collective_rpc()", "LLM.sleep()", "LLM.wake_up()",
+                                              "LLM.reset_prefix_cache()", "reload_weights()"]
+
+
+def test_the_installed_vllm_has_what_the_weight_sync_calls():
+    import os
+
+    from tre_cli.rollout.vllm import check_weight_sync, weight_sync_gaps
+
+    require_in_process(os.environ)
+    vllm = pytest.importorskip("vllm")
+    from vllm.v1.worker.gpu_model_runner import GPUModelRunner
+
+    assert weight_sync_gaps(vllm.LLM, GPUModelRunner) == []
+    check_weight_sync(vllm)

@@ -101,6 +101,47 @@ def import_vllm(verbose: bool = False):
     return vllm
 
 
+def _parameters(function: Any) -> set[str]:
+    import inspect
+
+    try:
+        return set(inspect.signature(function).parameters)
+    except (TypeError, ValueError):
+        return set()
+
+
+def weight_sync_gaps(llm_class: Any, model_runner_class: Any) -> list[str]:
+    """What the engine's sleep, sync and wake calls need and the installed vLLM lacks (empty: all
+    there): `LLM.collective_rpc(..., kwargs=)`, `LLM.sleep(level=)`, `LLM.wake_up(tags=)`,
+    `LLM.reset_prefix_cache()`, and the worker's `reload_weights(weights_iterator=)` (vLLM's
+    layerwise reload; older releases' reload_weights() takes no argument and re-reads the
+    checkpoint from disk)."""
+    wanted = [("LLM.collective_rpc", getattr(llm_class, "collective_rpc", None), "kwargs"),
+              ("LLM.sleep", getattr(llm_class, "sleep", None), "level"),
+              ("LLM.wake_up", getattr(llm_class, "wake_up", None), "tags"),
+              ("LLM.reset_prefix_cache", getattr(llm_class, "reset_prefix_cache", None), None),
+              ("reload_weights", getattr(model_runner_class, "reload_weights", None), "weights_iterator")]
+    gaps = []
+    for name, function, argument in wanted:
+        if function is None:
+            gaps.append(f"{name}()")
+        elif argument is not None and argument not in _parameters(function):
+            gaps.append(f"{name}({argument}=...)")
+    return gaps
+
+
+def check_weight_sync(vllm: Any) -> None:
+    """A ValueError (one line) when the installed vLLM lacks what the weight sync calls."""
+    try:
+        from vllm.v1.worker.gpu_model_runner import GPUModelRunner
+    except ImportError:
+        GPUModelRunner = None
+    gaps = weight_sync_gaps(vllm.LLM, GPUModelRunner)
+    if gaps:
+        raise ValueError(f"vLLM {getattr(vllm, '__version__', '?')} lacks what the vllm engine's weight sync calls "
+                         f"({', '.join(gaps)}); install the tested version: pip install 'tre-cli[vllm]'")
+
+
 class VLLMEngine(EngineBase):
     name = "vllm"
 
@@ -122,6 +163,7 @@ class VLLMEngine(EngineBase):
         from tre_cli.models import resolve_dtype, resolve_model
 
         vllm = import_vllm(verbose)
+        check_weight_sync(vllm)
         self.verbose = bool(verbose)
         self.device = torch.device(device)
         self.on_gpu = self.device.type == "cuda"
