@@ -243,3 +243,72 @@ def test_the_installed_vllm_has_what_the_weight_sync_calls():
 
     assert weight_sync_gaps(vllm.LLM, GPUModelRunner) == []
     check_weight_sync(vllm)
+
+
+@pytest.mark.parametrize("static_cache", [False, True])
+def test_batching_the_hf_engine_never_changes_a_sample(quick_policy, quick_tokenizer, static_cache):
+    """rollout.max_batch_sequences is a memory knob: 3 prompts x 3 samples decoded 4, 1 or all 9
+    at a time (a short last batch, filled up under a static cache) give the same tokens, since
+    every sequence draws its own noise and sees the same padded prompt; the behaviour log-probs
+    agree to float32 rounding (a matmul's sums depend on the batch's size)."""
+    from tre_cli.rollout.hf import HFEngine
+
+    prompts = [quick_tokenizer(text)["input_ids"] for text in
+               ("Using the numbers 3, 7, 9, make 30.", "Make 12 from 2 and 6.", "Numbers 44, 5, 1, 9, 2: make 61.")]
+    finished: list[int] = []
+    results = []
+    for size in (None, 4, 1):
+        engine = HFEngine(quick_policy, quick_tokenizer, seed=5, static_cache=static_cache, compile=False,
+                          max_batch_sequences=size)
+        progress = finished.append if size == 4 else None
+        results.append(engine.generate(prompts, n=3, max_new_tokens=16, stream=7, first_sequence=6,
+                                       progress=progress))
+    whole = results[0]
+    for batched in results[1:]:
+        assert torch.equal(whole.response_ids, batched.response_ids)
+        assert torch.allclose(whole.logprobs, batched.logprobs, rtol=0, atol=1e-5)
+        assert torch.equal(whole.response_mask, batched.response_mask)
+    assert finished[-1] == 9 and finished == sorted(finished)
+    with pytest.raises(ValueError, match="rollout.max_batch_sequences"):
+        HFEngine(quick_policy, quick_tokenizer, max_batch_sequences=0)
+
+
+def _qwen_like(tmp_path, layers=28, heads=12, kv_heads=2, hidden=1536):
+    """A model folder with Qwen2.5-1.5B's shape (config only)."""
+    import json
+
+    folder = tmp_path / "qwen-shape"
+    folder.mkdir()
+    (folder / "config.json").write_text(json.dumps({
+        "model_type": "qwen2", "num_hidden_layers": layers, "num_attention_heads": heads,
+        "num_key_value_heads": kv_heads, "hidden_size": hidden, "intermediate_size": 8960,
+        "vocab_size": 151936, "max_position_embeddings": 32768}))
+    return folder
+
+
+def test_an_hf_batch_larger_than_the_gpu_is_refused_in_one_line_before_loading(tmp_path):
+    """The paper's step (512 prompts x 8) at 1,024 + 8,192 positions in one batch needs about a
+    terabyte of bf16 KV cache on a 1.5B Qwen2 (28 layers x 2 KV heads x 128): refused on an 80 GB
+    GPU; rollout.max_batch_sequences brings it within; CPU (no static cache) is never checked."""
+    from tre_cli.config import resolve
+    from tre_cli.trainer.parts import check_hf_batch_memory
+
+    model = _qwen_like(tmp_path)
+    keys = [f"run.out={tmp_path / 'run'}", "rollout.engine=hf", "rollout.max_new_tokens=8192",
+            "model.dtype=bf16", "run.wandb.mode=disabled"]
+
+    def config(*extra):
+        return resolve(task="countdown", method="tre-p", model=str(model), preset="paper", overrides=[*keys, *extra])
+
+    gpu = 80 * 2**30
+    with pytest.raises(ValueError) as refused:
+        check_hf_batch_memory(config(), model, "cuda", total_memory=gpu)
+    message = str(refused.value)
+    assert "\n" not in message and "4096 sequences x 9216 positions" in message and "1,008 GiB" in message
+    assert "rollout.max_batch_sequences (about 81 fit" in message
+    check_hf_batch_memory(config("rollout.max_batch_sequences=81"), model, "cuda", total_memory=gpu)
+    # Two workers halve a step's share, still too many; the evaluation's batch counts too.
+    with pytest.raises(ValueError, match="2048 sequences"):
+        check_hf_batch_memory(config(), model, "cuda", Workers(0, 2), total_memory=gpu)
+    check_hf_batch_memory(config(), model, "cpu", total_memory=1)
+    check_hf_batch_memory(config("rollout.engine=vllm"), model, "cuda", total_memory=1)

@@ -108,6 +108,7 @@ def build(config: RunConfig) -> Parts:
     model_path = resolve_model(config.model.name)
     # issue 11: the model must hold prompt + T positions; checked before any model is loaded.
     check_model_context(model_path, config.ppo.max_prompt_length, config.rollout.max_new_tokens, config.model.name)
+    check_hf_batch_memory(config, model_path, device, workers)
     tokenizer = load_tokenizer(model_path)
     task, train, test = task_and_examples(config, tokenizer)
     # issue 11: fp32 masters (parameters, gradients, optimizer state), forwards in the compute dtype (autocast).
@@ -158,6 +159,46 @@ def check_engine_placement(engine: str, workers: Workers, visible_gpus: int) -> 
             "use rollout.engine=hf, or give each worker only its own GPU (CUDA_VISIBLE_DEVICES)")
 
 
+# What evaluation.evaluate gives the engine at once: this many prompts x eval.n_samples.
+EVAL_BATCH_PROMPTS = 64
+
+
+def check_hf_batch_memory(config: RunConfig, model_path: Path, device: str, workers: Workers = SINGLE,
+                          total_memory: int | None = None) -> None:
+    """A ValueError (one line, before any model loads) when the hf engine on CUDA would allocate a
+    static KV cache larger than the GPU (`total_memory` bytes: the current device's unless given)
+    for its largest batch: a step's share of prompts x rollouts_per_prompt, or an evaluation
+    batch, each capped by rollout.max_batch_sequences, at prompt + T positions."""
+    if config.rollout.engine != "hf" or device != "cuda":
+        return
+    from transformers import AutoConfig
+
+    from tre_cli.models import resolve_dtype
+    from tre_cli.rollout.hf import STATIC_CACHE_BUCKET
+
+    if total_memory is None:
+        total_memory = torch.cuda.get_device_properties(torch.cuda.current_device()).total_memory
+    model = AutoConfig.from_pretrained(str(model_path))
+    heads = int(model.num_attention_heads)
+    head_dim = int(getattr(model, "head_dim", None) or model.hidden_size // heads)
+    kv_heads = int(getattr(model, "num_key_value_heads", None) or heads)
+    itemsize = resolve_dtype(config.model.dtype, device).itemsize
+    per_position = 2 * int(model.num_hidden_layers) * kv_heads * head_dim * itemsize  # keys and values
+    width = config.ppo.max_prompt_length + max_new_tokens_of(config)
+    width = -(-width // STATIC_CACHE_BUCKET) * STATIC_CACHE_BUCKET
+    step = -(-config.ppo.prompts_per_step // workers.world) * config.ppo.rollouts_per_prompt
+    sequences = max(step, EVAL_BATCH_PROMPTS * config.eval.n_samples)
+    if config.rollout.max_batch_sequences is not None:
+        sequences = min(sequences, config.rollout.max_batch_sequences)
+    need = sequences * width * per_position
+    if need > total_memory:
+        fits = max(1, total_memory // 4 // (width * per_position))
+        raise ValueError(
+            f"rollout.engine=hf: a batch of {sequences} sequences x {width} positions needs a "
+            f"{need / 2**30:,.0f} GiB KV cache, more than the GPU's {total_memory / 2**30:,.0f} GiB; set "
+            f"rollout.max_batch_sequences (about {fits} fit in a quarter of it) or use rollout.engine=vllm")
+
+
 def make_engine(config: RunConfig, model_path: Path, tokenizer: Any, device: str,
                 policy: torch.nn.Module | None = None) -> RolloutEngine:
     """The configured rollout engine: `hf` samples from `policy` itself (loaded from model_path
@@ -168,7 +209,7 @@ def make_engine(config: RunConfig, model_path: Path, tokenizer: Any, device: str
     max_model_len = check_model_context(model_path, config.ppo.max_prompt_length, config.rollout.max_new_tokens,
                                         config.model.name)
     if config.rollout.engine == "hf":
-        options: dict[str, Any] = {"model": policy}
+        options: dict[str, Any] = {"model": policy, "max_batch_sequences": config.rollout.max_batch_sequences}
     else:
         options = {"gpu_memory_utilization": config.rollout.gpu_memory_utilization,
                    "kv_cache_memory_bytes": config.rollout.kv_cache_memory_bytes, "max_model_len": max_model_len,
