@@ -312,3 +312,25 @@ def test_an_hf_batch_larger_than_the_gpu_is_refused_in_one_line_before_loading(t
         check_hf_batch_memory(config(), model, "cuda", Workers(0, 2), total_memory=gpu)
     check_hf_batch_memory(config(), model, "cpu", total_memory=1)
     check_hf_batch_memory(config("rollout.engine=vllm"), model, "cuda", total_memory=1)
+
+
+def test_each_model_is_sharded_before_the_next_one_loads():
+    from tre_cli.trainer.parts import load_models
+
+    events: list[str] = []
+
+    def loader(name):
+        def load():
+            events.append(f"load {name}")
+            return torch.nn.Linear(2, 2)
+        return load
+
+    def shard(module):
+        events.append("shard")
+        return module
+
+    policy, critic, reference = load_models([loader("policy"), loader("critic"), None], shard)
+    assert events == ["load policy", "shard", "load critic", "shard"] and reference is None
+    events.clear()
+    load_models([loader("policy"), loader("critic"), loader("reference")], None)
+    assert events == ["load policy", "load critic", "load reference"]

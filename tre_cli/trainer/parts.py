@@ -7,7 +7,7 @@ import random
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 
@@ -113,18 +113,21 @@ def build(config: RunConfig) -> Parts:
     task, train, test = task_and_examples(config, tokenizer)
     # issue 11: fp32 masters (parameters, gradients, optimizer state), forwards in the compute dtype (autocast).
     precision = training_precision(resolve_dtype(config.model.dtype, device), device)
-    policy = load_policy(model_path, device=device, gradient_checkpointing=checkpointing, precision=precision)
-    critic = load_critic(resolve_model(config.model.critic_name or config.model.name), device=device,
-                         gradient_checkpointing=checkpointing, precision=precision,
-                         value_head_std=config.model.value_head_init_std)  # None: the model's initializer_range
-    # issue 11: a frozen copy of the starting weights, computed like the policy, only when a KL loss is asked for.
-    reference = (load_policy(model_path, device=device, precision=precision).requires_grad_(False)
-                 if config.ppo.kl_coef > 0 else None)
+    # issue 12: with several workers each model loads into host memory and is sharded with FSDP2
+    # before the next one loads; fully_shard moves each unit's shard to the worker's GPU as it
+    # shards it, so the GPU holds the shards and at most one unit whole, never a whole model.
+    load_device = "cpu" if workers.many else device
+    policy, critic, reference = load_models([
+        lambda: load_policy(model_path, device=load_device, gradient_checkpointing=checkpointing, precision=precision),
+        lambda: load_critic(resolve_model(config.model.critic_name or config.model.name), device=load_device,
+                            gradient_checkpointing=checkpointing, precision=precision,
+                            value_head_std=config.model.value_head_init_std),  # None: its initializer_range
+        # issue 11: a frozen copy of the starting weights, computed like the policy, only for a KL loss.
+        (lambda: load_policy(model_path, device=load_device, precision=precision).requires_grad_(False))
+        if config.ppo.kl_coef > 0 else None,
+    ], (lambda module: shard_module(module, precision.compute)) if workers.many else None)
     if workers.many:
-        # issue 12: FSDP2 shards; the engine samples from its own unsharded copy (synced after updates).
-        for module in (policy, critic, reference):
-            if module is not None:
-                shard_module(module, precision.compute)
+        # issue 12: the engine samples from its own unsharded copy (synced after updates).
         engine = make_engine(config, model_path, tokenizer, engine_device(device), None)
     else:
         engine = make_engine(config, model_path, tokenizer, device, policy)
@@ -137,6 +140,17 @@ def build(config: RunConfig) -> Parts:
     test_prompts = [encode_prompt(task, ex, tokenizer, config.ppo.max_prompt_length) for ex in test]
     return Parts(config, device, task, tokenizer, policy, critic, engine, actor_opt, critic_opt, critic_sched,
                  objective, train, test, test_prompts, max_new_tokens, reference=reference, workers=workers)
+
+
+def load_models(loaders: Sequence[Callable[[], torch.nn.Module] | None],
+                shard: Callable[[torch.nn.Module], torch.nn.Module] | None = None) -> list[torch.nn.Module | None]:
+    """Each loader's model (None for a None loader), in order; with `shard`, each is sharded as
+    soon as it is loaded, before the next one loads."""
+    models: list[torch.nn.Module | None] = []
+    for loader in loaders:
+        module = loader() if loader is not None else None
+        models.append(shard(module) if shard is not None and module is not None else module)
+    return models
 
 
 def engine_device(device: str, current: int | None = None) -> str:
