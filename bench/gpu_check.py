@@ -92,6 +92,20 @@ def _ppo_config(model_dir: Path, device: str, dtype: str, prompts: int, n: int, 
     )
 
 
+def _gradients_at_step(parts) -> list:
+    """The policy's gradients (flattened, float32, in parameter order) as the actor optimizer
+    steps: filled in when it does."""
+    kept: list = []
+    step = parts.actor_opt.step
+
+    def recording_step(*args, **kwargs):
+        kept[:] = [p.grad.detach().reshape(-1).float().clone() for p in parts.policy.parameters()]
+        return step(*args, **kwargs)
+
+    parts.actor_opt.step = recording_step
+    return kept
+
+
 def bf16_check(device: str, scratch: Path, tokenizer: Path) -> dict:
     import dataclasses
 
@@ -110,9 +124,10 @@ def bf16_check(device: str, scratch: Path, tokenizer: Path) -> dict:
         # Both sample from their identical fp32 masters: the same rollouts, so only the update differs.
         parts = dataclasses.replace(parts, engine=HFEngine(parts.policy, parts.tokenizer, device=device, seed=0))
         start = {k: v.detach().clone() for k, v in parts.policy.state_dict().items()}
+        grads = _gradients_at_step(parts)  # the trainer frees them after its last optimizer step
         metrics = trainer.train_step(parts, 1)
         after = {k: v.detach().clone() for k, v in parts.policy.state_dict().items()}
-        grad = torch.cat([p.grad.reshape(-1).float() for p in parts.policy.parameters()])
+        grad = torch.cat(grads)
         runs[dtype] = dict(
             start=start,
             after=after,
