@@ -334,3 +334,17 @@ def test_each_model_is_sharded_before_the_next_one_loads():
     events.clear()
     load_models([loader("policy"), loader("critic"), loader("reference")], None)
     assert events == ["load policy", "load critic", "load reference"]
+
+
+def test_a_tied_embedding_is_streamed_once(quick_policy):
+    """The engine's weight sync gathers each tensor once: the testbed ties its LM head to the
+    embedding, so `lm_head.weight` (the same parameter) is not gathered a second time."""
+    from tre_cli.trainer.distributed import stream_full_state
+
+    assert quick_policy.config.tie_word_embeddings
+    streamed = dict(stream_full_state(quick_policy))
+    state = quick_policy.state_dict()
+    assert "lm_head.weight" in state and "lm_head.weight" not in streamed
+    assert sorted(streamed) == sorted(name for name in state if name != "lm_head.weight")
+    assert all(torch.equal(streamed[name], state[name]) for name in streamed)
+    assert not any(t.requires_grad for t in streamed.values())

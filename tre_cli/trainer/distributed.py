@@ -197,8 +197,14 @@ def stream_full_state(module: torch.nn.Module) -> Iterator[tuple[str, torch.Tens
     the same names in the same order): (name, full tensor) pairs, each gathered from its shards
     only when asked for. What a rollout engine's weight sync reads, so a worker never holds more
     than one whole parameter beyond its shards (for a 7B policy, the embedding's 545M values
-    instead of all 7.6e9: full_state_dict would gather 30 GB of fp32 on every GPU)."""
-    for name, tensor in module.state_dict().items():
+    instead of all 7.6e9: full_state_dict would gather 30 GB of fp32 on every GPU). A tensor
+    under two names (tied embeddings: `lm_head.weight` is `model.embed_tokens.weight`) is
+    gathered and given once, under its first name; the engines' models tie it alike."""
+    seen: set[int] = set()
+    for name, tensor in module.state_dict(keep_vars=True).items():
+        if id(tensor) in seen:
+            continue
+        seen.add(id(tensor))
         yield name, local_tensor(tensor).detach()
 
 
