@@ -348,3 +348,15 @@ def test_a_tied_embedding_is_streamed_once(quick_policy):
     assert sorted(streamed) == sorted(name for name in state if name != "lm_head.weight")
     assert all(torch.equal(streamed[name], state[name]) for name in streamed)
     assert not any(t.requires_grad for t in streamed.values())
+
+
+def test_the_critic_and_its_value_head_return_no_views(quick_testbed):
+    """FSDP2 units warn when they return a view (an in-place op on it would skip their backward
+    hooks): the value head (its own unit under run.workers) and the critic return fresh tensors."""
+    from tre_cli.models import load_critic
+
+    critic = load_critic(quick_testbed)
+    head_views: list[bool] = []
+    critic.value_head.register_forward_hook(lambda module, inputs, output: head_views.append(output._is_view()))
+    values = critic(torch.tensor([[3, 4, 5], [6, 7, 8]]))
+    assert values.shape == (2, 3) and not values._is_view() and head_views == [False]
