@@ -96,6 +96,7 @@ def test_level_2_discards_the_weights_so_only_a_sync_wakes_the_engine():
     assert level_1.llm.calls == ["sleep(1)", "wake_up(None)"] and not level_1.asleep
 
 
+@pytest.mark.slow
 def test_no_gradient_is_alive_when_the_engine_wakes_after_an_update(tiny_testbed, tmp_path):
     """train_step frees the last mini-batch's gradients (set_to_none) before the engine's sync
     wakes it: a recording engine checks every parameter of the policy and critic at that moment."""
