@@ -20,8 +20,12 @@ about 8 minutes. Checks, most valuable first, each with its own time cap inside 
     make gpu-check                                  # = python bench/gpu_check.py --out gpu-check.json
     python bench/gpu_check.py --dry-run --out x.json  # CPU: tiny shapes, the same code paths
 
-Each check's failure is recorded (status and the error's last line) and the others still run;
-the exit code is 0 only when every check that ran passed.
+Each check runs in a child process of its own, killed at its time cap ("timed out"), whose
+memory is the device's again when it exits (the 1.5B PPO step's engine holds a reference cycle
+through torch.compile). Each check's failure is recorded (status and the error's last line) and
+the others still run; the exit code is 0 only when every check that ran passed. Before any
+check, one line names what the kernels need and this machine lacks (pytest for the kernel
+tests; a C compiler and Python's headers for Triton to build its launcher).
 """
 
 from __future__ import annotations
@@ -30,6 +34,8 @@ import argparse
 import importlib.util
 import json
 import os
+import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -66,6 +72,28 @@ def environment() -> dict:
     return env
 
 
+def kernel_prerequisites(which=shutil.which, include_dir: str | None = None,
+                         has_pytest: bool | None = None) -> list[str]:
+    """What the kernel checks need and this machine lacks (empty: nothing): pytest (the kernel
+    tests), a C compiler ($CC, cc, gcc or clang) and Python's headers (Python.h), with which
+    Triton builds its launcher on first use. `which`, `include_dir`, `has_pytest`: the
+    machine's unless given."""
+    import sysconfig
+
+    missing = []
+    if has_pytest is None:
+        has_pytest = importlib.util.find_spec("pytest") is not None
+    if not has_pytest:
+        missing.append("pytest (pip install pytest)")
+    compilers = [os.environ["CC"]] if os.environ.get("CC") else ["cc", "gcc", "clang"]
+    if not any(which(c) for c in compilers):
+        missing.append(f"a C compiler ({', '.join(compilers)}: none found; apt-get install gcc)")
+    include_dir = include_dir if include_dir is not None else sysconfig.get_paths()["include"]
+    if not (Path(include_dir) / "Python.h").is_file():
+        missing.append(f"Python's headers ({include_dir}/Python.h; apt-get install python3-dev)")
+    return missing
+
+
 def build_tokenizer(out: Path) -> Path:
     """A small Countdown BPE tokenizer with a chat template (the testbed's recipe; no download),
     in a folder with a config.json, as tre loads tokenizers from model folders."""
@@ -95,6 +123,20 @@ def _ppo_config(model_dir: Path, device: str, dtype: str, prompts: int, n: int, 
     )
 
 
+def _gradients_at_step(parts) -> list:
+    """The policy's gradients (flattened, float32, in parameter order) as the actor optimizer
+    steps: filled in when it does."""
+    kept: list = []
+    step = parts.actor_opt.step
+
+    def recording_step(*args, **kwargs):
+        kept[:] = [p.grad.detach().reshape(-1).float().clone() for p in parts.policy.parameters()]
+        return step(*args, **kwargs)
+
+    parts.actor_opt.step = recording_step
+    return kept
+
+
 def bf16_check(device: str, scratch: Path, tokenizer: Path) -> dict:
     import dataclasses
 
@@ -113,9 +155,10 @@ def bf16_check(device: str, scratch: Path, tokenizer: Path) -> dict:
         # Both sample from their identical fp32 masters: the same rollouts, so only the update differs.
         parts = dataclasses.replace(parts, engine=HFEngine(parts.policy, parts.tokenizer, device=device, seed=0))
         start = {k: v.detach().clone() for k, v in parts.policy.state_dict().items()}
+        grads = _gradients_at_step(parts)  # the trainer frees them after its last optimizer step
         metrics = trainer.train_step(parts, 1)
         after = {k: v.detach().clone() for k, v in parts.policy.state_dict().items()}
-        grad = torch.cat([p.grad.reshape(-1).float() for p in parts.policy.parameters()])
+        grad = torch.cat(grads)
         runs[dtype] = dict(
             start=start,
             after=after,
@@ -177,7 +220,12 @@ def ppo_step(device: str, scratch: Path, tokenizer: Path, dry_run: bool) -> dict
     }
 
 
-def kernel_tests(timeout: float) -> dict:
+def kernel_tests(timeout: float, has_pytest: bool | None = None) -> dict:
+    if has_pytest is None:
+        has_pytest = importlib.util.find_spec("pytest") is not None
+    if not has_pytest:  # a failure, not a skip: the kernels would go unchecked
+        return {"error": "pytest is not installed, so the kernel tests cannot run (pip install pytest)",
+                "passed": False}
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env["PYTHONPATH"] = str(ROOT) + os.pathsep + env.get("PYTHONPATH", "")
     out = subprocess.run(
@@ -229,25 +277,67 @@ def _write(summary: dict, started: float, out: str) -> None:
     Path(out).write_text(json.dumps(summary, indent=2, default=str) + "\n")
 
 
-def _run(name: str, fn, summary: dict, deadline: float) -> None:
-    left = deadline - time.perf_counter()
-    if left < 10:
-        summary["checks"][name] = {"status": "skipped: out of time"}
-        return
-    started = time.perf_counter()
+def run_check(name: str, device: str, scratch: Path, tokenizer: Path, dry_run: bool, cap: float) -> dict:
+    """One check, in this process (what a child process calls)."""
+    plan = {
+        "bf16_check": lambda: bf16_check(device, scratch, tokenizer),
+        "ppo_step": lambda: ppo_step(device, scratch, tokenizer, dry_run),
+        "kernel_tests": lambda: kernel_tests(cap),
+        "released_compat": lambda: _load("compat_check").run(device, dry_run),
+        "token_stats": lambda: token_stats(device, dry_run, time.perf_counter() + cap),
+    }
+    return plan[name]()
+
+
+def _child_main(args) -> None:
+    """--child: run one check and write its result (or its error) as JSON to --result."""
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+    os.environ.setdefault("TRE_KERNELS", "1")
     try:
-        result = fn(min(CAPS_S[name], left))
-        status = (
-            f"skipped: {result['skipped']}" if result.get("skipped") else ("ok" if result.get("passed") else "failed")
-        )
-    except subprocess.TimeoutExpired:
-        result, status = {}, "timed out"
+        result = run_check(args.child, "cpu" if args.dry_run else "cuda", Path(args.scratch), Path(args.tokenizer),
+                           args.dry_run, args.cap)
     except Exception as error:  # recorded; the other checks still run
         result = {
             "error": f"{type(error).__name__}: {error}".splitlines()[0][:300],
             "traceback_tail": traceback.format_exc().strip().splitlines()[-3:],
+            "status": "error",
         }
-        status = "error"
+    Path(args.result).write_text(json.dumps(result, default=str))
+
+
+def _run(name: str, summary: dict, deadline: float, child_args: list[str], scratch: Path,
+         caps: dict[str, float] | None = None) -> None:
+    """Check `name` in a child process, killed at its cap (or the time left, if less)."""
+    left = deadline - time.perf_counter()
+    if left < 10:
+        summary["checks"][name] = {"status": "skipped: out of time"}
+        return
+    cap = min((caps or CAPS_S)[name], left)
+    started = time.perf_counter()
+    result_file = scratch / f"{name}.json"
+    command = [sys.executable, str(Path(__file__).resolve()), "--child", name, "--result", str(result_file),
+               "--cap", str(cap), *child_args]
+    env = {**os.environ, "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    # Its own session, so that a timeout kills the check's children too (the kernel tests' pytest).
+    child = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                             start_new_session=True)
+    try:
+        output, _ = child.communicate(timeout=cap)
+        if result_file.is_file():
+            result = json.loads(result_file.read_text())
+            status = result.pop("status", None) or (
+                f"skipped: {result['skipped']}" if result.get("skipped")
+                else ("ok" if result.get("passed") else "failed"))
+        else:  # the child died before writing (killed, out of memory, a crash in native code)
+            tail = output.strip().splitlines()[-3:]
+            result, status = {"error": f"the check's process exited with {child.returncode}",
+                              "traceback_tail": tail}, "error"
+    except subprocess.TimeoutExpired:
+        os.killpg(child.pid, signal.SIGKILL)
+        child.communicate()
+        result, status = {}, "timed out"
     summary["checks"][name] = {"status": status, "seconds": round(time.perf_counter() - started, 1), **result}
     print(f"{name:14} {summary['checks'][name]['seconds']:7.1f} s  {status}", flush=True)
 
@@ -258,35 +348,37 @@ def main(argv=None) -> dict:
     parser.add_argument("--out", default="gpu-check.json", help="the JSON summary")
     parser.add_argument("--budget", type=float, default=TOTAL_BUDGET_S, help="seconds for all checks together")
     parser.add_argument("--only", nargs="*", choices=sorted(CAPS_S), help="run only these checks")
+    for internal in ("--child", "--result", "--scratch", "--tokenizer"):  # a check's own process
+        parser.add_argument(internal, help=argparse.SUPPRESS)
+    parser.add_argument("--cap", type=float, default=0.0, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
+    if args.child:
+        _child_main(args)
+        return {"ok": True}
 
     import torch
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()  # one line per check, not a bar per model load
-    os.environ.setdefault("TRE_KERNELS", "1")
     device = "cpu" if args.dry_run else "cuda"
     if device == "cuda" and not torch.cuda.is_available():
         raise SystemExit("gpu-check: no CUDA device here; use --dry-run on a CPU")
     started = time.perf_counter()
     deadline = started + args.budget
     summary = {"dry_run": args.dry_run, "device": device, "environment": environment(), "checks": {}}
+    missing = kernel_prerequisites()
+    summary["environment"]["kernel_prerequisites_missing"] = missing
+    if missing:
+        print(f"gpu-check: the kernel checks need {'; '.join(missing)}", flush=True)
     wanted = args.only or list(CAPS_S)
     with tempfile.TemporaryDirectory(prefix="tre-gpu-check-") as tmp:
         scratch = Path(tmp)
         tokenizer = build_tokenizer(scratch / "tokenizer")
-        plan = {
-            "bf16_check": lambda cap: bf16_check(device, scratch, tokenizer),
-            "ppo_step": lambda cap: ppo_step(device, scratch, tokenizer, args.dry_run),
-            "kernel_tests": lambda cap: kernel_tests(cap),
-            "released_compat": lambda cap: _load("compat_check").run(device, args.dry_run),
-            "token_stats": lambda cap: token_stats(device, args.dry_run, time.perf_counter() + cap),
-        }
+        child_args = ["--scratch", str(scratch), "--tokenizer", str(tokenizer)]
+        child_args += ["--dry-run"] if args.dry_run else []
         for name in CAPS_S:
             if name in wanted:
-                _run(name, plan[name], summary, deadline)
-                if device == "cuda":
-                    torch.cuda.empty_cache()
+                _run(name, summary, deadline, child_args, scratch)
                 _write(summary, started, args.out)  # after every check: a killed run keeps what it measured
     _write(summary, started, args.out)
     print(f"gpu-check {'passed' if summary['ok'] else 'FAILED'} in {summary['seconds']} s -> {args.out}")

@@ -82,3 +82,31 @@ def test_compat_check_fails_when_compat_mode_differs(monkeypatch):
     result = check.run("cpu", dry_run=True)
     eager = result["groups"][0]["eager"]
     assert not result["passed"] and eager["size_differs"] > 0 and eager["explained_near_ties"] == 0, result
+
+
+def test_what_the_kernels_need_is_named_up_front(tmp_path):
+    module = _gpu_check()
+    (tmp_path / "Python.h").write_text("")
+    assert module.kernel_prerequisites(which=lambda name: f"/usr/bin/{name}", include_dir=str(tmp_path),
+                                       has_pytest=True) == []
+    missing = module.kernel_prerequisites(which=lambda name: None, include_dir=str(tmp_path / "none"),
+                                          has_pytest=False)
+    assert [m.split(" ")[0] for m in missing] == ["pytest", "a", "Python's"]
+    assert "C compiler" in missing[1] and "Python.h" in missing[2]
+
+
+def test_the_kernel_tests_without_pytest_fail_instead_of_skipping():
+    result = _gpu_check().kernel_tests(60, has_pytest=False)
+    assert result["passed"] is False and "pytest is not installed" in result["error"] and "skipped" not in result
+
+
+def test_a_check_runs_in_its_own_process_and_is_killed_at_its_cap(tmp_path):
+    """The cap is enforced: the check's process (importing torch takes longer) is killed."""
+    import time
+
+    module = _gpu_check()
+    summary = {"checks": {}}
+    started = time.perf_counter()
+    module._run("bf16_check", summary, started + 600, ["--dry-run"], tmp_path, caps={"bf16_check": 0.5})
+    assert summary["checks"]["bf16_check"]["status"] == "timed out"
+    assert time.perf_counter() - started < 30

@@ -98,10 +98,29 @@ def test_hf_engine_samples_from_a_compute_dtype_copy_and_syncs_it(quick_testbed,
     engine.sync_weights(policy.state_dict())
     for (name, mine), theirs in zip(engine.model.state_dict().items(), policy.state_dict().values()):
         assert torch.equal(mine, theirs.to(torch.bfloat16)), name
+    # Only parameters are cast: the rotary inverse frequencies stay float32, as in the policy.
+    buffers = dict(policy.named_buffers())
+    assert {n: b.dtype for n, b in engine.model.named_buffers()} == {n: b.dtype for n, b in buffers.items()}
     # Same dtype: the engine samples from the trainer's module itself, and a sync of it is a no-op.
     shared = HFEngine(policy, quick_tokenizer, seed=0, dtype="fp32")
     assert not shared.owns_copy and shared.model is policy
     shared.sync_weights(policy.state_dict())
+
+
+def test_hf_engine_bf16_copy_samples_as_the_model_loaded_in_bf16(tiny_testbed, quick_tokenizer):
+    """The engine's bf16 copy of fp32 masters samples what the same weights loaded in bf16 sample
+    (issue 20: what a run.workers > 1 engine loads), token for token: a copy that rounded the
+    rotary frequencies to bf16 too sampled other tokens."""
+    from tre_cli.models import load_tokenizer
+
+    tokenizer = load_tokenizer(tiny_testbed)
+    copied = HFEngine(load_policy(tiny_testbed, precision=BF16_CPU), tokenizer, seed=3, dtype="bf16")
+    loaded = HFEngine(load_policy(tiny_testbed, dtype=torch.bfloat16), tokenizer, seed=3)
+    prompts = [tokenizer(f"Using the numbers {i}, 7, 3, create an equation that equals {20 + i}.")["input_ids"]
+               for i in range(4)]
+    a = copied.generate(prompts, n=4, max_new_tokens=48, stream=1)
+    b = loaded.generate(prompts, n=4, max_new_tokens=48, stream=1)
+    assert torch.equal(a.response_ids, b.response_ids) and torch.equal(a.logprobs, b.logprobs)
 
 
 def _parts_with_fp32_sampler(config):
@@ -110,6 +129,20 @@ def _parts_with_fp32_sampler(config):
     parts = trainer.build(config)
     engine = HFEngine(parts.policy, parts.tokenizer, seed=config.run.seed)
     return dataclasses.replace(parts, engine=engine)
+
+
+def _gradients_at_step(parts):
+    """The policy's gradients as the actor optimizer steps (flattened, in parameter order; filled
+    in when it steps): the trainer frees them after the last step."""
+    kept: list[torch.Tensor] = []
+    step = parts.actor_opt.step
+
+    def recording_step(*args, **kwargs):
+        kept[:] = [p.grad.detach().clone().reshape(-1) for p in parts.policy.parameters()]
+        return step(*args, **kwargs)
+
+    parts.actor_opt.step = recording_step
+    return kept
 
 
 def _snapshot(module):
@@ -128,6 +161,7 @@ def test_bf16_compute_moves_the_weights_and_agrees_with_fp32(quick_testbed, tmp_
     assert all(torch.equal(start[k], v) for k, v in _snapshot(bf16.policy).items())
     assert precision_of(bf16.policy).compute == torch.bfloat16 and precision_of(fp32.policy).compute == torch.float32
 
+    grads_bf16, grads_fp32 = _gradients_at_step(bf16), _gradients_at_step(fp32)
     metrics_bf16 = trainer.train_step(bf16, 1)
     metrics_fp32 = trainer.train_step(fp32, 1)
     assert metrics_bf16["reward/mean"] == metrics_fp32["reward/mean"]  # the same rollouts
@@ -137,10 +171,9 @@ def test_bf16_compute_moves_the_weights_and_agrees_with_fp32(quick_testbed, tmp_
     moved_fp32 = fraction_changed(start, after_fp32)
     assert moved_fp32 >= 0.9 and moved_bf16 >= 0.9, (moved_bf16, moved_fp32)
 
-    # The gradients (left in .grad by the step's only mini-batch) agree to bf16 tolerance, and so
-    # do the updates Adam made from them.
-    g_bf16 = torch.cat([p.grad.reshape(-1) for p in bf16.policy.parameters()])
-    g_fp32 = torch.cat([p.grad.reshape(-1) for p in fp32.policy.parameters()])
+    # The gradients (of the step's only mini-batch) agree to bf16 tolerance, and so do the
+    # updates Adam made from them.
+    g_bf16, g_fp32 = torch.cat(grads_bf16), torch.cat(grads_fp32)
     assert torch.nn.functional.cosine_similarity(g_bf16, g_fp32, dim=0) > 0.99
     assert (g_bf16 - g_fp32).norm() / g_fp32.norm() < 0.1
     d_bf16 = torch.cat([(after_bf16[k] - start[k]).reshape(-1) for k in start])
@@ -152,8 +185,8 @@ def test_bf16_compute_moves_the_weights_and_agrees_with_fp32(quick_testbed, tmp_
 
     # The failure this guards against: the same update applied to weights stored in bf16.
     stored_bf16 = load_policy(quick_testbed, dtype="bf16")
-    for p, master in zip(stored_bf16.parameters(), fp32.policy.parameters()):
-        p.grad = master.grad.to(torch.bfloat16)
+    for p, grad in zip(stored_bf16.parameters(), grads_fp32):
+        p.grad = grad.reshape(p.shape).to(torch.bfloat16)
     before = _snapshot(stored_bf16)
     torch.optim.AdamW(stored_bf16.parameters(), lr=1e-6, weight_decay=0.0).step()
     assert fraction_changed(before, _snapshot(stored_bf16)) < 0.1

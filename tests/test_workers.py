@@ -162,3 +162,23 @@ def test_two_workers_sample_with_vllm_engines_that_follow_the_weights(quick_test
         # lr 1e-2 moves the policy far from the start: an engine left on step 1's weights would
         # be off by far more than float noise by step 3.
         assert all(r["rollout/probs_diff_max"] < 1e-3 for r in records), [r["rollout/probs_diff_max"] for r in records]
+
+
+@pytest.mark.slow
+def test_two_bf16_workers_train_like_one_bf16_process(tiny_testbed, tmp_path):
+    """model.dtype=bf16 (issue 20): FSDP2 gathers parameters in bf16 while the critic's value
+    head, its own fp32 unit, computes in fp32 as in one process. Step 1 sees the same rollouts
+    (per-sequence seeding from the same bf16 weights) and so the same rewards; P_max, entropy and
+    the critic loss agree within bf16 rounding. Before the head had its own unit the first critic
+    forward died ("mat1 and mat2 must have the same dtype")."""
+    extra = ["model.dtype=bf16"]
+    one, two = tmp_path / "one", tmp_path / "two"
+    trainer.run(_config(tiny_testbed, one, "tre-p", steps=2, extra=extra))
+    run_workers_locally(_config(tiny_testbed, two, "tre-p", steps=2, extra=[*extra, "run.workers=2"]), two, 2)
+    a, b = _metrics(one), _metrics(two)
+    assert [r["step"] for r in a] == [r["step"] for r in b] == [1, 2]
+    first_a, first_b = a[0], b[0]
+    for key in EXACT:
+        assert first_a[key] == first_b[key], key
+    for key in ("actor/p_max", "actor/entropy", "critic/vf_loss"):
+        assert math.isclose(first_a[key], first_b[key], rel_tol=1e-2), (key, first_a[key], first_b[key])

@@ -180,10 +180,15 @@ class RolloutConfig:
     max_new_tokens: int | None = None
     temperature: float = 1.0
     top_p: float = 1.0
-    # vLLM only: the fraction of GPU memory vLLM may take (it shares the GPU with training).
+    # vLLM only: the fraction of GPU memory vLLM's start-up admission check allows. The engine
+    # always sets its KV cache's size (kv_cache_memory_bytes, else 20% of the GPU), so this does
+    # not size the cache; it only lets the engine start beside the trainer's memory.
     gpu_memory_utilization: float = 0.5
-    # vLLM only: an explicit KV-cache size in bytes; overrides gpu_memory_utilization for the cache.
+    # vLLM only: an explicit KV-cache size in bytes (None: 20% of the GPU's memory; 512 MiB on CPU).
     kv_cache_memory_bytes: int | None = None
+    # hf only: at most this many sequences decode together (its KV cache holds them at full width);
+    # None: all of a call's at once. Batching never changes a sample (per-sequence noise).
+    max_batch_sequences: int | None = None
     # Strings that end a response (verl's and vLLM's `stop`): it keeps the text up to and
     # including the first one, counts as finished, and the reward reads that text. None in the
     # paper's runs (they stop at EOS only); sweeps/smollm2.yaml stops Countdown at "</answer>".
@@ -202,6 +207,9 @@ class RolloutConfig:
             "must be in (0, 1]",
             self.gpu_memory_utilization,
         )
+        if self.max_batch_sequences is not None:
+            _require(self.max_batch_sequences >= 1, "rollout.max_batch_sequences", "must be >= 1",
+                     self.max_batch_sequences)
         if self.kv_cache_memory_bytes is not None:
             _require(
                 self.kv_cache_memory_bytes >= 1,

@@ -240,9 +240,13 @@ class ValueModel(nn.Module):
             hidden = self.backbone(
                 input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False
             ).last_hidden_state
-        # The head in float32 even inside a caller's autocast region.
+        # The head in float32 even inside a caller's autocast region, on the rows of a 2-D view of
+        # the hidden states, and the values copied out of the [B * T, 1] result: neither the
+        # head's output nor the model's is a view, which FSDP2's units warn about (an in-place
+        # op on a view would skip their backward hooks).
         with torch.autocast(device_type=hidden.device.type, enabled=False):
-            return self.value_head(hidden.float()).squeeze(-1)
+            rows = self.value_head(hidden.float().reshape(-1, hidden.shape[-1]))
+            return rows.reshape(hidden.shape[:-1]).clone()
 
 
 def _device_of(module: nn.Module) -> torch.device:

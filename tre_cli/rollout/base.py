@@ -108,8 +108,13 @@ def check_generate_args(
         raise ValueError(f"top_p must be in (0, 1], got {top_p}")
 
 
-def left_pad(sequences: Sequence[Sequence[int]], pad_token_id: int) -> tuple[torch.Tensor, torch.Tensor]:
-    width = max(len(s) for s in sequences)
+def left_pad(sequences: Sequence[Sequence[int]], pad_token_id: int,
+             width: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Ids and mask, left-padded to `width` (None: the longest sequence's)."""
+    longest = max(len(s) for s in sequences)
+    width = longest if width is None else int(width)
+    if width < longest:
+        raise ValueError(f"left_pad: width {width} is shorter than a {longest}-token sequence")
     ids = torch.full((len(sequences), width), pad_token_id, dtype=torch.long)
     mask = torch.zeros((len(sequences), width), dtype=torch.long)
     for row, sequence in enumerate(sequences):

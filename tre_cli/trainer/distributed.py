@@ -162,14 +162,19 @@ def _decoder_layers(module: torch.nn.Module) -> list[torch.nn.Module]:
 
 
 def shard_module(module: torch.nn.Module, compute_dtype: torch.dtype) -> torch.nn.Module:
-    """FSDP2 in place: each decoder layer its own unit, the rest (embeddings, final norm, heads)
-    the root's; parameters gathered in the compute dtype, gradients reduced in float32 and
-    averaged over workers by FSDP (hence `loss_scale`: see the module docstring)."""
+    """FSDP2 in place: each decoder layer its own unit, a critic's value head its own float32
+    unit, the rest (embeddings, final norm, LM head) the root's; parameters gathered in the
+    compute dtype (the value head's in float32: `ValueModel` computes it in float32 on a float32
+    input), gradients reduced in float32 and averaged over workers by FSDP (hence `loss_scale`:
+    see the module docstring)."""
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
     policy = MixedPrecisionPolicy(param_dtype=compute_dtype, reduce_dtype=torch.float32)
     for layer in _decoder_layers(module):
         fully_shard(layer, mp_policy=policy)
+    head = getattr(module, "value_head", None)
+    if isinstance(head, torch.nn.Module):
+        fully_shard(head, mp_policy=MixedPrecisionPolicy(param_dtype=torch.float32, reduce_dtype=torch.float32))
     fully_shard(module, mp_policy=policy)
     return module
 
@@ -192,8 +197,14 @@ def stream_full_state(module: torch.nn.Module) -> Iterator[tuple[str, torch.Tens
     the same names in the same order): (name, full tensor) pairs, each gathered from its shards
     only when asked for. What a rollout engine's weight sync reads, so a worker never holds more
     than one whole parameter beyond its shards (for a 7B policy, the embedding's 545M values
-    instead of all 7.6e9: full_state_dict would gather 30 GB of fp32 on every GPU)."""
-    for name, tensor in module.state_dict().items():
+    instead of all 7.6e9: full_state_dict would gather 30 GB of fp32 on every GPU). A tensor
+    under two names (tied embeddings: `lm_head.weight` is `model.embed_tokens.weight`) is
+    gathered and given once, under its first name; the engines' models tie it alike."""
+    seen: set[int] = set()
+    for name, tensor in module.state_dict(keep_vars=True).items():
+        if id(tensor) in seen:
+            continue
+        seen.add(id(tensor))
         yield name, local_tensor(tensor).detach()
 
 

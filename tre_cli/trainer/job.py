@@ -24,6 +24,7 @@ from tre_cli.trainer.follow import StepFollower, checkpoints_at, evaluates_at, r
 from tre_cli.trainer.parts import (
     Parts,
     build,
+    check_hf_batch_memory,
     encode_prompt,
     make_engine,
     eval_stream,
@@ -291,6 +292,7 @@ def evaluate_model(config: RunConfig, console: Any = None) -> RunResult:
     max_new_tokens = max_new_tokens_of(config)
     seed_everything(config.run.seed)
     model_path = resolve_model(config.model.name)
+    check_hf_batch_memory(config, model_path, device)
     tokenizer = load_tokenizer(model_path)
     task, _, test = task_and_examples(config, tokenizer, train=False)
     policy = load_policy(model_path, dtype=config.model.dtype, device=device) if config.rollout.engine == "hf" else None

@@ -7,7 +7,7 @@ import random
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 
@@ -102,28 +102,33 @@ def build(config: RunConfig) -> Parts:
     workers = current_workers()
     if workers.many and device == "cuda":  # one GPU a worker
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", workers.rank)))
+        check_engine_placement(config.rollout.engine, workers, torch.cuda.device_count())
     checkpointing = resolve_gradient_checkpointing(config.model.gradient_checkpointing, device)
     objective = objective_of(config)
     model_path = resolve_model(config.model.name)
     # issue 11: the model must hold prompt + T positions; checked before any model is loaded.
     check_model_context(model_path, config.ppo.max_prompt_length, config.rollout.max_new_tokens, config.model.name)
+    check_hf_batch_memory(config, model_path, device, workers)
     tokenizer = load_tokenizer(model_path)
     task, train, test = task_and_examples(config, tokenizer)
     # issue 11: fp32 masters (parameters, gradients, optimizer state), forwards in the compute dtype (autocast).
     precision = training_precision(resolve_dtype(config.model.dtype, device), device)
-    policy = load_policy(model_path, device=device, gradient_checkpointing=checkpointing, precision=precision)
-    critic = load_critic(resolve_model(config.model.critic_name or config.model.name), device=device,
-                         gradient_checkpointing=checkpointing, precision=precision,
-                         value_head_std=config.model.value_head_init_std)  # None: the model's initializer_range
-    # issue 11: a frozen copy of the starting weights, computed like the policy, only when a KL loss is asked for.
-    reference = (load_policy(model_path, device=device, precision=precision).requires_grad_(False)
-                 if config.ppo.kl_coef > 0 else None)
+    # issue 12: with several workers each model loads into host memory and is sharded with FSDP2
+    # before the next one loads; fully_shard moves each unit's shard to the worker's GPU as it
+    # shards it, so the GPU holds the shards and at most one unit whole, never a whole model.
+    load_device = "cpu" if workers.many else device
+    policy, critic, reference = load_models([
+        lambda: load_policy(model_path, device=load_device, gradient_checkpointing=checkpointing, precision=precision),
+        lambda: load_critic(resolve_model(config.model.critic_name or config.model.name), device=load_device,
+                            gradient_checkpointing=checkpointing, precision=precision,
+                            value_head_std=config.model.value_head_init_std),  # None: its initializer_range
+        # issue 11: a frozen copy of the starting weights, computed like the policy, only for a KL loss.
+        (lambda: load_policy(model_path, device=load_device, precision=precision).requires_grad_(False))
+        if config.ppo.kl_coef > 0 else None,
+    ], (lambda module: shard_module(module, precision.compute)) if workers.many else None)
     if workers.many:
-        # issue 12: FSDP2 shards; the engine samples from its own unsharded copy (synced after updates).
-        for module in (policy, critic, reference):
-            if module is not None:
-                shard_module(module, precision.compute)
-        engine = make_engine(config, model_path, tokenizer, device, None)
+        # issue 12: the engine samples from its own unsharded copy (synced after updates).
+        engine = make_engine(config, model_path, tokenizer, engine_device(device), None)
     else:
         engine = make_engine(config, model_path, tokenizer, device, policy)
     # issue 11: AdamW weight decay and the critic's warm-up ramp as named options (defaults: the released code).
@@ -137,6 +142,77 @@ def build(config: RunConfig) -> Parts:
                  objective, train, test, test_prompts, max_new_tokens, reference=reference, workers=workers)
 
 
+def load_models(loaders: Sequence[Callable[[], torch.nn.Module] | None],
+                shard: Callable[[torch.nn.Module], torch.nn.Module] | None = None) -> list[torch.nn.Module | None]:
+    """Each loader's model (None for a None loader), in order; with `shard`, each is sharded as
+    soon as it is loaded, before the next one loads."""
+    models: list[torch.nn.Module | None] = []
+    for loader in loaders:
+        module = loader() if loader is not None else None
+        models.append(shard(module) if shard is not None and module is not None else module)
+    return models
+
+
+def engine_device(device: str, current: int | None = None) -> str:
+    """The device a worker's engine is built on: on CUDA the worker's own GPU by index
+    (`current`: torch.cuda.current_device() unless given), never plain "cuda"."""
+    if device != "cuda":
+        return device
+    return f"cuda:{torch.cuda.current_device() if current is None else int(current)}"
+
+
+def check_engine_placement(engine: str, workers: Workers, visible_gpus: int) -> None:
+    """A ValueError (one line) for run.workers > 1 with in-process vLLM engines on a worker that
+    sees several GPUs: vLLM's in-process executor places its engine on the first visible GPU
+    whatever the worker's own (vLLM 0.32 takes no device argument), so every worker's engine
+    would land on GPU 0. A worker that sees only its own GPU is fine."""
+    if engine == "vllm" and workers.many and visible_gpus > 1:
+        raise ValueError(
+            f"rollout.engine=vllm with run.workers={workers.world}: each worker sees {visible_gpus} GPUs, and "
+            "vLLM's in-process engine always takes the first one, so all engines would share GPU 0; "
+            "use rollout.engine=hf, or give each worker only its own GPU (CUDA_VISIBLE_DEVICES)")
+
+
+# What evaluation.evaluate gives the engine at once: this many prompts x eval.n_samples.
+EVAL_BATCH_PROMPTS = 64
+
+
+def check_hf_batch_memory(config: RunConfig, model_path: Path, device: str, workers: Workers = SINGLE,
+                          total_memory: int | None = None) -> None:
+    """A ValueError (one line, before any model loads) when the hf engine on CUDA would allocate a
+    static KV cache larger than the GPU (`total_memory` bytes: the current device's unless given)
+    for its largest batch: a step's share of prompts x rollouts_per_prompt, or an evaluation
+    batch, each capped by rollout.max_batch_sequences, at prompt + T positions."""
+    if config.rollout.engine != "hf" or device != "cuda":
+        return
+    from transformers import AutoConfig
+
+    from tre_cli.models import resolve_dtype
+    from tre_cli.rollout.hf import STATIC_CACHE_BUCKET
+
+    if total_memory is None:
+        total_memory = torch.cuda.get_device_properties(torch.cuda.current_device()).total_memory
+    model = AutoConfig.from_pretrained(str(model_path))
+    heads = int(model.num_attention_heads)
+    head_dim = int(getattr(model, "head_dim", None) or model.hidden_size // heads)
+    kv_heads = int(getattr(model, "num_key_value_heads", None) or heads)
+    itemsize = resolve_dtype(config.model.dtype, device).itemsize
+    per_position = 2 * int(model.num_hidden_layers) * kv_heads * head_dim * itemsize  # keys and values
+    width = config.ppo.max_prompt_length + max_new_tokens_of(config)
+    width = -(-width // STATIC_CACHE_BUCKET) * STATIC_CACHE_BUCKET
+    step = -(-config.ppo.prompts_per_step // workers.world) * config.ppo.rollouts_per_prompt
+    sequences = max(step, EVAL_BATCH_PROMPTS * config.eval.n_samples)
+    if config.rollout.max_batch_sequences is not None:
+        sequences = min(sequences, config.rollout.max_batch_sequences)
+    need = sequences * width * per_position
+    if need > total_memory:
+        fits = max(1, total_memory // 4 // (width * per_position))
+        raise ValueError(
+            f"rollout.engine=hf: a batch of {sequences} sequences x {width} positions needs a "
+            f"{need / 2**30:,.0f} GiB KV cache, more than the GPU's {total_memory / 2**30:,.0f} GiB; set "
+            f"rollout.max_batch_sequences (about {fits} fit in a quarter of it) or use rollout.engine=vllm")
+
+
 def make_engine(config: RunConfig, model_path: Path, tokenizer: Any, device: str,
                 policy: torch.nn.Module | None = None) -> RolloutEngine:
     """The configured rollout engine: `hf` samples from `policy` itself (loaded from model_path
@@ -147,7 +223,7 @@ def make_engine(config: RunConfig, model_path: Path, tokenizer: Any, device: str
     max_model_len = check_model_context(model_path, config.ppo.max_prompt_length, config.rollout.max_new_tokens,
                                         config.model.name)
     if config.rollout.engine == "hf":
-        options: dict[str, Any] = {"model": policy}
+        options: dict[str, Any] = {"model": policy, "max_batch_sequences": config.rollout.max_batch_sequences}
     else:
         options = {"gpu_memory_utilization": config.rollout.gpu_memory_utilization,
                    "kv_cache_memory_bytes": config.rollout.kv_cache_memory_bytes, "max_model_len": max_model_len,

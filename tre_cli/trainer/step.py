@@ -327,6 +327,9 @@ def ppo_update(parts: Parts, rollout: Rollout, scored: Scored, step: int,
             if torch.isfinite(critic_norm):
                 parts.critic_opt.step()
             set_training(False, parts.policy, parts.critic)  # issue 11: no-grad passes and sampling in eval mode
+    # issue 20: no gradient outlives the last optimizer step (the engine's sync wakes it next).
+    parts.actor_opt.zero_grad(set_to_none=True)
+    parts.critic_opt.zero_grad(set_to_none=True)
     phases.done(UPDATE)
     metrics = distributed.merge_weighted_means(meter.sums, meter.weights) if parts.workers.many else meter.result()
     metrics["actor/lr"] = parts.actor_opt.param_groups[0]["lr"]
