@@ -103,6 +103,8 @@ def record_from_run(run: Mapping[str, Any]) -> RunRecord:
         params = {k: v for k, v in method_section.items() if k != "name"}
     if method == BASE:  # an untrained model: the config's method (and its params) played no part
         params = {}
+    elif method in METHODS:
+        params = METHODS[method].identity(params)
     task = result.get("task") or _section(config, "task").get("name")
     model = result.get("model") or _section(config, "model").get("name")
     if not task or not model:
