@@ -173,3 +173,66 @@ def test_skip_uniform_groups_drops_groups_without_signal(tiny_testbed, monkeypat
     assert skipped["rollout/uniform_groups"] == 2 and not moved
     kept, moved = step(False)
     assert "rollout/uniform_groups" not in kept and moved
+
+
+# ----------------------------------------------------------------------------- the report
+
+
+def _recorded_run(root, method, estimator, seed, score, params=None):
+    from tre_cli.config import from_dict
+    from tre_cli.tracking import Tracker
+
+    cfg = from_dict({"model": {"name": "testbed"}, "task": {"name": "countdown"},
+                     "method": {"name": method, **(params or {})}, "ppo": {"estimator": estimator},
+                     "rollout": {"max_new_tokens": 64}, "run": {"seed": seed, "wandb": {"mode": "disabled"}}})
+    with Tracker(cfg, root / f"{estimator}-{method}-s{seed}") as tracker:
+        tracker.log_eval(step=1, score=score, metric="pass@1", n_prompts=8, n_samples=2)
+
+
+def test_report_shows_each_estimator_as_its_own_setup(tmp_path):
+    """GRPO runs get their own column ("testbed · GRPO") with deltas to GRPO's Vanilla; runs
+    written before the alpha controller existed share a cell with runs at its defaults."""
+    from tre_cli import report as rp
+
+    _recorded_run(tmp_path, "vanilla", "gae", 0, 0.10)
+    _recorded_run(tmp_path, "tre-p", "gae", 0, 0.12)
+    _recorded_run(tmp_path, "vanilla", "grpo", 0, 0.20)
+    _recorded_run(tmp_path, "tre-p", "grpo", 0, 0.25)
+    _recorded_run(tmp_path, "tre-p", "grpo", 1, 0.27, {"alpha_control": "fixed", "alpha_max": 0.01})
+    records, _ = rp.usable_records(rp.load_local_runs([tmp_path]), "final")
+    assert {(r.model, r.estimator) for r in records} == {("testbed", "gae"), ("testbed · GRPO", "grpo")}
+    table = rp.build_table1(records)
+    assert [c.label.split(" Countdown")[0] for c in table.columns] == ["testbed", "testbed · GRPO"]
+    tre = next(row for row in table.rows if row.method == "tre-p")
+    gae_cell, grpo_cell = tre.cells
+    assert gae_cell.delta == pytest.approx(0.02) and grpo_cell.delta == pytest.approx(0.06)
+    assert grpo_cell.cell.n == 2  # both seeds, one cell
+    assert "testbed · GRPO" in rp.render_markdown(table)
+
+
+def test_controller_params_identify_a_run_only_off_their_defaults():
+    from tre_cli.report import record_from_run
+
+    def record(params):
+        result = {"method": "tre-p", "task": "countdown", "model": "testbed", "params": params, "seed": 0,
+                  "status": "finished", "final_eval": 0.1, "best_eval": 0.1, "eval_metric": "pass@1",
+                  "config": {"rollout": {"max_new_tokens": 64}}}
+        return record_from_run({"path": "x", "result": result})
+
+    old = record({"alpha": 0.001, "p": 0.99, "released_code_compat": False})  # written before issue 21
+    new = record(METHODS["tre-p"].defaults)
+    assert old.params == new.params and old.estimator == "gae" and old.model == "testbed"
+    target = record({**METHODS["tre-p"].defaults, "alpha_control": "target", "target_entropy": 3.0})
+    assert dict(target.params)["alpha_control"] == "target" and dict(target.params)["target_entropy"] == 3.0
+    assert "alpha_step" not in dict(target.params)  # at its default
+
+
+@pytest.mark.parametrize("preset", ["paper", "smoke", "smollm2"])
+def test_the_grpo_sweep_trains_vanilla_ent_and_tre_under_grpo(preset, tmp_path):
+    from tre_cli import sweep
+
+    plan = sweep.plan_sweep("grpo", preset=preset, out=tmp_path / "g", task_overlay=OVERLAY)
+    configs = [planned.config for planned in plan.trials]
+    assert {c.method.name for c in configs} == {"vanilla", "ent", "tre-k", "tre-p"}
+    assert all(c.ppo.estimator == "grpo" and c.ppo.rollouts_per_prompt >= 2 for c in configs)
+    assert all("grpo" in planned.trial.name for planned in plan.trials)

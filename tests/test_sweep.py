@@ -36,6 +36,9 @@ EXPECTED_COUNTS = {
     ("hparam", "smoke", ("countdown",)): 8,
     ("main", "paper", ("math", "countdown", "hh")): 3 * 2 * 7,
     ("main", "smoke", ("countdown",)): 7,
+    ("grpo", "paper", ("countdown",)): 4,  # issue 21: 4 methods under GRPO
+    ("grpo", "smoke", ("countdown",)): 4,
+    ("grpo", "smollm2", ("countdown",)): 4 * 2,
 }
 
 

@@ -53,6 +53,8 @@ class RunRecord:
     """One run, reduced to what the report needs."""
 
     source: str  # run directory, results-store line or W&B URL
+    # The model, with its estimator when that is not GAE ("testbed · GRPO", see `setup`): runs
+    # under another advantage estimator are another setup, with their own columns and Vanilla.
     model: str
     task: str
     method: str
@@ -66,6 +68,7 @@ class RunRecord:
     p_max: tuple[tuple[int, float], ...] = ()  # (step, actor/p_max)
     # (entity, project, mode) the run logged to, so a report can follow its runs to W&B.
     wandb: tuple[str | None, str, str] | None = None
+    estimator: str = "gae"  # ppo.estimator (issue 21); runs recorded before it: GAE
 
     def score(self, which: str = "final") -> float | None:
         return self.final_eval if which == "final" else self.best_eval
@@ -84,6 +87,17 @@ def _finite(value: Any) -> float | None:
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
         return None
     return float(value)
+
+
+# issue 21: how a report names each advantage estimator beside the model.
+ESTIMATOR_LABELS = {"gae": "GAE", "grpo": "GRPO", "dr-grpo": "Dr. GRPO", "rloo": "RLOO"}
+
+
+def setup(model: str, estimator: str) -> str:
+    """A report's name for (model, estimator): the model alone under GAE (the paper's setup)."""
+    if estimator == "gae":
+        return model
+    return f"{model} · {ESTIMATOR_LABELS.get(estimator, estimator)}"
 
 
 def params_key(params: Mapping[str, Any] | None) -> tuple[tuple[str, Any], ...]:
@@ -110,6 +124,8 @@ def record_from_run(run: Mapping[str, Any]) -> RunRecord:
     if not task or not model:
         raise ValueError(f"{run.get('path')}: the run names no task or model")
     seed = result.get("seed", _section(config, "run").get("seed"))
+    # Base (an evaluation of an untrained model) has no estimator: it belongs to the model's GAE setup.
+    estimator = "gae" if method == BASE else str(_section(config, "ppo").get("estimator") or "gae")
     max_new_tokens = _section(config, "rollout").get("max_new_tokens")
     wandb_section = _section(_section(config, "run"), "wandb")
     wandb = None
@@ -122,7 +138,7 @@ def record_from_run(run: Mapping[str, Any]) -> RunRecord:
     )
     return RunRecord(
         source=str(run.get("path")),
-        model=str(model),
+        model=setup(str(model), estimator),
         task=str(task),
         method=str(method),
         params=params_key(params),
@@ -134,6 +150,7 @@ def record_from_run(run: Mapping[str, Any]) -> RunRecord:
         eval_metric=result.get("eval_metric") or _section(config, "eval").get("metric"),
         p_max=p_max,
         wandb=wandb,
+        estimator=estimator,
     )
 
 
