@@ -236,3 +236,28 @@ def test_the_grpo_sweep_trains_vanilla_ent_and_tre_under_grpo(preset, tmp_path):
     assert {c.method.name for c in configs} == {"vanilla", "ent", "tre-k", "tre-p"}
     assert all(c.ppo.estimator == "grpo" and c.ppo.rollouts_per_prompt >= 2 for c in configs)
     assert all("grpo" in planned.trial.name for planned in plan.trials)
+
+
+def test_two_critic_free_workers_train_like_one_with_the_controller(tiny_testbed, tmp_path):
+    """run.workers=2 under GRPO with a target alpha: no critic sharded or saved, the controller's
+    state in workers.pt, and the metrics (alpha included) those of one process."""
+    from workers_harness import run_workers_locally
+
+    from tre_cli.trainer.distributed import workers_state_path
+
+    one, two = tmp_path / "one", tmp_path / "two"
+    trainer.run(_config(tiny_testbed, one, 2, TARGET))
+    run_workers_locally(_config(tiny_testbed, two, 2, [*TARGET, "run.workers=2"]), two, 2)
+    a, b = _metrics(one), _metrics(two)
+    for ra, rb in zip(a, b, strict=True):
+        assert ra["reward/mean"] == rb["reward/mean"] and ra["actor/alpha"] == rb["actor/alpha"]
+        for key in ("actor/p_max", "actor/entropy", "actor/regularizer"):
+            assert math.isclose(ra[key], rb[key], rel_tol=1e-3), (key, ra[key], rb[key])
+        assert not any(k.startswith("critic/") for k in rb)
+    checkpoint = two / "checkpoints" / "step_2"
+    state = torch.load(workers_state_path(checkpoint), weights_only=True)
+    assert "critic_sched" not in state and state["alpha_control"]["alpha"] == pytest.approx(0.005)
+    from torch.distributed.checkpoint import FileSystemReader
+
+    saved = FileSystemReader(str(checkpoint / "sharded")).read_metadata().state_dict_metadata
+    assert any(key.startswith("policy") for key in saved) and not any(key.startswith("critic") for key in saved)
