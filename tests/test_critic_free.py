@@ -60,6 +60,17 @@ def test_dr_grpo_brings_its_aggregation_unless_a_layer_above_the_presets_sets_on
         assert _resolve(overrides=[f"ppo.estimator={estimator}"]).ppo.loss_agg == "token-mean"
 
 
+def test_the_objective_carries_the_clip_range_and_the_normaliser():
+    from tre_cli.trainer.parts import objective_of
+
+    objective = objective_of(_resolve(overrides=["ppo.estimator=dr-grpo", "ppo.clip_low=0.1", "ppo.clip_high=0.28",
+                                                 "rollout.max_new_tokens=96"]))
+    assert (objective.clip, objective.clip_high, objective.loss_agg, objective.agg_norm) == (
+        0.1, 0.28, "seq-mean-token-sum-norm", 96.0)
+    default = objective_of(_resolve(overrides=["ppo.clip=0.25"]))
+    assert (default.clip, default.clip_high) == (0.25, None)  # the symmetric clip, as before
+
+
 def test_alpha_control_params_are_checked_per_method():
     cfg = _resolve("tre-k", ["method.alpha_control=target", "method.target_entropy=2.5", "method.alpha_max=0.05"])
     assert cfg.method.params["alpha_control"] == "target" and cfg.method.params["target_entropy"] == 2.5
