@@ -24,6 +24,10 @@ from tre_cli.config import (
 )
 from tre_cli.losses.registry import METHODS
 
+# The paper's alpha, fixed (issue 21: the controller's parameters at their defaults).
+ALPHA_FIXED = {"alpha": 0.001, "alpha_control": "fixed", "target_entropy": None, "alpha_step": 1e-4,
+               "alpha_max": 0.01}
+
 # A stand-in overlay so these tests do not depend on the shipped tasks/*.yaml.
 OVERLAY = {"ppo": {"steps": 300, "clip": 0.25}, "rollout": {"max_new_tokens": 512}, "eval": {"metric": "pass@1"}}
 
@@ -112,7 +116,7 @@ def test_later_set_beats_earlier_set():
 
 def test_method_params_set_by_file_and_cli():
     cfg = _resolve(method="tre-k", overrides=["method.k=5", "method.alpha=0.01"])
-    assert cfg.method.params == {"alpha": 0.01, "k": 5}
+    assert cfg.method.params == {**METHODS["tre-k"].defaults, "alpha": 0.01, "k": 5}
 
 
 def test_the_overlay_follows_the_final_task_name(tmp_path):
@@ -196,7 +200,7 @@ def test_paper_preset_is_the_paper():
     assert (cfg.ppo.prompts_per_step, cfg.ppo.rollouts_per_prompt, cfg.ppo.mini_batch_prompts) == (512, 8, 64)
     assert (cfg.eval.n_samples, cfg.eval.top_p, cfg.eval.limit) == (8, 0.7, None)
     assert cfg.ppo.steps == 300  # steps stay the task's
-    assert cfg.method.params == {"alpha": 0.001, "p": 0.99, "released_code_compat": False}
+    assert cfg.method.params == {**ALPHA_FIXED, "p": 0.99, "released_code_compat": False}
 
 
 def test_unknown_preset():
@@ -341,7 +345,7 @@ def test_p_equal_one_is_allowed():
             "tre-p",
             "method.k=3",
             "config key 'method.k' is not a parameter of method 'tre-p' "
-            "(its parameters: alpha, p, released_code_compat)",
+            "(its parameters: alpha, alpha_control, target_entropy, alpha_step, alpha_max, p, released_code_compat)",
         ),
         (
             "vanilla",
@@ -535,7 +539,7 @@ def test_a_method_and_an_aggregation_that_do_not_go_together_fail_at_config_time
 def test_method_config_is_the_name_and_every_parameter():
     from tre_cli.config import MethodConfig
 
-    assert MethodConfig.of("tre-k", {"k": 4, "alpha": None}).params == {"alpha": 0.001, "k": 4}
+    assert MethodConfig.of("tre-k", {"k": 4, "alpha": None}).params == {**ALPHA_FIXED, "k": 4}
     assert MethodConfig() == MethodConfig.of("tre-p")
     with pytest.raises(ValueError, match="needs every parameter"):
         MethodConfig("tre-k", {"k": 4})

@@ -45,11 +45,25 @@ def score_before(tmp_path_factory):
 @pytest.mark.slow
 @pytest.mark.parametrize("method", sorted(METHODS))
 def test_reward_rises_over_a_short_run(method, score_before, tmp_path):
+    _reward_rises(method, score_before, tmp_path)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("method", ["vanilla"])
+def test_reward_rises_under_grpo(method, score_before, tmp_path):
+    """issue 21: the same bounds without a critic (GRPO over the smoke preset's groups of 4).
+    Vanilla went from 0.069 to 0.112 (slip 0.455 -> 0.063). TRE-P is not asserted: its one run
+    cut the slip (0.455 -> 0.078) but ended at pass@1 0.060 (CHANGELOG, issue 21), and the
+    spread of either under GRPO is not measured yet."""
+    _reward_rises(method, score_before, tmp_path, ["ppo.estimator=grpo"])
+
+
+def _reward_rises(method, score_before, tmp_path, extra=()):
     out = tmp_path / "run"
     config = resolve(
         task="countdown", method=method, model="testbed", preset="smoke",
         overrides=[f"run.out={out}", f"ppo.steps={STEPS}", "eval.every=0", "eval.before_train=false",
-                   "run.save_every=0", *EVAL],
+                   "run.save_every=0", *EVAL, *extra],
     )
     result = trainer.run(config)
     evals = [json.loads(line) for line in (out / "eval.jsonl").read_text().splitlines()]

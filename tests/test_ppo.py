@@ -242,11 +242,12 @@ MASK = torch.tensor([[1, 1, 1, 0], [1, 0, 0, 0], [0, 1, 1, 1]])
         ("token-mean", (1 + 2 + 3 + 10 + 6 + 7 + 8) / 7),
         ("seq-mean-token-sum", (6 + 10 + 21) / 3),
         ("seq-mean-token-mean", (2 + 10 + 7) / 3),
+        ("seq-mean-token-sum-norm", (1 + 2 + 3 + 10 + 6 + 7 + 8) / 4.0),  # the normaliser: 4 (the width)
     ],
 )
 def test_aggregate_modes_by_hand(mode, expected):
     x = LOSS.clone().requires_grad_()
-    out = aggregate(x, MASK, mode)
+    out = aggregate(x, MASK, mode, norm=4.0)
     assert out.item() == pytest.approx(expected)
     out.backward()
     assert torch.all(x.grad[MASK == 0] == 0) and torch.all(x.grad[MASK == 1] > 0)
@@ -262,7 +263,7 @@ def test_aggregate_seq_mean_skips_empty_rows():
 @pytest.mark.parametrize("mode", AGG_MODES)
 def test_aggregate_empty_mask_is_zero_with_gradient(mode):
     x = LOSS.clone().requires_grad_()
-    out = aggregate(x, torch.zeros_like(MASK), mode)
+    out = aggregate(x, torch.zeros_like(MASK), mode, norm=4.0)
     assert out.item() == 0.0
     out.backward()
     assert torch.all(x.grad == 0)
@@ -271,7 +272,7 @@ def test_aggregate_empty_mask_is_zero_with_gradient(mode):
 def test_aggregate_errors():
     with pytest.raises(ValueError, match="unknown loss aggregation mode 'token-sum'; choose one of: token-mean"):
         aggregate(LOSS, MASK, "token-sum")
-    with pytest.raises(ValueError, match="unknown loss aggregation mode 'seq-mean-token-sum-norm'"):
+    with pytest.raises(ValueError, match="'seq-mean-token-sum-norm' needs a constant normaliser > 0, got None"):
         aggregate(LOSS, MASK, "seq-mean-token-sum-norm")
     with pytest.raises(ValueError, match="mask shape"):
         aggregate(LOSS, MASK[:, :2], "token-mean")
@@ -324,10 +325,10 @@ def test_aggregate_shares_of_a_split_add_up_to_the_whole(mode):
     per_token = torch.randn(7, 9, generator=gen, dtype=torch.float64, requires_grad=True)
     lengths = torch.tensor([9, 1, 4, 0, 6, 2, 8])
     mask = (torch.arange(9)[None, :] < lengths[:, None]).double()
-    whole = aggregate(per_token, mask, mode)
+    whole = aggregate(per_token, mask, mode, norm=9.0)
     total_tokens, total_seqs = mask.sum(), (mask.sum(-1) > 0).sum()
     parts = [slice(0, 3), slice(3, 4), slice(4, 7)]
-    shared = sum(aggregate_share(per_token[s], mask[s], mode, total_tokens, total_seqs) for s in parts)
+    shared = sum(aggregate_share(per_token[s], mask[s], mode, total_tokens, total_seqs, norm=9.0) for s in parts)
     assert torch.allclose(shared, whole)
     g_whole, = torch.autograd.grad(whole, per_token)
     g_shared, = torch.autograd.grad(shared, per_token)

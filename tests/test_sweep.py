@@ -40,6 +40,9 @@ EXPECTED_COUNTS = {
     ("mechanism", "paper", ("countdown",)): 4 * 2 * 3,
     ("mechanism", "smoke", ("countdown",)): 4 * 2 * 3,
     ("mechanism", "smollm2", ("countdown",)): 4 * 1 * 2,
+    ("grpo", "paper", ("countdown",)): 4,  # issue 21: 4 methods under GRPO
+    ("grpo", "smoke", ("countdown",)): 4,
+    ("grpo", "smollm2", ("countdown",)): 4 * 2,
 }
 
 

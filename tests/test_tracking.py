@@ -74,14 +74,17 @@ def test_tracker_writes_the_run_files(tmp_path):
     assert result["status"] == "finished" and result["steps_done"] == 2
     assert (result["final_eval"], result["best_eval"], result["eval_metric"]) == (0.25, 0.5, "pass@1")
     assert (result["method"], result["task"], result["model"], result["seed"]) == ("tre-k", "countdown", "testbed", 0)
-    assert result["params"] == {"alpha": 0.001, "k": 5}
+    # Every parameter of the method (issue 21: the alpha controller's too, at its defaults).
+    from tre_cli.losses.registry import METHODS
+
+    assert result["params"] == {**METHODS["tre-k"].defaults, "alpha": 0.001, "k": 5}
     assert result["wall_s"] >= 0 and result["config"]["method"]["k"] == 5
 
     store = read_results(tmp_path / "runs")  # the default store is the run directory's parent
     assert len(store) == 1 and store[0]["run_dir"] == "one" and store[0]["final_eval"] == 0.25
 
     run = read_run(run_dir)
-    assert run["config"]["method"] == {"name": "tre-k", "alpha": 0.001, "k": 5}
+    assert run["config"]["method"] == {"name": "tre-k", **METHODS["tre-k"].defaults, "alpha": 0.001, "k": 5}
     assert len(run["metrics"]) == 2 and len(run["eval"]) == 2 and run["result"]["status"] == "finished"
 
 

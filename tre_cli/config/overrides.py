@@ -352,10 +352,24 @@ def resolve(
     if "task.name" in overlay_layer and overlay_layer["task.name"] != task_name:
         raise ValueError(f"the task overlay for {task_name!r} may not set task.name")
 
-    config = _build(_merge([overlay_layer, preset_layer, file_layer, flag_layer, set_layer]))
+    merged = _merge([overlay_layer, preset_layer, file_layer, flag_layer, set_layer])
+    config = _build(_estimator_loss_agg(merged, _merge([file_layer, flag_layer, set_layer])))
     if check_device and config.run.device == "cuda":
         resolve_device("cuda")
     return config
+
+
+def _estimator_loss_agg(merged: Flat, above_presets: Flat) -> Flat:
+    """issue 21: an estimator's own loss aggregation (Dr. GRPO's) where no layer above the task
+    overlay and the presets sets ppo.loss_agg and the method is defined for it."""
+    from tre_cli.losses.estimators import OWN_LOSS_AGG
+    from tre_cli.losses.registry import METHODS
+
+    own = OWN_LOSS_AGG.get(merged.get("ppo.estimator"))
+    method = METHODS.get(merged.get("method.name", DEFAULT_METHOD))
+    if own is None or "ppo.loss_agg" in above_presets or method is None or method.loss_agg_problem(own):
+        return merged
+    return {**merged, "ppo.loss_agg": own}
 
 
 def from_dict(data: Mapping[str, Any], source: str = "config") -> RunConfig:

@@ -121,7 +121,17 @@ class PPOConfig:
     # Task overlays set the released 1.5B values: MATH 8, Countdown 16, HH 16.
     selection_group_size: int = 16
     epochs: int = 1
+    # issue 21: the advantage estimator: "gae" (the paper: a critic and GAE), or critic-free from
+    # each prompt's group of rollouts: "grpo", "dr-grpo", "rloo" (losses/estimators.py; no critic
+    # is built, stepped or checkpointed, and rollouts_per_prompt must be >= 2).
+    estimator: Literal["gae", "grpo", "dr-grpo", "rloo"] = "gae"
     clip: float = 0.2
+    # issue 21: clip-higher (DAPO): the ratio is clipped to [1 - clip_low, 1 + clip_high]; null: ppo.clip.
+    clip_low: float | None = None
+    clip_high: float | None = None
+    # issue 21: drop the prompts whose rollouts all scored the same from the updates (DAPO's
+    # dynamic sampling, without refilling the batch); their count is logged (rollout/uniform_groups).
+    skip_uniform_groups: bool = False
     # Dual-clip bound c for negative advantages; None disables it.
     dual_clip_c: float | None = 3.0
     # Critic value clipping range; None disables it.
@@ -129,13 +139,17 @@ class PPOConfig:
     gamma: float = 1.0
     lam: float = 1.0
     # Whiten advantages over the step's response tokens, as the released code (verl's GAE) does.
+    # GAE only: a critic-free estimator's advantages are used as they are (as verl).
     whiten_advantages: bool = True
     # issue 11: > 0 adds kl_coef * KL(pi || pi_ref) to the actor loss against a frozen copy of the
     # starting policy (verl's actor.use_kl_loss); 0 (the paper) loads no reference model.
     kl_coef: float = 0.0
     # The per-token KL estimator (tre_cli/losses/kl.py); verl's default is low_var_kl (Schulman's k3).
     kl_loss_type: Literal["low_var_kl", "k1", "abs", "mse"] = "low_var_kl"
-    loss_agg: Literal["token-mean", "seq-mean-token-sum", "seq-mean-token-mean"] = "token-mean"
+    # issue 21: "seq-mean-token-sum-norm" (Dr. GRPO) divides the token sum by rollout.max_new_tokens;
+    # it is ppo.estimator=dr-grpo's own when no layer above the presets sets this key.
+    loss_agg: Literal["token-mean", "seq-mean-token-sum", "seq-mean-token-mean", "seq-mean-token-sum-norm"] = \
+        "token-mean"
     max_grad_norm: float = 1.0
     # The paper: MATH 300, Countdown 400, HH 300; task overlays set theirs.
     steps: int = 400
@@ -171,6 +185,14 @@ class PPOConfig:
         for name in ("gamma", "lam"):
             _require(0 <= getattr(self, name) <= 1, f"ppo.{name}", "must be in [0, 1]", getattr(self, name))
         _require(self.kl_coef >= 0, "ppo.kl_coef", "must be >= 0", self.kl_coef)
+        if self.clip_low is not None:
+            _require(0 < self.clip_low < 1, "ppo.clip_low", "must be in (0, 1) (or null: ppo.clip)", self.clip_low)
+        if self.clip_high is not None:
+            _require(self.clip_high > 0, "ppo.clip_high", "must be > 0 (or null: ppo.clip)", self.clip_high)
+        if self.estimator != "gae":
+            _require(self.rollouts_per_prompt >= 2, "ppo.rollouts_per_prompt",
+                     f"must be >= 2 with ppo.estimator={self.estimator} (the baseline is the prompt's group)",
+                     self.rollouts_per_prompt)
 
 
 @dataclass(frozen=True)

@@ -62,17 +62,22 @@ class ActorObjective:
     # issue 11: + kl_coef x KL(pi || pi_ref) (verl's use_kl_loss; the paper: 0) with this estimator.
     kl_coef: float = 0.0
     kl_loss_type: str = "low_var_kl"
+    # issue 21: the upper clip range (clip-higher); None: `clip`.
+    clip_high: float | None = None
+    # issue 21: the constant of loss_agg "seq-mean-token-sum-norm" (the max response length).
+    agg_norm: float | None = None
 
     @staticmethod
     def of(method: str, params: Mapping[str, Any], *, clip: float, dual_clip_c: float | None,
-           loss_agg: str, kl_coef: float = 0.0, kl_loss_type: str = "low_var_kl") -> ActorObjective:
+           loss_agg: str, kl_coef: float = 0.0, kl_loss_type: str = "low_var_kl", clip_high: float | None = None,
+           agg_norm: float | None = None) -> ActorObjective:
         entry = get_method(method)
         problem = entry.loss_agg_problem(loss_agg)
         if problem:
             raise ValueError(f"ppo.loss_agg {problem}")
         return ActorObjective(clip=clip, dual_clip_c=dual_clip_c, loss_agg=loss_agg, alpha=entry.alpha(params),
                               bonus=entry.bonus, region=entry.region(params), selector=entry.selector(params),
-                              kl_coef=kl_coef, kl_loss_type=kl_loss_type)
+                              kl_coef=kl_coef, kl_loss_type=kl_loss_type, clip_high=clip_high, agg_norm=agg_norm)
 
 
 class LossOutput(NamedTuple):
@@ -87,21 +92,23 @@ def actor_loss(stats: TokenStats, batch: PPOBatch, objective: ActorObjective) ->
     """The actor's share of the mini-batch loss: surrogate (shaped by the selector) - alpha x bonus."""
     mask = batch.mask
     pg = policy_loss(stats.logprob, batch.old_logprob, batch.advantages, mask, clip=objective.clip,
-                     clip_ratio_c=objective.dual_clip_c)
+                     clip_ratio_c=objective.dual_clip_c, clip_high=objective.clip_high)
+    norm = objective.agg_norm
     per_token, agg_mask, agg_total = pg.per_token, mask, batch.tokens
     selector_metrics: dict[str, torch.Tensor] = {}
     if objective.selector is not None:
         per_token, agg_mask, agg_total, selector_metrics = objective.selector.shape(pg.per_token, stats.logprob, batch)
-    loss = aggregate_share(per_token, agg_mask, objective.loss_agg, agg_total, batch.seqs)
+    loss = aggregate_share(per_token, agg_mask, objective.loss_agg, agg_total, batch.seqs, norm)
     if objective.alpha > 0:
-        reg = aggregate_share(objective.bonus(stats), mask, objective.loss_agg, batch.tokens, batch.seqs)
+        reg = aggregate_share(objective.bonus(stats), mask, objective.loss_agg, batch.tokens, batch.seqs, norm)
         loss = loss - objective.alpha * reg
     metrics = dict(selector_metrics)
     if objective.kl_coef > 0:
         if batch.ref_logprob is None:
             raise ValueError("a KL loss (ppo.kl_coef > 0) needs the reference policy's log-probs in the batch")
         kld = kl_estimate(stats.logprob, batch.ref_logprob, objective.kl_loss_type)
-        loss = loss + objective.kl_coef * aggregate_share(kld, mask, objective.loss_agg, batch.tokens, batch.seqs)
+        loss = loss + objective.kl_coef * aggregate_share(kld, mask, objective.loss_agg, batch.tokens, batch.seqs,
+                                                          norm)
         metrics["actor/kl_loss"] = masked_mean(kld.detach(), mask)
     for key, value in (("actor/p_max", stats.p_max), ("actor/entropy", stats.entropy),
                        ("actor/min_entropy", stats.min_entropy)):
@@ -119,12 +126,12 @@ def actor_loss(stats: TokenStats, batch: PPOBatch, objective: ActorObjective) ->
 
 
 def critic_loss(values: torch.Tensor, batch: PPOBatch, *, clip: float | None, loss_agg: str,
-                scale: float = 0.5) -> LossOutput:
+                scale: float = 0.5, agg_norm: float | None = None) -> LossOutput:
     """The critic's share of the mini-batch loss: the clipped value loss (times `scale`:
     ppo.critic_loss_coef), aggregated like the actor's."""
     mask = batch.mask
     vl = value_loss(values, batch.old_values, batch.returns, mask, clip=clip, scale=scale)
-    loss = aggregate_share(vl.per_token, mask, loss_agg, batch.tokens, batch.seqs)
+    loss = aggregate_share(vl.per_token, mask, loss_agg, batch.tokens, batch.seqs, agg_norm)
     metrics = {
         "critic/vf_loss": masked_mean(vl.per_token.detach(), mask),
         "critic/vf_clipfrac": vl.metrics["critic/vf_clipfrac"],

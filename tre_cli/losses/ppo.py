@@ -24,7 +24,7 @@ from typing import NamedTuple
 
 import torch
 
-AGG_MODES = ("token-mean", "seq-mean-token-sum", "seq-mean-token-mean")
+AGG_MODES = ("token-mean", "seq-mean-token-sum", "seq-mean-token-mean", "seq-mean-token-sum-norm")
 
 # exp() of a log-ratio beyond this overflows or underflows float32 to a useless value, and an
 # overflowed ratio times A = 0 is NaN; later verl releases clamp at the same bound. The paper's
@@ -130,12 +130,18 @@ def gae(
     return advantages, returns
 
 
-def aggregate(per_token: torch.Tensor, mask: torch.Tensor, mode: str = "token-mean") -> torch.Tensor:
+def aggregate(per_token: torch.Tensor, mask: torch.Tensor, mode: str = "token-mean",
+              norm: float | None = None) -> torch.Tensor:
     """Reduce a [B, T] per-token loss to a scalar (verl's `agg_loss` modes).
 
     - "token-mean": sum over masked tokens / number of masked tokens.
     - "seq-mean-token-sum": per sequence the sum over its tokens, then the mean over sequences.
     - "seq-mean-token-mean": per sequence the mean over its tokens, then the mean over sequences.
+    - "seq-mean-token-sum-norm" (Dr. GRPO): the sum over all masked tokens / `norm`, a constant
+      (the trainer passes the max response length, rollout.max_new_tokens), with no division by
+      token or sequence counts. verl divides each micro-batch's sum by the response width and
+      then by its gradient-accumulation count; here micro-batches are a memory knob, so the
+      mini-batch's sum / norm is the loss whatever the split.
 
     In the seq-mean modes a sequence whose mask row is empty (e.g. a token selector kept none of
     its tokens) is left out of the mean. An empty mask gives 0 with a graph (zero gradients).
@@ -144,23 +150,30 @@ def aggregate(per_token: torch.Tensor, mask: torch.Tensor, mode: str = "token-me
     # An empty mask leaves a sum over nothing (0): dividing by 1 keeps the 0 and its graph.
     tokens = w.sum().clamp(min=1.0)
     seqs = (w.sum(dim=-1) > 0).to(per_token.dtype).sum().clamp(min=1.0)
-    return _reduce(per_token, w, mode, tokens, seqs)
+    return _reduce(per_token, w, mode, tokens, seqs, norm)
 
 
 def aggregate_share(
-    per_token: torch.Tensor, mask: torch.Tensor, mode: str, total_tokens: float, total_seqs: float
+    per_token: torch.Tensor, mask: torch.Tensor, mode: str, total_tokens: float, total_seqs: float,
+    norm: float | None = None,
 ) -> torch.Tensor:
     """One micro-batch's share of `aggregate` over a whole mini-batch, given the mini-batch's
     totals (`total_tokens` in the mask, `total_seqs` with at least one masked token). The shares
     of a split add up to the aggregate of the whole, so gradient accumulation is exact: a
     micro-batch with long responses weighs by its tokens, not by its count of sequences."""
     w = _as_weights(mask, per_token)
-    return _reduce(per_token, w, mode, max(float(total_tokens), 1.0), max(float(total_seqs), 1.0))
+    return _reduce(per_token, w, mode, max(float(total_tokens), 1.0), max(float(total_seqs), 1.0), norm)
 
 
-def _reduce(per_token: torch.Tensor, w: torch.Tensor, mode: str, tokens, seqs) -> torch.Tensor:
+def _reduce(per_token: torch.Tensor, w: torch.Tensor, mode: str, tokens, seqs,
+            norm: float | None = None) -> torch.Tensor:
     """The modes of `aggregate` and `aggregate_share`, given the token and sequence counts (>= 1)
-    to divide by: the batch's own, or a whole mini-batch's."""
+    to divide by: the batch's own, or a whole mini-batch's; `norm`: the constant of
+    "seq-mean-token-sum-norm"."""
+    if mode == "seq-mean-token-sum-norm":
+        if norm is None or not norm > 0:
+            raise ValueError(f"loss aggregation {mode!r} needs a constant normaliser > 0, got {norm!r}")
+        return (per_token * w).sum() / norm
     if mode == "token-mean":
         return (per_token * w).sum() / tokens
     if mode in ("seq-mean-token-sum", "seq-mean-token-mean"):
@@ -186,18 +199,21 @@ def policy_loss(
     mask: torch.Tensor,
     clip: float | None = 0.2,
     clip_ratio_c: float | None = 3.0,
+    clip_high: float | None = None,
 ) -> PolicyLoss:
     """PPO clipped surrogate with dual-clip (Ye et al. 2020; verl's definition).
 
     With r = exp(logprob - old_logprob) (log-ratio clamped to +-20, see _LOG_RATIO_BOUND):
-      clipped  = max(-A * r, -A * clip(r, 1 - clip, 1 + clip))
+      clipped  = max(-A * r, -A * clip(r, 1 - clip, 1 + clip_high))
       per-token loss = clipped                     where A >= 0
                        min(clipped, -A * c)        where A < 0   (c = clip_ratio_c)
     so for A < 0 the loss never exceeds c * |A|, however large r grows. Where a bound is active
     the loss is a constant of logprob (zero gradient).
 
-    clip=None gives the unclipped surrogate -A * r everywhere (dual-clip off too): the surrogate
-    verl's KL-Cov policy loss uses. clip_ratio_c=None turns only the dual clip off.
+    `clip` is the lower range and `clip_high` the upper one (DAPO's clip-higher: e.g. 0.2 and
+    0.28); clip_high=None is `clip` (the symmetric PPO clip). clip=None gives the unclipped
+    surrogate -A * r everywhere (dual-clip off too): the surrogate verl's KL-Cov policy loss
+    uses. clip_ratio_c=None turns only the dual clip off.
 
     Metrics (over `mask`): actor/pg_clipfrac (fraction where the clip(r) term is the larger
     loss), actor/pg_clipfrac_lower (fraction where the dual clip is active: A < 0 and
@@ -211,6 +227,8 @@ def policy_loss(
         )
     if clip is not None and not 0 < clip < 1:
         raise ValueError(f"clip must be in (0, 1), got {clip}")
+    if clip_high is not None and not clip_high > 0:
+        raise ValueError(f"clip_high must be > 0, got {clip_high}")
     if clip_ratio_c is not None and clip_ratio_c <= 1.0:
         raise ValueError(f"clip_ratio_c must be > 1 (dual clip lower bound), got {clip_ratio_c}")
     advantages = advantages.detach()
@@ -222,7 +240,8 @@ def policy_loss(
         per_token = unclipped
         clipfrac = lower_clipfrac = zero
     else:
-        clipped_ratio = -advantages * torch.clamp(ratio, 1.0 - clip, 1.0 + clip)
+        upper = clip if clip_high is None else clip_high
+        clipped_ratio = -advantages * torch.clamp(ratio, 1.0 - clip, 1.0 + upper)
         per_token = torch.maximum(unclipped, clipped_ratio)
         clipfrac = masked_mean((clipped_ratio > unclipped).to(logprob.dtype), mask)
         lower_clipfrac = zero

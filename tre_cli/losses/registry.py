@@ -54,9 +54,15 @@ class Param:
     maximum: float | None = None  # value <= maximum
     choices: tuple[str, ...] = ()  # a str parameter's allowed values
     hint: str = ""  # said after a problem with a value: where to go instead
+    optional: bool = False  # None is a value (the default "not set")
+    # False: at its default the parameter is left out of a run's identity (report cells, labels),
+    # so runs recorded before it existed share their cell with new runs at its default.
+    identifies_at_default: bool = True
 
     def problem(self, value: Any) -> str | None:
         """What is wrong with a value of the right type ("must be in (0, 1]"), or None."""
+        if value is None:
+            return None if self.optional else "must be set"
         if self.choices and value not in self.choices:
             return "must be one of " + ", ".join(repr(c) for c in self.choices)
         if self.above is not None and self.maximum is not None:
@@ -87,7 +93,8 @@ class Method:
     summary: str
     row: int  # position in Table 1 (and in every list of methods a report shows)
     params: tuple[Param, ...] = ()
-    # The per-token quantity the actor maximises, weighted by the `alpha` parameter.
+    # The per-token quantity the actor maximises, weighted by the `alpha` parameter; with
+    # alpha_control "target" its token mean is the entropy alpha is steered to hold.
     bonus: Callable[[TokenStats], torch.Tensor] | None = None
     # The trust region token_stats computes for the bonus, from the resolved parameters.
     region_of: Callable[[Mapping[str, Any]], RegionSpec] | None = None
@@ -138,7 +145,20 @@ class Method:
                 hint = f" ({param.hint})" if param.hint else ""
                 raise ParamError(param.name, f"{problem}, got {value!r}{hint}")
             resolved[param.name] = value
+        if resolved.get("alpha_control") == "target":
+            if resolved.get("target_entropy") is None:
+                raise ParamError("target_entropy", "must be set when alpha_control is 'target', got None")
+            if resolved["alpha"] > resolved["alpha_max"]:
+                raise ParamError("alpha", f"(the starting alpha) must be <= alpha_max ({resolved['alpha_max']:g}) "
+                                          f"when alpha_control is 'target', got {resolved['alpha']!r}")
         return resolved
+
+    def identity(self, params: Mapping[str, Any]) -> dict[str, Any]:
+        """The parameters that tell a run's variant apart: all but those that are at their
+        default and marked `identifies_at_default=False`."""
+        known = {p.name: p for p in self.params}
+        return {k: v for k, v in params.items()
+                if not (k in known and not known[k].identifies_at_default and v == known[k].default)}
 
     def region(self, params: Mapping[str, Any]) -> RegionSpec | None:
         """The trust region this method regularizes inside, from resolved parameters."""
@@ -195,8 +215,23 @@ def _scope(method: str) -> Param:
     return Param("scope", str, "group", f"{method}: where the top fraction is taken", choices=("group", "global"))
 
 
-def _alpha(default: float = 0.001) -> Param:
-    return Param("alpha", float, default, "regularizer coefficient", symbol="α", minimum=0)
+def _alpha(default: float = 0.001) -> tuple[Param, ...]:
+    """The bonus weight and its controller (issue 21; losses/alpha_control.py): "fixed" keeps
+    alpha; "target" moves it by alpha_step after each step towards holding the method's own
+    regularized entropy (the bonus's token mean) at target_entropy, within [0, alpha_max]."""
+    quiet = {"identifies_at_default": False}
+    return (
+        Param("alpha", float, default, "regularizer coefficient (alpha_control=target: its start)", symbol="α",
+              minimum=0),
+        Param("alpha_control", str, "fixed", "alpha: 'fixed', or 'target' (held at target_entropy)",
+              choices=("fixed", "target"), **quiet),
+        Param("target_entropy", float, None, "alpha_control=target: the bonus's token mean to hold",
+              symbol="H*", minimum=0, optional=True, **quiet),
+        Param("alpha_step", float, 1e-4, "alpha_control=target: alpha's change after each step", symbol="Δα",
+              above=0, maximum=1, **quiet),
+        Param("alpha_max", float, 0.01, "alpha_control=target: alpha's upper bound", symbol="α_max", minimum=0,
+              **quiet),
+    )
 
 
 def _fraction(name: str, default: float, help: str, symbol: str = "") -> Param:
@@ -223,7 +258,7 @@ METHODS: Mapping[str, Method] = {
             "Ent",
             "PPO - alpha * entropy over the full vocabulary.",
             row=2,
-            params=(_alpha(),),
+            params=_alpha(),
             bonus=operator.attrgetter("entropy"),
             variant_params=("alpha",),
             horizon_sweep=True,
@@ -236,8 +271,8 @@ METHODS: Mapping[str, Method] = {
             row=5,
             # K = 1 would be a one-token region, whose regularizer is 0: a Vanilla run. The released
             # code's top_k = 1 is Min-Ent (-log max pi), which is method min-ent here.
-            params=(_alpha(), Param("k", int, 2, "TRE-K region size", symbol="K", minimum=2,
-                                    hint="K = 1 is Min-Ent, -log max pi: use method min-ent")),
+            params=(*_alpha(), Param("k", int, 2, "TRE-K region size", symbol="K", minimum=2,
+                                     hint="K = 1 is Min-Ent, -log max pi: use method min-ent")),
             bonus=operator.attrgetter("region_entropy"),
             region_of=_top_k_region,
             variant_params=("k",),
@@ -251,7 +286,7 @@ METHODS: Mapping[str, Method] = {
             "released_code_compat: the released runtime's nucleus (top 256 only; bf16 logits, float32 mass).",
             row=6,
             params=(
-                _alpha(),
+                *_alpha(),
                 _fraction("p", 0.99, "TRE-P nucleus mass", symbol="P"),
                 Param(
                     "released_code_compat",
@@ -271,7 +306,7 @@ METHODS: Mapping[str, Method] = {
             "Min-Ent",
             "PPO - alpha * min-entropy (-log max pi); the K = 1 boundary.",
             row=7,
-            params=(_alpha(),),
+            params=_alpha(),
             bonus=operator.attrgetter("min_entropy"),
             variant_params=("alpha",),
             # The paper's Table 1 has no Min-Ent: it is Figure 4's K = 1 boundary.

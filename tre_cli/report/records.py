@@ -55,6 +55,8 @@ class RunRecord:
     """One run, reduced to what the report needs."""
 
     source: str  # run directory, results-store line or W&B URL
+    # The model, with its estimator when that is not GAE ("testbed · GRPO", see `setup`): runs
+    # under another advantage estimator are another setup, with their own columns and Vanilla.
     model: str
     task: str
     method: str
@@ -72,6 +74,7 @@ class RunRecord:
     wandb: tuple[str | None, str, str] | None = None
     tail_k: int | None = None  # the run's metrics.tail_k (what actor/tail_mass counts as the tail)
     tail_p: float | None = None  # the run's metrics.tail_p (rollout/tail_draws' threshold)
+    estimator: str = "gae"  # ppo.estimator (issue 21); runs recorded before it: GAE
 
     def score(self, which: str = "final") -> float | None:
         return self.final_eval if which == "final" else self.best_eval
@@ -100,6 +103,17 @@ def _finite(value: Any) -> float | None:
     return float(value)
 
 
+# issue 21: how a report names each advantage estimator beside the model.
+ESTIMATOR_LABELS = {"gae": "GAE", "grpo": "GRPO", "dr-grpo": "Dr. GRPO", "rloo": "RLOO"}
+
+
+def setup(model: str, estimator: str) -> str:
+    """A report's name for (model, estimator): the model alone under GAE (the paper's setup)."""
+    if estimator == "gae":
+        return model
+    return f"{model} · {ESTIMATOR_LABELS.get(estimator, estimator)}"
+
+
 def params_key(params: Mapping[str, Any] | None) -> tuple[tuple[str, Any], ...]:
     return tuple(sorted((str(k), v) for k, v in (params or {}).items() if v is not None))
 
@@ -117,11 +131,15 @@ def record_from_run(run: Mapping[str, Any]) -> RunRecord:
         params = {k: v for k, v in method_section.items() if k != "name"}
     if method == BASE:  # an untrained model: the config's method (and its params) played no part
         params = {}
+    elif method in METHODS:
+        params = METHODS[method].identity(params)
     task = result.get("task") or _section(config, "task").get("name")
     model = result.get("model") or _section(config, "model").get("name")
     if not task or not model:
         raise ValueError(f"{run.get('path')}: the run names no task or model")
     seed = result.get("seed", _section(config, "run").get("seed"))
+    # Base (an evaluation of an untrained model) has no estimator: it belongs to the model's GAE setup.
+    estimator = "gae" if method == BASE else str(_section(config, "ppo").get("estimator") or "gae")
     max_new_tokens = _section(config, "rollout").get("max_new_tokens")
     wandb_section = _section(_section(config, "run"), "wandb")
     wandb = None
@@ -130,7 +148,7 @@ def record_from_run(run: Mapping[str, Any]) -> RunRecord:
     metrics_section = _section(config, "metrics")
     return RunRecord(
         source=str(run.get("path")),
-        model=str(model),
+        model=setup(str(model), estimator),
         task=str(task),
         method=str(method),
         params=params_key(params),
@@ -144,6 +162,7 @@ def record_from_run(run: Mapping[str, Any]) -> RunRecord:
         wandb=wandb,
         tail_k=_int_or_none(metrics_section.get("tail_k")),
         tail_p=_finite(metrics_section.get("tail_p")),
+        estimator=estimator,
     )
 
 

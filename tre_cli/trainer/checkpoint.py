@@ -1,5 +1,6 @@
 """Checkpoints of a run: `checkpoints/step_<N>/` with the policy (safetensors), the tokenizer,
-`trainer.pt` (critic, optimizers, scheduler, RNG states) and `state.json`.
+`trainer.pt` (critic, optimizers, scheduler, RNG states; no critic entries with a critic-free
+estimator; the alpha controller's state with method.alpha_control=target) and `state.json`.
 
 `trainer.pt` is read with `torch.load(weights_only=True)`: tensors and plain data only. A run
 directory can sit on shared storage; a `trainer.pt` that carries anything else (a pickled
@@ -23,6 +24,9 @@ from tre_cli.trainer.parts import Parts
 
 TRAINER_STATE = "trainer.pt"
 STATE_KEYS = ("critic", "actor_opt", "critic_opt", "critic_sched", "rng")
+# issue 21: what a run without a critic (a critic-free ppo.estimator) saves and needs.
+CRITIC_FREE_STATE_KEYS = ("actor_opt", "rng")
+ALPHA_STATE = "alpha_control"
 
 
 def save_checkpoint(parts: Parts, tracker: Tracker, step: int) -> Path:
@@ -30,20 +34,34 @@ def save_checkpoint(parts: Parts, tracker: Tracker, step: int) -> Path:
     with atomic_dir(target) as tmp:
         parts.policy.save_pretrained(tmp / "policy", safe_serialization=True)
         parts.tokenizer.save_pretrained(tmp / "policy")
-        torch.save({
-            "critic": parts.critic.state_dict(),
-            "actor_opt": parts.actor_opt.state_dict(),
-            "critic_opt": parts.critic_opt.state_dict(),
-            "critic_sched": parts.critic_sched.state_dict(),
-            "rng": _rng_state(parts),
-        }, tmp / TRAINER_STATE)
+        torch.save(_trainer_state(parts, {"actor_opt": parts.actor_opt.state_dict(), "rng": _rng_state(parts)}),
+                   tmp / TRAINER_STATE)
         (tmp / "state.json").write_text(json.dumps({"step": step}))
     tracker.run_dir.prune_checkpoints(parts.config.run.keep_last)
     return target
 
 
-def read_trainer_state(checkpoint: Path) -> dict[str, Any]:
-    """A checkpoint's trainer.pt, on the CPU: tensors and plain data only (see the module docstring)."""
+def _trainer_state(parts: Parts, state: dict[str, Any]) -> dict[str, Any]:
+    """`state` with the critic's entries (when the run has a critic) and the alpha controller's."""
+    if parts.critic is not None:
+        state = {"critic": parts.critic.state_dict(), **state, "critic_opt": parts.critic_opt.state_dict(),
+                 "critic_sched": parts.critic_sched.state_dict()}
+    if parts.alpha is not None:
+        state[ALPHA_STATE] = parts.alpha.state_dict()
+    return state
+
+
+def _load_alpha(parts: Parts, saved: dict[str, Any], path: Path) -> None:
+    if parts.alpha is None:
+        return
+    if ALPHA_STATE not in saved:
+        raise ValueError(f"checkpoint {path} has no alpha controller state (method.alpha_control=target)")
+    parts.alpha.load_state_dict(saved[ALPHA_STATE])
+
+
+def read_trainer_state(checkpoint: Path, critic: bool = True) -> dict[str, Any]:
+    """A checkpoint's trainer.pt, on the CPU: tensors and plain data only (see the module docstring).
+    `critic`: whether the run has a critic (GAE) whose entries it must hold."""
     path = Path(checkpoint) / TRAINER_STATE
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint {checkpoint} has no {TRAINER_STATE}")
@@ -54,7 +72,8 @@ def read_trainer_state(checkpoint: Path) -> dict[str, Any]:
         raise ValueError(
             f"refusing to load {path}: it holds more than tensors and plain data ({reason[:160]})"
         ) from None
-    missing = [key for key in STATE_KEYS if not isinstance(state, dict) or key not in state]
+    required = STATE_KEYS if critic else CRITIC_FREE_STATE_KEYS
+    missing = [key for key in required if not isinstance(state, dict) or key not in state]
     if missing:
         raise ValueError(f"{path} is not a tre trainer state (missing {', '.join(missing)})")
     return state
@@ -65,7 +84,7 @@ def load_checkpoint(parts: Parts, path: Path, trainer_state: dict[str, Any] | No
     returns its step. `trainer_state`: its trainer.pt already read (read_trainer_state)."""
     from safetensors.torch import load_file
 
-    saved = trainer_state if trainer_state is not None else read_trainer_state(path)
+    saved = trainer_state if trainer_state is not None else read_trainer_state(path, parts.critic is not None)
     files = sorted((path / "policy").glob("*.safetensors"))
     state = {}
     for f in files:
@@ -75,10 +94,12 @@ def load_checkpoint(parts: Parts, path: Path, trainer_state: dict[str, Any] | No
     if real_missing or unexpected:
         raise ValueError(f"checkpoint {path} does not match the policy (missing {real_missing[:3]}, "
                          f"unexpected {unexpected[:3]})")
-    parts.critic.load_state_dict(saved["critic"])
     parts.actor_opt.load_state_dict(saved["actor_opt"])
-    parts.critic_opt.load_state_dict(saved["critic_opt"])
-    parts.critic_sched.load_state_dict(saved["critic_sched"])
+    if parts.critic is not None:
+        parts.critic.load_state_dict(saved["critic"])
+        parts.critic_opt.load_state_dict(saved["critic_opt"])
+        parts.critic_sched.load_state_dict(saved["critic_sched"])
+    _load_alpha(parts, saved, path)
     _set_rng_state(parts, saved["rng"])
     parts.engine.sync_weights(parts.policy)
     return int(json.loads((path / "state.json").read_text())["step"])
@@ -135,9 +156,8 @@ def save_checkpoint_workers(parts: Parts, tracker: Tracker | None, step: int) ->
         target.parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".tmp-{target.name}-"))
     target, tmp = distributed.broadcast_object((target, tmp))
-    distributed.save_sharded(tmp, {"policy": parts.policy, "critic": parts.critic},
-                             {"actor_opt": (parts.policy, parts.actor_opt),
-                              "critic_opt": (parts.critic, parts.critic_opt)})
+    modules, optimizers = _sharded_parts(parts)
+    distributed.save_sharded(tmp, modules, optimizers)
     policy_state = distributed.full_state_dict(parts.policy, rank0_cpu=True)
     if workers.main:
         if getattr(parts.policy.config, "tie_word_embeddings", False):
@@ -150,8 +170,12 @@ def save_checkpoint_workers(parts: Parts, tracker: Tracker | None, step: int) ->
         config["architectures"] = [_unsharded_class_name(parts.policy)]
         config_file.write_text(json.dumps(config, indent=2) + "\n")
         parts.tokenizer.save_pretrained(tmp / "policy")
-        torch.save({"critic_sched": parts.critic_sched.state_dict(), "rng": _rng_state(parts)},
-                   distributed.workers_state_path(tmp))
+        state = {"rng": _rng_state(parts)}
+        if parts.critic_sched is not None:
+            state["critic_sched"] = parts.critic_sched.state_dict()
+        if parts.alpha is not None:
+            state[ALPHA_STATE] = parts.alpha.state_dict()
+        torch.save(state, distributed.workers_state_path(tmp))
         (tmp / "state.json").write_text(json.dumps({"step": step, "workers": workers.world}))
         replace_dir(tmp, target)
         tracker.run_dir.prune_checkpoints(parts.config.run.keep_last)
@@ -167,15 +191,26 @@ def load_checkpoint_workers(parts: Parts, path: Path) -> int:
     if not distributed.is_sharded_checkpoint(path):
         raise ValueError(f"checkpoint {path} was written by one process (no {distributed.SHARDED_DIR}/); "
                          f"resume it with run.workers=1")
-    distributed.load_sharded(path, {"policy": parts.policy, "critic": parts.critic},
-                             {"actor_opt": (parts.policy, parts.actor_opt),
-                              "critic_opt": (parts.critic, parts.critic_opt)})
+    modules, optimizers = _sharded_parts(parts)
+    distributed.load_sharded(path, modules, optimizers)
     try:
         saved = torch.load(distributed.workers_state_path(path), map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as error:
         raise ValueError(f"refusing to load {distributed.workers_state_path(path)}: it holds more than "
                          f"tensors and plain data ({str(error).strip()[:160]})") from None
-    parts.critic_sched.load_state_dict(saved["critic_sched"])
+    if parts.critic_sched is not None:
+        parts.critic_sched.load_state_dict(saved["critic_sched"])
+    _load_alpha(parts, saved, path)
     _set_rng_state(parts, saved["rng"])
     parts.engine.sync_weights(distributed.stream_full_state(parts.policy))
     return int(json.loads((path / "state.json").read_text())["step"])
+
+
+def _sharded_parts(parts: Parts) -> tuple[dict[str, Any], dict[str, Any]]:
+    """The modules and optimizers a sharded checkpoint holds (no critic without one: issue 21)."""
+    modules: dict[str, Any] = {"policy": parts.policy}
+    optimizers: dict[str, Any] = {"actor_opt": (parts.policy, parts.actor_opt)}
+    if parts.critic is not None:
+        modules["critic"] = parts.critic
+        optimizers["critic_opt"] = (parts.critic, parts.critic_opt)
+    return modules, optimizers

@@ -10,6 +10,7 @@ from collections.abc import Callable
 from tre_cli.config import RunConfig, load_run_config, resolve_device, with_overrides
 from tre_cli.evaluation import EvalResult, evaluate
 from tre_cli.io import truncate_jsonl_after
+from tre_cli.losses.estimators import needs_critic
 from tre_cli.losses.registry import BASE
 from tre_cli.tracking import RunResult, Tracker, default_run_dir, open_run_dir
 from tre_cli.trainer import distributed
@@ -68,7 +69,7 @@ def resume(run_dir: str | Path, on_step: StepCallback | None = None, console: An
         return _launch(config, opened.path, True, on_step, workers_gpu)
     latest = opened.latest_checkpoint()
     # Read (and vet) the trainer state before anything is built or written.
-    state = read_trainer_state(latest[1]) if latest else None
+    state = read_trainer_state(latest[1], needs_critic(config.ppo.estimator)) if latest else None
     return _train(config, opened.path, latest[0] if latest else 0, state, on_step, console)
 
 

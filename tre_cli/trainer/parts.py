@@ -1,4 +1,5 @@
-"""What a run builds once: task, data, tokenizer, policy, critic, rollout engine, optimizers."""
+"""What a run builds once: task, data, tokenizer, policy, critic (GAE only), rollout engine,
+optimizers, the alpha controller."""
 
 from __future__ import annotations
 
@@ -13,6 +14,8 @@ import torch
 
 from tre_cli.config import RunConfig, resolve_device, resolve_gradient_checkpointing
 from tre_cli.losses.actor import ActorObjective
+from tre_cli.losses.alpha_control import AlphaController
+from tre_cli.losses.estimators import needs_critic
 from tre_cli.rollout.base import RolloutEngine
 from tre_cli.rollout.context import check_model_context
 from tre_cli.schedules import critic_warmup_factor
@@ -29,11 +32,12 @@ class Parts:
     task: TaskProtocol
     tokenizer: Any  # a transformers tokenizer
     policy: torch.nn.Module
-    critic: torch.nn.Module
+    # issue 21: None (and its optimizer and scheduler) with a critic-free ppo.estimator.
+    critic: torch.nn.Module | None
     engine: RolloutEngine
     actor_opt: torch.optim.Optimizer
-    critic_opt: torch.optim.Optimizer
-    critic_sched: torch.optim.lr_scheduler.LambdaLR
+    critic_opt: torch.optim.Optimizer | None
+    critic_sched: torch.optim.lr_scheduler.LambdaLR | None
     objective: ActorObjective
     train: list[dict]
     test: list[dict]
@@ -43,6 +47,8 @@ class Parts:
     reference: torch.nn.Module | None = None
     # issue 12: this process's place among the run's workers (run.workers); SINGLE: alone.
     workers: Workers = SINGLE
+    # issue 21: the alpha of the next step (method.alpha_control); None: the objective's, fixed.
+    alpha: AlphaController | None = None
 
 
 def seed_everything(seed: int) -> None:
@@ -72,9 +78,16 @@ def max_new_tokens_of(config: RunConfig) -> int:
 
 def objective_of(config: RunConfig) -> ActorObjective:
     """The actor's objective from the method's registry entry and the PPO settings."""
-    return ActorObjective.of(config.method.name, config.method.params, clip=config.ppo.clip,
-                             dual_clip_c=config.ppo.dual_clip_c, loss_agg=config.ppo.loss_agg,
-                             kl_coef=config.ppo.kl_coef, kl_loss_type=config.ppo.kl_loss_type)
+    ppo = config.ppo
+    return ActorObjective.of(config.method.name, config.method.params, clip=ppo.clip_low or ppo.clip,
+                             dual_clip_c=ppo.dual_clip_c, loss_agg=ppo.loss_agg,
+                             kl_coef=ppo.kl_coef, kl_loss_type=ppo.kl_loss_type, clip_high=ppo.clip_high,
+                             agg_norm=agg_norm_of(config))
+
+
+def agg_norm_of(config: RunConfig) -> float | None:
+    """issue 21: the constant of ppo.loss_agg "seq-mean-token-sum-norm": the max response length."""
+    return float(config.rollout.max_new_tokens) if config.rollout.max_new_tokens else None
 
 
 def task_and_examples(config: RunConfig, tokenizer: Any,
@@ -119,9 +132,11 @@ def build(config: RunConfig) -> Parts:
     load_device = "cpu" if workers.many else device
     policy, critic, reference = load_models([
         lambda: load_policy(model_path, device=load_device, gradient_checkpointing=checkpointing, precision=precision),
-        lambda: load_critic(resolve_model(config.model.critic_name or config.model.name), device=load_device,
-                            gradient_checkpointing=checkpointing, precision=precision,
-                            value_head_std=config.model.value_head_init_std),  # None: its initializer_range
+        # issue 21: no critic at all for a critic-free estimator.
+        (lambda: load_critic(resolve_model(config.model.critic_name or config.model.name), device=load_device,
+                             gradient_checkpointing=checkpointing, precision=precision,
+                             value_head_std=config.model.value_head_init_std))  # None: its initializer_range
+        if needs_critic(config.ppo.estimator) else None,
         # issue 11: a frozen copy of the starting weights, computed like the policy, only for a KL loss.
         (lambda: load_policy(model_path, device=load_device, precision=precision).requires_grad_(False))
         if config.ppo.kl_coef > 0 else None,
@@ -133,13 +148,18 @@ def build(config: RunConfig) -> Parts:
         engine = make_engine(config, model_path, tokenizer, device, policy)
     # issue 11: AdamW weight decay and the critic's warm-up ramp as named options (defaults: the released code).
     actor_opt = torch.optim.AdamW(policy.parameters(), lr=config.ppo.actor_lr, weight_decay=config.ppo.weight_decay)
-    critic_opt = torch.optim.AdamW(critic.parameters(), lr=config.ppo.critic_lr, weight_decay=config.ppo.weight_decay)
-    warmup, ramp = int(config.ppo.critic_warmup_ratio * config.ppo.steps), config.ppo.critic_warmup_ramp
-    critic_sched = torch.optim.lr_scheduler.LambdaLR(critic_opt, lambda i: critic_warmup_factor(i, warmup, ramp))
+    critic_opt = critic_sched = None
+    if critic is not None:
+        critic_opt = torch.optim.AdamW(critic.parameters(), lr=config.ppo.critic_lr,
+                                       weight_decay=config.ppo.weight_decay)
+        warmup, ramp = int(config.ppo.critic_warmup_ratio * config.ppo.steps), config.ppo.critic_warmup_ramp
+        critic_sched = torch.optim.lr_scheduler.LambdaLR(critic_opt, lambda i: critic_warmup_factor(i, warmup, ramp))
     max_new_tokens = max_new_tokens_of(config)
     test_prompts = [encode_prompt(task, ex, tokenizer, config.ppo.max_prompt_length) for ex in test]
+    alpha = AlphaController.of(config.method.params, objective.alpha)
     return Parts(config, device, task, tokenizer, policy, critic, engine, actor_opt, critic_opt, critic_sched,
-                 objective, train, test, test_prompts, max_new_tokens, reference=reference, workers=workers)
+                 objective, train, test, test_prompts, max_new_tokens, reference=reference, workers=workers,
+                 alpha=alpha if alpha.adapts else None)
 
 
 def load_models(loaders: Sequence[Callable[[], torch.nn.Module] | None],

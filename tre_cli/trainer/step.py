@@ -5,7 +5,10 @@
     mini-batches of prompts x micro-batches of tokens:
         actor:  logits / temperature -> token_stats -> losses.actor.actor_loss
         critic: values -> losses.actor.critic_loss
-    -> optimizer steps -> the engine syncs its weights if it needs to
+    -> optimizer steps -> the engine syncs its weights if it needs to -> the alpha controller
+
+With a critic-free ppo.estimator (issue 21) there is no critic: the advantages come from each
+prompt's group of scores (losses/estimators.py) and every critic phase above is skipped.
 
 The method enters only through `parts.objective` (losses.actor.ActorObjective, built from the
 registry): the trust region token_stats computes, and the loss it composes.
@@ -13,6 +16,7 @@ registry): the trust region token_stats computes, and the loss it composes.
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from dataclasses import dataclass
 from typing import Any
@@ -22,6 +26,7 @@ import torch
 
 from tre_cli import metrics as M
 from tre_cli.losses.actor import PPOBatch, actor_loss, critic_loss
+from tre_cli.losses.estimators import outcome_advantages, uniform_groups
 from tre_cli.losses.ppo import gae, masked_mean, place_terminal_reward, whiten
 from tre_cli.losses.selection_groups import selection_groups
 from tre_cli.losses.stats import tail_draws, token_stats
@@ -47,6 +52,8 @@ class Scored:
     returns: torch.Tensor
     # issue 11: the frozen reference policy's log-probs (ppo.kl_coef > 0), else None.
     ref_logprob: torch.Tensor | None = None
+    # issue 21: [N] bool, the rows the updates use (ppo.skip_uniform_groups); None: every row.
+    keep: torch.Tensor | None = None
 
 
 @dataclass(frozen=True)
@@ -158,7 +165,8 @@ def _old_logprob_and_values(parts: Parts, rollout: Rollout,
         if not real:  # issue 12: join the other workers' collectives, keep nothing
             inputs = _model_inputs(rollout, chunk, r_width, parts.device)
             _response_logits(parts.policy, inputs, r_width)
-            _response_values(parts.critic, inputs, r_width)
+            if parts.critic is not None:
+                _response_values(parts.critic, inputs, r_width)
             if parts.reference is not None:
                 _response_logits(parts.reference, inputs, r_width)
             continue
@@ -167,7 +175,8 @@ def _old_logprob_and_values(parts: Parts, rollout: Rollout,
         stats = token_stats(logits, rollout.response_ids[chunk, :r_width].to(parts.device),
                             temperature=rollout.temperature)
         old_logprob[chunk, :r_width] = stats.logprob.float().cpu()
-        old_values[chunk, :r_width] = _response_values(parts.critic, inputs, r_width).float().cpu()
+        if parts.critic is not None:
+            old_values[chunk, :r_width] = _response_values(parts.critic, inputs, r_width).float().cpu()
         if ref_logprob is not None:  # issue 11: the reference policy's log-probs, once per step as verl
             ref_logprob[chunk, :r_width] = token_stats(_response_logits(parts.reference, inputs, r_width),
                                                        rollout.response_ids[chunk, :r_width].to(parts.device),
@@ -181,14 +190,20 @@ def _old_logprob_and_values(parts: Parts, rollout: Rollout,
 
 
 def score_rollout(parts: Parts, rollout: Rollout, scores: torch.Tensor, phases: Phases = NO_PHASES) -> Scored:
-    """Old log-probs and values, then GAE on the terminal rewards (whitened as the released code does)."""
+    """Old log-probs and values, then GAE on the terminal rewards (whitened as the released code
+    does); with a critic-free estimator, old log-probs and each prompt group's advantages."""
     cfg = parts.config.ppo
     old_logprob, old_values, ref_logprob = _old_logprob_and_values(parts, rollout, phases)
     mask = rollout.response_mask.float()
-    advantages, returns = gae(place_terminal_reward(scores, mask), old_values, mask, cfg.gamma, cfg.lam)
-    if cfg.whiten_advantages:
-        advantages = whiten(advantages, mask)
-    return Scored(old_logprob, old_values, advantages, returns, ref_logprob)
+    if parts.critic is None:  # issue 21: no values, no returns
+        advantages = outcome_advantages(scores.float(), rollout.prompt_index, mask, cfg.estimator)
+        returns = torch.zeros_like(advantages)
+    else:
+        advantages, returns = gae(place_terminal_reward(scores, mask), old_values, mask, cfg.gamma, cfg.lam)
+        if cfg.whiten_advantages:
+            advantages = whiten(advantages, mask)
+    keep = ~uniform_groups(scores, rollout.prompt_index) if cfg.skip_uniform_groups else None
+    return Scored(old_logprob, old_values, advantages, returns, ref_logprob, keep)
 
 
 class _Mean:
@@ -209,7 +224,8 @@ class _Mean:
 
 @torch.no_grad()
 def _selection(parts: Parts, rollout: Rollout, scored: Scored, rows: torch.Tensor,
-               micro: list[tuple[torch.Tensor, int, bool]], generator: torch.Generator) -> list[torch.Tensor]:
+               micro: list[tuple[torch.Tensor, int, bool]], generator: torch.Generator,
+               mask_all: torch.Tensor) -> list[torch.Tensor]:
     """The method's selected tokens of each micro-batch of a mini-batch (issue 11): the selector
     chooses within groups of ppo.selection_group_size sequences (scope "group", the released
     code's per-GPU micro-batch) or over the whole mini-batch (scope "global"); never per
@@ -237,7 +253,7 @@ def _selection(parts: Parts, rollout: Rollout, scored: Scored, rows: torch.Tenso
         logprob[at(chunk), :r_width] = stats.logprob.float().cpu()
     if parts.workers.many:
         entropy, logprob = distributed.all_reduce_sum(entropy), distributed.all_reduce_sum(logprob)
-    mask = rollout.response_mask[rows, :width].float()
+    mask = mask_all[rows, :width]
     group_size = parts.config.ppo.selection_group_size if selector.scope == "group" else None
     groups = selection_groups(len(rows), group_size, generator)
     chosen = selector.choose(entropy, logprob, scored.advantages[rows, :width], mask, groups)
@@ -250,9 +266,14 @@ def ppo_update(parts: Parts, rollout: Rollout, scored: Scored, step: int,
     """All mini-batch updates of one step; returns the step's actor/critic metrics."""
     cfg = parts.config
     objective = parts.objective
+    if parts.alpha is not None:  # issue 21: this step's alpha from the controller
+        objective = dataclasses.replace(objective, alpha=parts.alpha.alpha)
     selector = objective.selector
+    critic = parts.critic
     n_rollouts = cfg.ppo.rollouts_per_prompt
     mask_all = rollout.response_mask.float()
+    if scored.keep is not None:  # issue 21: ppo.skip_uniform_groups
+        mask_all = mask_all * scored.keep[:, None].float()
     lengths = rollout.response_lengths
     prompt_width = rollout.prompt_ids.shape[1]
     meter = _Mean()
@@ -272,6 +293,8 @@ def ppo_update(parts: Parts, rollout: Rollout, scored: Scored, step: int,
             mb_mask = mask_all[rows]
             total_tokens = float(mb_mask.sum())
             total_seqs = float((mb_mask.sum(-1) > 0).sum())
+            if scored.keep is not None and not bool(scored.keep[rows].any()):
+                continue  # issue 21: every group of this mini-batch was dropped: no update
             selected: list[torch.Tensor] | None = None
             selected_total = None
             if selector is not None:
@@ -279,14 +302,16 @@ def ppo_update(parts: Parts, rollout: Rollout, scored: Scored, step: int,
                 group_gen = torch.Generator().manual_seed(cfg.run.seed * 1_000_003 + step * 7919 + _epoch * 131
                                                           + mb_start)
                 phases.update(UPDATE, mini_done, "selection pass")
-                selected = _selection(parts, rollout, scored, rows, micro, group_gen)
+                selected = _selection(parts, rollout, scored, rows, micro, group_gen, mask_all)
                 selected_total = float(sum(s.sum() for s in selected))
                 if parts.workers.many:  # issue 12: the whole mini-batch's count
                     selected_total = float(distributed.all_reduce_sum(torch.tensor([selected_total],
                                                                                    dtype=torch.float64)))
             parts.actor_opt.zero_grad(set_to_none=True)
-            parts.critic_opt.zero_grad(set_to_none=True)
-            set_training(True, parts.policy, parts.critic)  # issue 11: checkpointing runs in training mode only
+            if critic is not None:
+                parts.critic_opt.zero_grad(set_to_none=True)
+            # issue 11: checkpointing runs in training mode only
+            set_training(True, *(m for m in (parts.policy, critic) if m is not None))
             for i, (chunk, r_width, real) in enumerate(micro):
                 phases.update(UPDATE, mini_done, f"micro-batch {i + 1}/{len(micro)}")
                 inputs = _model_inputs(rollout, chunk, r_width, dev)
@@ -306,35 +331,44 @@ def ppo_update(parts: Parts, rollout: Rollout, scored: Scored, step: int,
                 del logits
                 actor = actor_loss(stats, batch, objective)
                 (actor.loss * scale).backward() if parts.workers.many else actor.loss.backward()
-                values = _response_values(parts.critic, inputs, r_width)
-                critic = critic_loss(values, batch, clip=cfg.ppo.value_clip, loss_agg=cfg.ppo.loss_agg,
-                                     scale=cfg.ppo.critic_loss_coef)  # issue 11: released 1.0 (no 0.5)
-                (critic.loss * scale).backward() if parts.workers.many else critic.loss.backward()
+                critic_metrics = {}
+                if critic is not None:
+                    values = _response_values(critic, inputs, r_width)
+                    critic_out = critic_loss(values, batch, clip=cfg.ppo.value_clip, loss_agg=cfg.ppo.loss_agg,
+                                             scale=cfg.ppo.critic_loss_coef,  # issue 11: released 1.0 (no 0.5)
+                                             agg_norm=objective.agg_norm)
+                    (critic_out.loss * scale).backward() if parts.workers.many else critic_out.loss.backward()
+                    critic_metrics = critic_out.metrics
                 if not real:  # issue 12: an empty micro-batch (mask 0, zero gradients) has no metrics
                     continue
                 # Metrics, weighted by tokens.
                 w = float(batch.mask.sum())
-                for key, value in {**actor.metrics, **critic.metrics}.items():
+                for key, value in {**actor.metrics, **critic_metrics}.items():
                     meter.add(key, value, w)
             actor_norm = torch.nn.utils.clip_grad_norm_(parts.policy.parameters(), cfg.ppo.max_grad_norm)
-            critic_norm = torch.nn.utils.clip_grad_norm_(parts.critic.parameters(), cfg.ppo.max_grad_norm)
             if parts.workers.many:  # issue 12: the norm of the sharded gradients, on every worker
-                actor_norm, critic_norm = distributed.local_tensor(actor_norm), distributed.local_tensor(critic_norm)
+                actor_norm = distributed.local_tensor(actor_norm)
             meter.add("actor/grad_norm", actor_norm)
-            meter.add("critic/grad_norm", critic_norm)
             if torch.isfinite(actor_norm):
                 parts.actor_opt.step()
-            if torch.isfinite(critic_norm):
-                parts.critic_opt.step()
-            set_training(False, parts.policy, parts.critic)  # issue 11: no-grad passes and sampling in eval mode
+            if critic is not None:
+                critic_norm = torch.nn.utils.clip_grad_norm_(critic.parameters(), cfg.ppo.max_grad_norm)
+                if parts.workers.many:
+                    critic_norm = distributed.local_tensor(critic_norm)
+                meter.add("critic/grad_norm", critic_norm)
+                if torch.isfinite(critic_norm):
+                    parts.critic_opt.step()
+            set_training(False, *(m for m in (parts.policy, critic) if m is not None))  # issue 11: eval mode
     # issue 20: no gradient outlives the last optimizer step (the engine's sync wakes it next).
     parts.actor_opt.zero_grad(set_to_none=True)
-    parts.critic_opt.zero_grad(set_to_none=True)
+    if parts.critic_opt is not None:
+        parts.critic_opt.zero_grad(set_to_none=True)
     phases.done(UPDATE)
     metrics = distributed.merge_weighted_means(meter.sums, meter.weights) if parts.workers.many else meter.result()
     metrics["actor/lr"] = parts.actor_opt.param_groups[0]["lr"]
-    metrics["critic/lr"] = parts.critic_opt.param_groups[0]["lr"]
-    parts.critic_sched.step()
+    if critic is not None:
+        metrics["critic/lr"] = parts.critic_opt.param_groups[0]["lr"]
+        parts.critic_sched.step()
     return metrics
 
 
@@ -376,9 +410,9 @@ def train_step(parts: Parts, step: int, phases: Phases = NO_PHASES) -> dict[str,
     parts.engine.sync_weights(distributed.stream_full_state(parts.policy) if parts.workers.many else parts.policy)
     timings["timing/sync_s"] = time.perf_counter() - t
     timings["timing/step_s"] = time.perf_counter() - t0
-    return {**_step_metrics(rollout, scores, scored, timings), **update_metrics, **timings,
-            **_memory_metrics(parts.device), **rollout_gap(rollout, scored),
-            **_tail_draw_metrics(rollout, scored, cfg.metrics.tail_p)}
+    return {**_step_metrics(rollout, scores, scored, timings, parts.critic is not None), **update_metrics,
+            **timings, **_memory_metrics(parts.device), **rollout_gap(rollout, scored),
+            **_tail_draw_metrics(rollout, scored, cfg.metrics.tail_p), **control_alpha(parts, update_metrics)}
 
 
 def _tail_draw_metrics(rollout: Rollout, scored: Scored, tail_p: float) -> dict[str, float]:
@@ -386,6 +420,22 @@ def _tail_draw_metrics(rollout: Rollout, scored: Scored, tail_p: float) -> dict[
     log-probs of the policy that sampled them (the engine's own are absent with vLLM top_p < 1)."""
     share, per_response = tail_draws(scored.old_logprob, rollout.response_mask.float(), tail_p)
     return {M.TAIL_DRAWS: share, M.TAIL_DRAWS_PER_RESPONSE: per_response}
+
+
+# The step metric the alpha controller holds at method.target_entropy: the token mean of the
+# method's bonus (losses/actor.py), i.e. the entropy the method regularizes.
+REGULARIZED_ENTROPY = "actor/regularizer"
+
+
+def control_alpha(parts: Parts, update_metrics: dict[str, float]) -> dict[str, float]:
+    """issue 21: with method.alpha_control=target, the alpha this step trained with
+    (`actor/alpha`), and the controller moved for the next step by this step's regularized entropy."""
+    if parts.alpha is None:
+        return {}
+    used = parts.alpha.alpha
+    if REGULARIZED_ENTROPY in update_metrics:
+        parts.alpha.update(update_metrics[REGULARIZED_ENTROPY])
+    return {"actor/alpha": used}
 
 
 def _generate_shared(parts: Parts, prompt_ids: list[list[int]], step: int) -> Rollout:
@@ -417,11 +467,12 @@ def rollout_gap(rollout: Rollout, scored: Scored) -> dict[str, float]:
     return {"rollout/probs_diff_mean": float(diff.mean()), "rollout/probs_diff_max": float(diff.max())}
 
 
-def _step_metrics(rollout: Rollout, scores: torch.Tensor, scored: Scored, timings: dict[str, float]) -> dict[str, Any]:
+def _step_metrics(rollout: Rollout, scores: torch.Tensor, scored: Scored, timings: dict[str, float],
+                  has_critic: bool = True) -> dict[str, Any]:
     mask = rollout.response_mask.float()
     lengths = rollout.response_lengths.float()
     n_tokens = float(lengths.sum())
-    return {
+    metrics = {
         "reward/mean": float(scores.mean()),
         "reward/std": float(scores.std()) if scores.numel() > 1 else 0.0,
         "reward/max": float(scores.max()),
@@ -436,6 +487,13 @@ def _step_metrics(rollout: Rollout, scores: torch.Tensor, scored: Scored, timing
         "perf/update_tokens_per_s": n_tokens / max(timings["timing/update_s"], 1e-9),
         "perf/tokens_per_s": n_tokens / max(timings["timing/step_s"], 1e-9),
     }
+    if not has_critic:  # issue 21: no critic, no critic/ metrics; the advantages under their own name
+        del metrics["critic/advantages_abs"], metrics["critic/returns"]
+        metrics["actor/advantages_abs"] = float(masked_mean(scored.advantages.abs(), mask))
+    if scored.keep is not None:  # issue 21: ppo.skip_uniform_groups
+        n = rollout.prompt_index
+        metrics["rollout/uniform_groups"] = float(len(set(n[~scored.keep].tolist())))
+    return metrics
 
 
 def _memory_metrics(device: str) -> dict[str, float]:
