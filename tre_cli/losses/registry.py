@@ -112,6 +112,8 @@ class Method:
     horizon_sweep: bool = False
     figure3_color: str | None = None
     figure4: Figure4 | None = None
+    # Its colour where Figures 3 and 4 give it none (Figure 1, the mechanism figure).
+    color: str | None = None
 
     @property
     def defaults(self) -> dict[str, Any]:
@@ -262,6 +264,7 @@ METHODS: Mapping[str, Method] = {
             bonus=operator.attrgetter("entropy"),
             variant_params=("alpha",),
             horizon_sweep=True,
+            color="#2ca02c",
         ),
         Method(
             "tre-k",

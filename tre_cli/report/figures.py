@@ -124,7 +124,6 @@ def cell_key(record: RunRecord) -> CellKey:
     return CellKey(record.model, record.task, record.max_new_tokens, record.method, record.params)
 
 
-METHOD_COLORS = {"ent": "#2ca02c"}  # methods without a Figure 3 or 4 colour
 OTHER_COLOR = "#7f7f7f"
 MARKERS = ("o", "s", "^", "D", "v", "P")
 
@@ -133,8 +132,8 @@ def method_color(method: str) -> str:
     entry = METHODS.get(method)
     if entry is not None and entry.figure3_color:
         return entry.figure3_color
-    if method in METHOD_COLORS:
-        return METHOD_COLORS[method]
+    if entry is not None and entry.color:
+        return entry.color
     return entry.figure4.color if entry is not None and entry.figure4 else OTHER_COLOR
 
 
