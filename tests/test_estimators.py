@@ -201,7 +201,7 @@ def synthetic_entropy_run(controller: AlphaController, steps: int, entropy: floa
     rng = random.Random(seed)
     entropies, alphas = [], []
     for _ in range(steps):
-        alpha = controller.alpha
+        alpha = controller.applied  # what the step trains with
         entropy = entropy + 0.1 * (0.2 + 80.0 * alpha - entropy) + rng.gauss(0.0, 0.003)
         entropies.append(entropy)
         alphas.append(alpha)
@@ -242,10 +242,30 @@ def test_controller_state_resumes_exactly():
     rest = []
     entropy = entropies[-1]
     for _ in range(60):
-        entropy = entropy + 0.1 * (0.2 + 80.0 * resumed.alpha - entropy) + rng.gauss(0.0, 0.003)
+        entropy = entropy + 0.1 * (0.2 + 80.0 * resumed.applied - entropy) + rng.gauss(0.0, 0.003)
         rest.append(entropy)
         resumed.update(entropy)
     assert entropies + rest == whole
+
+
+def test_the_bonus_applies_only_while_the_entropy_is_below_the_target():
+    """Skywork-OR1's controller applies the entropy loss only below the target: after a step at or
+    above it the next trains with alpha 0, whatever alpha the rule keeps; the first step (no
+    entropy measured yet) applies it; the last entropy is part of the saved state."""
+    controller = AlphaController(0.004, "target", 1.0, step=0.001, alpha_max=0.01)
+    assert controller.applied == 0.004
+    controller.update(0.5)  # below: alpha rises and applies
+    assert controller.alpha == pytest.approx(0.005) and controller.applied == controller.alpha
+    controller.update(1.5)  # above: alpha falls, and nothing applies until the entropy is back below
+    assert controller.alpha == pytest.approx(0.004) and controller.applied == 0.0
+    controller.update(1.0)  # on target: not below, still 0
+    assert controller.applied == 0.0
+    again = AlphaController(0.004, "target", 1.0, step=0.001, alpha_max=0.01)
+    again.load_state_dict(controller.state_dict())
+    assert again.applied == 0.0 and again.alpha == controller.alpha
+    controller.update(0.9)
+    assert controller.applied == controller.alpha > 0
+    assert AlphaController(0.003).applied == 0.003  # fixed: always its alpha
 
 
 def test_fixed_controller_never_moves_and_target_needs_a_target():

@@ -5,7 +5,10 @@
   alpha += alpha_step while the method's own entropy (the token mean of its bonus: Ent the full
   entropy, TRE-K/TRE-P the region-normalised entropy, Min-Ent the min-entropy) is below
   `method.target_entropy`, alpha -= alpha_step while above, unchanged at equality, clipped to
-  [0, alpha_max]. It starts at `method.alpha`.
+  [0, alpha_max]. It starts at `method.alpha`. As in Skywork-OR1's controller the bonus is
+  applied only while the entropy is below the target (`applied`): a step after one whose
+  entropy was at or above the target trains with alpha 0 (the first step, with no entropy
+  measured yet, applies alpha). The entropy it reads is the previous step's (one step behind).
 
 Pure python (no torch): the state is one float, saved in the checkpoint so a resumed run is exact.
 """
@@ -37,6 +40,8 @@ class AlphaController:
     target: float | None = None
     step: float = 0.0
     alpha_max: float = 0.0
+    # The last step's regularized entropy (None before the first update).
+    entropy: float | None = None
 
     def __post_init__(self) -> None:
         if self.control not in CONTROLS:
@@ -57,14 +62,25 @@ class AlphaController:
     def adapts(self) -> bool:
         return self.control != "fixed"
 
+    @property
+    def applied(self) -> float:
+        """The alpha the next step trains with: 0 under "target" while the last entropy was at or
+        above the target (Skywork-OR1 applies the entropy loss only below it)."""
+        if not self.adapts or self.entropy is None or self.entropy < float(self.target):
+            return self.alpha
+        return 0.0
+
     def update(self, entropy: float) -> float:
         """After a step whose regularized entropy was `entropy`: the next step's alpha."""
         if self.adapts:
-            self.alpha = next_alpha(self.alpha, float(entropy), float(self.target), self.step, self.alpha_max)
+            self.entropy = float(entropy)
+            self.alpha = next_alpha(self.alpha, self.entropy, float(self.target), self.step, self.alpha_max)
         return self.alpha
 
-    def state_dict(self) -> dict[str, float]:
-        return {"alpha": float(self.alpha)}
+    def state_dict(self) -> dict[str, float | None]:
+        return {"alpha": float(self.alpha), "entropy": self.entropy}
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         self.alpha = float(state["alpha"])
+        entropy = state.get("entropy")
+        self.entropy = None if entropy is None else float(entropy)

@@ -267,7 +267,7 @@ def ppo_update(parts: Parts, rollout: Rollout, scored: Scored, step: int,
     cfg = parts.config
     objective = parts.objective
     if parts.alpha is not None:  # issue 21: this step's alpha from the controller
-        objective = dataclasses.replace(objective, alpha=parts.alpha.alpha)
+        objective = dataclasses.replace(objective, alpha=parts.alpha.applied)
     selector = objective.selector
     critic = parts.critic
     n_rollouts = cfg.ppo.rollouts_per_prompt
@@ -432,7 +432,7 @@ def control_alpha(parts: Parts, update_metrics: dict[str, float]) -> dict[str, f
     (`actor/alpha`), and the controller moved for the next step by this step's regularized entropy."""
     if parts.alpha is None:
         return {}
-    used = parts.alpha.alpha
+    used = parts.alpha.applied
     if REGULARIZED_ENTROPY in update_metrics:
         parts.alpha.update(update_metrics[REGULARIZED_ENTROPY])
     return {"actor/alpha": used}
