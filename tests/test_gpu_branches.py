@@ -337,18 +337,18 @@ def test_each_model_is_sharded_before_the_next_one_loads():
     assert events == ["load policy", "load critic", "load reference"]
 
 
-def test_a_tied_embedding_is_streamed_once(quick_policy):
-    """The engine's weight sync gathers each tensor once: the testbed ties its LM head to the
-    embedding, so `lm_head.weight` (the same parameter) is not gathered a second time."""
+def test_the_weight_stream_is_the_state_dict(quick_policy):
+    """The engine's weight sync streams the module's state_dict() (under FSDP2 its hooks give the
+    stepped sharded parameters; keep_vars=True gave the root unit's stale unsharded ones, which
+    test_workers' vLLM test caught), every name once, a tied embedding under both its names."""
     from tre_cli.trainer.distributed import stream_full_state
 
-    assert quick_policy.config.tie_word_embeddings
-    streamed = dict(stream_full_state(quick_policy))
+    streamed = list(stream_full_state(quick_policy))
     state = quick_policy.state_dict()
-    assert "lm_head.weight" in state and "lm_head.weight" not in streamed
-    assert sorted(streamed) == sorted(name for name in state if name != "lm_head.weight")
-    assert all(torch.equal(streamed[name], state[name]) for name in streamed)
-    assert not any(t.requires_grad for t in streamed.values())
+    assert [name for name, _ in streamed] == list(state)
+    assert "lm_head.weight" in dict(streamed)
+    assert all(torch.equal(tensor, state[name]) for name, tensor in streamed)
+    assert not any(t.requires_grad for _, t in streamed)
 
 
 def test_the_critic_and_its_value_head_return_no_views(quick_testbed):

@@ -114,7 +114,7 @@ def _full_selection(parts, rollout, scored, budget, method, params):
     rows = torch.arange(rollout.num_samples)
     micro = list(trainer_step.micro_batches(rows, rollout.response_lengths, rollout.prompt_ids.shape[1], budget))
     masks = trainer_step._selection(parts, rollout, scored, rows, [(chunk, width, True) for chunk, width in micro],
-                                    torch.Generator().manual_seed(5))
+                                    torch.Generator().manual_seed(5), rollout.response_mask.float())
     full = torch.zeros(rollout.response_ids.shape, dtype=torch.bool)
     for (chunk, r_width), m in zip(micro, masks):
         full[chunk, :r_width] = m

@@ -200,15 +200,22 @@ def test_sweep_plan_gives_each_hh_trial_its_models_reward_model(tmp_path):
     assert others and all("reward_models" not in p.config.task.options for p in others)
 
 
-def test_sweep_dry_run_without_reward_models_is_one_line():
+def test_sweep_without_reward_models_is_one_line_and_its_dry_run_names_every_trial(tmp_path):
     from typer.testing import CliRunner
 
     from tre_cli.cli import app
 
-    result = CliRunner().invoke(app, ["sweep", "main", "--task", "hh", "--dry-run"])
+    out = tmp_path / "o"
+    result = CliRunner().invoke(app, ["sweep", "main", "--task", "hh", "--out", str(out)])
     assert result.exit_code != 0
     lines = [line for line in result.output.strip().splitlines() if line.strip()]
     assert len(lines) == 1 and "no reward model for policy model" in lines[0], result.output
+    assert not out.exists()
+    dry = CliRunner().invoke(app, ["sweep", "main", "--task", "hh", "--dry-run", "--out", str(out)])
+    assert dry.exit_code == 1
+    errors = [line for line in dry.output.splitlines() if line.startswith("error: ")]
+    assert len(errors) == 14 and all("no reward model for policy model" in line for line in errors), dry.output
+    assert "14 of 14 trials cannot start" in dry.output
 
 
 def test_task_set_names_known_tasks(tmp_path):

@@ -55,7 +55,7 @@ def _load_alpha(parts: Parts, saved: dict[str, Any], path: Path) -> None:
     if parts.alpha is None:
         return
     if ALPHA_STATE not in saved:
-        raise ValueError(f"checkpoint {path} has no alpha controller state (method.alpha_control=target)")
+        raise ValueError(f"checkpoint {path} has no alpha controller state (the run's method.alpha_control is target)")
     parts.alpha.load_state_dict(saved[ALPHA_STATE])
 
 

@@ -197,14 +197,11 @@ def stream_full_state(module: torch.nn.Module) -> Iterator[tuple[str, torch.Tens
     the same names in the same order): (name, full tensor) pairs, each gathered from its shards
     only when asked for. What a rollout engine's weight sync reads, so a worker never holds more
     than one whole parameter beyond its shards (for a 7B policy, the embedding's 545M values
-    instead of all 7.6e9: full_state_dict would gather 30 GB of fp32 on every GPU). A tensor
-    under two names (tied embeddings: `lm_head.weight` is `model.embed_tokens.weight`) is
-    gathered and given once, under its first name; the engines' models tie it alike."""
-    seen: set[int] = set()
-    for name, tensor in module.state_dict(keep_vars=True).items():
-        if id(tensor) in seen:
-            continue
-        seen.add(id(tensor))
+    instead of all 7.6e9: full_state_dict would gather 30 GB of fp32 on every GPU). The plain
+    state_dict() on purpose: FSDP2's hooks give the sharded parameters that the optimizer
+    stepped, where state_dict(keep_vars=True) handed the root unit's stale unsharded ones to the
+    engine. A tied embedding is therefore gathered under both its names."""
+    for name, tensor in module.state_dict().items():
         yield name, local_tensor(tensor).detach()
 
 

@@ -228,7 +228,7 @@ def check_hf_batch_memory(config: RunConfig, model_path: Path, device: str, work
     if need > total_memory:
         fits = max(1, total_memory // 4 // (width * per_position))
         raise ValueError(
-            f"rollout.engine=hf: a batch of {sequences} sequences x {width} positions needs a "
+            f"the hf engine (rollout.engine=hf): a batch of {sequences} sequences x {width} positions needs a "
             f"{need / 2**30:,.0f} GiB KV cache, more than the GPU's {total_memory / 2**30:,.0f} GiB; set "
             f"rollout.max_batch_sequences (about {fits} fit in a quarter of it) or use rollout.engine=vllm")
 
