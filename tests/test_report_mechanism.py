@@ -187,7 +187,7 @@ def test_mechanism_figure_and_table_need_their_metrics(tmp_path):
     with pytest.raises(rp.NotEnoughData, match="actor/tail_mass or rollout/tail_draws_per_response") as reason:
         rp.mechanism_data(records)
     assert len(str(reason.value).splitlines()) == 1
-    with pytest.raises(rp.NotEnoughData, match="before issue 19"):
+    with pytest.raises(rp.NotEnoughData, match="older runs did not write them"):
         rp.mechanism_data(records, metrics=(M.P_MAX, "actor/renamed_tail"))
     only_one = tmp_path / "one"
     make_run(only_one, "vanilla", "countdown", 0, [0.5], curves={M.TAIL_MASS: [1e-4]})

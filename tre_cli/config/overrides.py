@@ -360,7 +360,7 @@ def resolve(
 
 
 def _estimator_loss_agg(merged: Flat, above_presets: Flat) -> Flat:
-    """issue 21: an estimator's own loss aggregation (Dr. GRPO's) where no layer above the task
+    """An estimator's own loss aggregation (Dr. GRPO's) where no layer above the task
     overlay and the presets sets ppo.loss_agg and the method is defined for it."""
     from tre_cli.losses.estimators import OWN_LOSS_AGG
     from tre_cli.losses.registry import METHODS

@@ -121,15 +121,15 @@ class PPOConfig:
     # Task overlays set the released 1.5B values: MATH 8, Countdown 16, HH 16.
     selection_group_size: int = 16
     epochs: int = 1
-    # issue 21: the advantage estimator: "gae" (the paper: a critic and GAE), or critic-free from
+    # the advantage estimator: "gae" (the paper: a critic and GAE), or critic-free from
     # each prompt's group of rollouts: "grpo", "dr-grpo", "rloo" (losses/estimators.py; no critic
     # is built, stepped or checkpointed, and rollouts_per_prompt must be >= 2).
     estimator: Literal["gae", "grpo", "dr-grpo", "rloo"] = "gae"
     clip: float = 0.2
-    # issue 21: clip-higher (DAPO): the ratio is clipped to [1 - clip_low, 1 + clip_high]; null: ppo.clip.
+    # clip-higher (DAPO): the ratio is clipped to [1 - clip_low, 1 + clip_high]; null: ppo.clip.
     clip_low: float | None = None
     clip_high: float | None = None
-    # issue 21: drop the prompts whose rollouts all scored the same from the updates (DAPO's
+    # drop the prompts whose rollouts all scored the same from the updates (DAPO's
     # dynamic sampling, without refilling the batch); their count is logged (rollout/uniform_groups).
     skip_uniform_groups: bool = False
     # Dual-clip bound c for negative advantages; None disables it.
@@ -146,7 +146,7 @@ class PPOConfig:
     kl_coef: float = 0.0
     # The per-token KL estimator (tre_cli/losses/kl.py); verl's default is low_var_kl (Schulman's k3).
     kl_loss_type: Literal["low_var_kl", "k1", "abs", "mse"] = "low_var_kl"
-    # issue 21: "seq-mean-token-sum-norm" (Dr. GRPO) divides the token sum by rollout.max_new_tokens;
+    # "seq-mean-token-sum-norm" (Dr. GRPO) divides the token sum by rollout.max_new_tokens;
     # it is ppo.estimator=dr-grpo's own when no layer above the presets sets this key.
     loss_agg: Literal["token-mean", "seq-mean-token-sum", "seq-mean-token-mean", "seq-mean-token-sum-norm"] = \
         "token-mean"

@@ -62,9 +62,9 @@ class ActorObjective:
     # issue 11: + kl_coef x KL(pi || pi_ref) (verl's use_kl_loss; the paper: 0) with this estimator.
     kl_coef: float = 0.0
     kl_loss_type: str = "low_var_kl"
-    # issue 21: the upper clip range (clip-higher); None: `clip`.
+    # the upper clip range (clip-higher); None: `clip`.
     clip_high: float | None = None
-    # issue 21: the constant of loss_agg "seq-mean-token-sum-norm" (the max response length).
+    # the constant of loss_agg "seq-mean-token-sum-norm" (the max response length).
     agg_norm: float | None = None
 
     @staticmethod

@@ -218,7 +218,7 @@ def _scope(method: str) -> Param:
 
 
 def _alpha(default: float = 0.001) -> tuple[Param, ...]:
-    """The bonus weight and its controller (issue 21; losses/alpha_control.py): "fixed" keeps
+    """The bonus weight and its controller (losses/alpha_control.py): "fixed" keeps
     alpha; "target" moves it by alpha_step after each step towards holding the method's own
     regularized entropy (the bonus's token mean) at target_entropy, within [0, alpha_max]."""
     quiet = {"identifies_at_default": False}

@@ -1,5 +1,5 @@
 """`tre report`: finished runs -> the paper's Table 1 (with deltas to Vanilla), Figures 1, 3, 4,
-and the mechanism figure and table (issue 19: P_max, tail mass and tail draws per variant).
+and the mechanism figure and table (P_max, tail mass and tail draws per variant).
 
 Runs come from run directories, results stores (`results.jsonl`) or a W&B project, all read by
 tracking.py into one shape (read_run's dict) and turned here into `RunRecord`s.

@@ -1,10 +1,10 @@
 """Figure 1: how each regularizer fares against Vanilla as the maximum response length T grows.
 
 Two panels per (model, task), sharing the T axis: on the left each variant's score minus
-Vanilla's, on the right Vanilla's own score. (Before issue 19 Vanilla was a second y-axis of the
-same panel; each axis scaled to its own lines, so with two T values Vanilla's line lay exactly on
-one of the others.) Every method that ran at two or more T beside Vanilla is drawn: the horizon
-sweep's Ent at several alphas, the mechanism sweep's Ent, TRE-K and TRE-P.
+Vanilla's, on the right Vanilla's own score (a second y-axis in one panel, each axis scaled to its
+own lines, would lay Vanilla's line exactly on another's with two T values). Every method that
+ran at two or more T beside Vanilla is drawn: the horizon sweep's Ent at several alphas, the
+mechanism sweep's Ent, TRE-K and TRE-P.
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""The mechanism figure (issue 19): where each bonus puts the policy's probability, per step.
+"""The mechanism figure: where each bonus puts the policy's probability, per step.
 
 Per (model, task, T) a row of panels against the training step: P_max (the top-1 probability,
 Figure 3's quantity), the tail mass (the policy's mass outside its top-k tokens: where a global
@@ -80,7 +80,7 @@ def mechanism_data(
     logged = [key for key in metrics if any(r.curve(key) for r in chosen)]
     if not any(key in logged for key in NEEDED):
         raise NotEnoughData(
-            f"the mechanism figure needs {' or '.join(NEEDED)} logs (tre before issue 19 did not write them) "
+            f"the mechanism figure needs {' or '.join(NEEDED)} logs (older runs did not write them) "
             f"of Vanilla, Ent, TRE-K or TRE-P; none found"
         )
     rows = []

@@ -24,7 +24,7 @@ from tre_cli.trainer.parts import Parts
 
 TRAINER_STATE = "trainer.pt"
 STATE_KEYS = ("critic", "actor_opt", "critic_opt", "critic_sched", "rng")
-# issue 21: what a run without a critic (a critic-free ppo.estimator) saves and needs.
+# what a run without a critic (a critic-free ppo.estimator) saves and needs.
 CRITIC_FREE_STATE_KEYS = ("actor_opt", "rng")
 ALPHA_STATE = "alpha_control"
 
@@ -207,7 +207,7 @@ def load_checkpoint_workers(parts: Parts, path: Path) -> int:
 
 
 def _sharded_parts(parts: Parts) -> tuple[dict[str, Any], dict[str, Any]]:
-    """The modules and optimizers a sharded checkpoint holds (no critic without one: issue 21)."""
+    """The modules and optimizers a sharded checkpoint holds (no critic without one)."""
     modules: dict[str, Any] = {"policy": parts.policy}
     optimizers: dict[str, Any] = {"actor_opt": (parts.policy, parts.actor_opt)}
     if parts.critic is not None:

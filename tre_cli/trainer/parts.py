@@ -32,7 +32,7 @@ class Parts:
     task: TaskProtocol
     tokenizer: Any  # a transformers tokenizer
     policy: torch.nn.Module
-    # issue 21: None (and its optimizer and scheduler) with a critic-free ppo.estimator.
+    # None (and its optimizer and scheduler) with a critic-free ppo.estimator.
     critic: torch.nn.Module | None
     engine: RolloutEngine
     actor_opt: torch.optim.Optimizer
@@ -47,7 +47,7 @@ class Parts:
     reference: torch.nn.Module | None = None
     # issue 12: this process's place among the run's workers (run.workers); SINGLE: alone.
     workers: Workers = SINGLE
-    # issue 21: the alpha of the next step (method.alpha_control); None: the objective's, fixed.
+    # the alpha of the next step (method.alpha_control); None: the objective's, fixed.
     alpha: AlphaController | None = None
 
 
@@ -86,7 +86,7 @@ def objective_of(config: RunConfig) -> ActorObjective:
 
 
 def agg_norm_of(config: RunConfig) -> float | None:
-    """issue 21: the constant of ppo.loss_agg "seq-mean-token-sum-norm": the max response length."""
+    """The constant of ppo.loss_agg "seq-mean-token-sum-norm": the max response length."""
     return float(config.rollout.max_new_tokens) if config.rollout.max_new_tokens else None
 
 
@@ -132,7 +132,7 @@ def build(config: RunConfig) -> Parts:
     load_device = "cpu" if workers.many else device
     policy, critic, reference = load_models([
         lambda: load_policy(model_path, device=load_device, gradient_checkpointing=checkpointing, precision=precision),
-        # issue 21: no critic at all for a critic-free estimator.
+        # no critic at all for a critic-free estimator.
         (lambda: load_critic(resolve_model(config.model.critic_name or config.model.name), device=load_device,
                              gradient_checkpointing=checkpointing, precision=precision,
                              value_head_std=config.model.value_head_init_std))  # None: its initializer_range

@@ -7,7 +7,7 @@
         critic: values -> losses.actor.critic_loss
     -> optimizer steps -> the engine syncs its weights if it needs to -> the alpha controller
 
-With a critic-free ppo.estimator (issue 21) there is no critic: the advantages come from each
+With a critic-free ppo.estimator there is no critic: the advantages come from each
 prompt's group of scores (losses/estimators.py) and every critic phase above is skipped.
 
 The method enters only through `parts.objective` (losses.actor.ActorObjective, built from the
@@ -52,7 +52,7 @@ class Scored:
     returns: torch.Tensor
     # issue 11: the frozen reference policy's log-probs (ppo.kl_coef > 0), else None.
     ref_logprob: torch.Tensor | None = None
-    # issue 21: [N] bool, the rows the updates use (ppo.skip_uniform_groups); None: every row.
+    # [N] bool, the rows the updates use (ppo.skip_uniform_groups); None: every row.
     keep: torch.Tensor | None = None
 
 
@@ -195,7 +195,7 @@ def score_rollout(parts: Parts, rollout: Rollout, scores: torch.Tensor, phases: 
     cfg = parts.config.ppo
     old_logprob, old_values, ref_logprob = _old_logprob_and_values(parts, rollout, phases)
     mask = rollout.response_mask.float()
-    if parts.critic is None:  # issue 21: no values, no returns
+    if parts.critic is None:  # no values, no returns
         advantages = outcome_advantages(scores.float(), rollout.prompt_index, mask, cfg.estimator)
         returns = torch.zeros_like(advantages)
     else:
@@ -266,13 +266,13 @@ def ppo_update(parts: Parts, rollout: Rollout, scored: Scored, step: int,
     """All mini-batch updates of one step; returns the step's actor/critic metrics."""
     cfg = parts.config
     objective = parts.objective
-    if parts.alpha is not None:  # issue 21: this step's alpha from the controller
+    if parts.alpha is not None:  # this step's alpha from the controller
         objective = dataclasses.replace(objective, alpha=parts.alpha.applied)
     selector = objective.selector
     critic = parts.critic
     n_rollouts = cfg.ppo.rollouts_per_prompt
     mask_all = rollout.response_mask.float()
-    if scored.keep is not None:  # issue 21: ppo.skip_uniform_groups
+    if scored.keep is not None:  # ppo.skip_uniform_groups
         mask_all = mask_all * scored.keep[:, None].float()
     lengths = rollout.response_lengths
     prompt_width = rollout.prompt_ids.shape[1]
@@ -294,7 +294,7 @@ def ppo_update(parts: Parts, rollout: Rollout, scored: Scored, step: int,
             total_tokens = float(mb_mask.sum())
             total_seqs = float((mb_mask.sum(-1) > 0).sum())
             if scored.keep is not None and not bool(scored.keep[rows].any()):
-                continue  # issue 21: every group of this mini-batch was dropped: no update
+                continue  # every group of this mini-batch was dropped: no update
             selected: list[torch.Tensor] | None = None
             selected_total = None
             if selector is not None:
@@ -359,7 +359,7 @@ def ppo_update(parts: Parts, rollout: Rollout, scored: Scored, step: int,
                 if torch.isfinite(critic_norm):
                     parts.critic_opt.step()
             set_training(False, *(m for m in (parts.policy, critic) if m is not None))  # issue 11: eval mode
-    # issue 20: no gradient outlives the last optimizer step (the engine's sync wakes it next).
+    # no gradient outlives the last optimizer step (the engine's sync wakes it next).
     parts.actor_opt.zero_grad(set_to_none=True)
     if parts.critic_opt is not None:
         parts.critic_opt.zero_grad(set_to_none=True)
@@ -428,7 +428,7 @@ REGULARIZED_ENTROPY = "actor/regularizer"
 
 
 def control_alpha(parts: Parts, update_metrics: dict[str, float]) -> dict[str, float]:
-    """issue 21: with method.alpha_control=target, the alpha this step trained with
+    """With method.alpha_control=target, the alpha this step trained with
     (`actor/alpha`), and the controller moved for the next step by this step's regularized entropy."""
     if parts.alpha is None:
         return {}
@@ -487,10 +487,10 @@ def _step_metrics(rollout: Rollout, scores: torch.Tensor, scored: Scored, timing
         "perf/update_tokens_per_s": n_tokens / max(timings["timing/update_s"], 1e-9),
         "perf/tokens_per_s": n_tokens / max(timings["timing/step_s"], 1e-9),
     }
-    if not has_critic:  # issue 21: no critic, no critic/ metrics; the advantages under their own name
+    if not has_critic:  # no critic, no critic/ metrics; the advantages under their own name
         del metrics["critic/advantages_abs"], metrics["critic/returns"]
         metrics["actor/advantages_abs"] = float(masked_mean(scored.advantages.abs(), mask))
-    if scored.keep is not None:  # issue 21: ppo.skip_uniform_groups
+    if scored.keep is not None:  # ppo.skip_uniform_groups
         n = rollout.prompt_index
         metrics["rollout/uniform_groups"] = float(len(set(n[~scored.keep].tolist())))
     return metrics
