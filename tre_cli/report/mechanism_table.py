@@ -1,4 +1,4 @@
-"""The mechanism table (issue 19): per (model, task, T) and variant, the end of each per-step
+"""The mechanism table: per (model, task, T) and variant, the end of each per-step
 curve and the final eval score, over seeds, and where each range lies against Vanilla's.
 
 `mechanism_table(records)` returns the numbers as plain data (a test can read the paper's claims
@@ -8,8 +8,6 @@ from it: "Ent's tail mass lies above Vanilla's range"); `render_mechanism_markdo
 
 from __future__ import annotations
 
-import csv
-import io
 import json
 import statistics
 from dataclasses import dataclass
@@ -19,7 +17,16 @@ from collections.abc import Mapping, Sequence
 from tre_cli import metrics as M
 from tre_cli.losses.registry import BASE, baseline
 from tre_cli.report.figures import shown_label, variant_order
-from tre_cli.report.records import NotEnoughData, RunRecord, Scale, _key_sort, _t_sort, scale_for, task_label
+from tre_cli.report.records import (
+    NotEnoughData,
+    RunRecord,
+    Scale,
+    _key_sort,
+    _t_sort,
+    csv_text,
+    scale_for,
+    task_label,
+)
 from tre_cli.tracking import model_label
 
 LAST_STEPS = 5  # the curves' values are the mean over each seed's last 5 logged steps
@@ -259,12 +266,7 @@ def mechanism_rows(entries: Sequence[MechanismEntry]) -> list[list[Any]]:
 
 
 def render_mechanism_csv(entries: Sequence[MechanismEntry]) -> str:
-    buffer = io.StringIO()
-    writer = csv.writer(buffer, lineterminator="\n")
-    writer.writerow(MECHANISM_CSV_COLUMNS)
-    for row in mechanism_rows(entries):
-        writer.writerow(["" if v is None else v for v in row])
-    return buffer.getvalue()
+    return csv_text(MECHANISM_CSV_COLUMNS, mechanism_rows(entries))
 
 
 def claims(entries: Sequence[MechanismEntry]) -> Mapping[tuple[Any, ...], str]:

@@ -7,6 +7,8 @@ it does not know (a run of a newer or older tre) still shows, under its own name
 
 from __future__ import annotations
 
+import csv
+import io
 import json
 import math
 import os
@@ -74,7 +76,7 @@ class RunRecord:
     wandb: tuple[str | None, str, str] | None = None
     tail_k: int | None = None  # the run's metrics.tail_k (what actor/tail_mass counts as the tail)
     tail_p: float | None = None  # the run's metrics.tail_p (rollout/tail_draws' threshold)
-    estimator: str = "gae"  # ppo.estimator (issue 21); runs recorded before it: GAE
+    estimator: str = "gae"  # ppo.estimator; runs recorded before it: GAE
 
     def score(self, which: str = "final") -> float | None:
         return self.final_eval if which == "final" else self.best_eval
@@ -103,7 +105,7 @@ def _finite(value: Any) -> float | None:
     return float(value)
 
 
-# issue 21: how a report names each advantage estimator beside the model.
+# how a report names each advantage estimator beside the model.
 ESTIMATOR_LABELS = {"gae": "GAE", "grpo": "GRPO", "dr-grpo": "Dr. GRPO", "rloo": "RLOO"}
 
 
@@ -452,3 +454,13 @@ def scale_for(task: str, metrics: Iterable[str | None]) -> Scale:
     if metric.lower().startswith("pass@") or metric.lower() in ("accuracy", "acc"):
         return Scale(metric, 100.0, 2)
     return Scale(metric, 1.0, 4)
+
+
+def csv_text(columns: Sequence[str], rows: Iterable[Sequence[Any]]) -> str:
+    """A table as CSV text: a header row, then the rows with None as an empty field."""
+    buffer = io.StringIO()
+    writer = csv.writer(buffer, lineterminator="\n")
+    writer.writerow(columns)
+    for row in rows:
+        writer.writerow(["" if v is None else v for v in row])
+    return buffer.getvalue()

@@ -4,8 +4,6 @@ CSV and LaTeX."""
 
 from __future__ import annotations
 
-import csv
-import io
 import json
 from dataclasses import dataclass, field
 from typing import Any
@@ -14,6 +12,7 @@ from collections.abc import Sequence
 from tre_cli.losses.registry import BASE, baseline
 from tre_cli.losses.registry import label as method_label
 from tre_cli.report.records import (
+    csv_text,
     Cell,
     RunRecord,
     Scale,
@@ -254,12 +253,7 @@ def table_rows(table: Table1) -> list[list[Any]]:
 
 
 def render_csv(table: Table1) -> str:
-    buffer = io.StringIO()
-    writer = csv.writer(buffer, lineterminator="\n")
-    writer.writerow(CSV_COLUMNS)
-    for row in table_rows(table):
-        writer.writerow(["" if v is None else v for v in row])
-    return buffer.getvalue()
+    return csv_text(CSV_COLUMNS, table_rows(table))
 
 
 _LATEX_SPECIALS = {
