@@ -11,23 +11,8 @@ import pytest
 import torch
 
 import brute
+from test_stats import _rows  # the same random flavours of rows as the statistics tests
 from tre_cli.losses.stats import RegionSpec, tail_draws, token_stats
-
-
-def _rows(kind: str, n: int, vocab: int, gen: torch.Generator) -> torch.Tensor:
-    if kind == "normal":
-        return torch.randn(n, vocab, generator=gen) * 2.0
-    if kind == "flat":
-        return torch.randn(n, vocab, generator=gen) * 1e-3
-    if kind == "peaked":  # a dominant token: the tail is ~1e-5 of the mass
-        z = torch.randn(n, vocab, generator=gen)
-        z[torch.arange(n), torch.randint(vocab, (n,), generator=gen)] += 12.0
-        return z
-    if kind == "ties":  # few distinct values: the k-th place is tied with tokens outside
-        return torch.randint(0, 4, (n, vocab), generator=gen).float()
-    if kind == "bf16":
-        return (torch.randn(n, vocab, generator=gen) * 3.0).to(torch.bfloat16)
-    raise AssertionError(kind)
 
 
 @pytest.mark.parametrize("flavour", ["normal", "flat", "peaked", "ties", "bf16"])
