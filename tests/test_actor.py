@@ -258,7 +258,7 @@ def test_critic_loss_is_the_clipped_value_loss_aggregated_like_the_actor():
     values = (old_values + torch.randn(B, T, generator=g, dtype=F64)).requires_grad_(True)
     batch = PPOBatch(mask=mask, old_logprob=torch.zeros_like(mask), advantages=torch.zeros_like(mask),
                      old_values=old_values, returns=returns, tokens=float(mask.sum()), seqs=float(B))
-    out = critic_loss(values, batch, clip=0.5, loss_agg="seq-mean-token-mean")
+    out = critic_loss(values, batch, clip=0.5, loss_agg="seq-mean-token-mean", scale=0.5)
     clipped = old_values + (values.detach() - old_values).clamp(-0.5, 0.5)
     per_token = 0.5 * torch.maximum((values.detach() - returns) ** 2, (clipped - returns) ** 2)
     expected = ((per_token * mask).sum(-1) / mask.sum(-1)).mean()

@@ -63,7 +63,7 @@ def _one_line_errors():
     except KeyboardInterrupt:
         typer.echo("interrupted", err=True)
         raise typer.Exit(130)
-    except RuntimeError as error:  # issue 12: a worker of run.workers > 1 died or raised
+    except RuntimeError as error:  # a worker of run.workers > 1 died or raised
         from tre_cli.trainer.distributed import WorkerFailure
 
         if not isinstance(error, WorkerFailure):

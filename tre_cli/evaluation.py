@@ -58,7 +58,7 @@ def evaluate(
     stop: Sequence[str] = (),
 ) -> EvalResult:
     """Sample `n_samples` responses per prompt with `engine`, score them with `task`. `stream`:
-    the engine's sampling stream (issue 12; sample j of prompt i is sequence i * n_samples + j
+    the engine's sampling stream (sample j of prompt i is sequence i * n_samples + j
     of it, whatever batch_prompts is); None: one stream per engine call. `progress(sequences
     finished so far)` is called as they end (for a person watching). `stop`: rollout.stop (a
     response ends at the first of these strings; see cut_at_stop)."""

@@ -1,4 +1,4 @@
-"""The critic's learning-rate warm-up (issue 11, item 8: released code vs tre's earlier ramp).
+"""The critic's learning-rate warm-up: the released code's ramp, or a shifted one.
 
 The scheduler is stepped once per PPO step, after the step's updates, so the factor for step s
 (1-based) is `critic_warmup_factor(s - 1, warmup, ramp)`; warmup = int(ppo.critic_warmup_ratio *
@@ -6,7 +6,7 @@ ppo.steps).
 
 - "released": verl's constant schedule with linear warm-up, i / warmup while i < warmup, then 1.
   The first step trains the critic at learning rate 0 (its Adam moments still accumulate).
-- "shifted": (i + 1) / (warmup + 1), capped at 1 (tre before issue 11): the first step already
+- "shifted": (i + 1) / (warmup + 1), capped at 1: the first step already
   moves the critic, and the ramp ends one step later.
 
 The released code counts `warmup` from its total training steps (dataloader length x epochs);

@@ -34,8 +34,8 @@ class ModelConfig:
     gradient_checkpointing: bool | Literal["auto"] = "auto"
     # The critic's base model; None = the same as `name` (as in the paper).
     critic_name: str | None = None
-    # issue 11: std of the value head's initial weights; None = the model's initializer_range
-    # (0.02 for Qwen2.5), as the released code; tre used 1e-3 before (a critic starting near V = 0).
+    # Std of the value head's initial weights; None = the model's initializer_range (0.02 for
+    # Qwen2.5), as the released code. A small value (1e-3) starts the critic near V = 0.
     value_head_init_std: float | None = None
 
     def __post_init__(self) -> None:
@@ -97,11 +97,11 @@ class PPOConfig:
     critic_lr: float = 1e-5
     # The critic's learning rate ramps up linearly over this fraction of the steps.
     critic_warmup_ratio: float = 0.05
-    # issue 11: "released" i / w (the first step at lr 0, verl) or "shifted" (i + 1) / (w + 1) (tre before).
+    # "released": i / w (the first step at lr 0, verl); "shifted": (i + 1) / (w + 1) (schedules.py).
     critic_warmup_ramp: Literal["released", "shifted"] = "released"
-    # issue 11: AdamW weight decay of actor and critic (the released code: verl's 0.01; tre used 0).
+    # AdamW weight decay of actor and critic (the released code: verl's 0.01).
     weight_decay: float = 0.01
-    # issue 11: factor of the critic's squared error (the released code: 1.0; 0.5 is TRL's, tre before).
+    # Factor of the critic's squared error (the released code: 1.0; 0.5 is TRL's convention).
     critic_loss_coef: float = 1.0
     prompts_per_step: int = 512
     rollouts_per_prompt: int = 8
@@ -116,7 +116,7 @@ class PPOConfig:
     # compute, the same loss up to float rounding: a speed knob). "rows" keeps earlier runs
     # bitwise; the small preset uses "length".
     micro_batch_order: Literal["rows", "length"] = "rows"
-    # issue 11: sequences per Forking-Tokens / KL-Cov selection group (method.scope=group), the
+    # Sequences per Forking-Tokens / KL-Cov selection group (method.scope=group), the
     # released scripts' per-GPU micro-batch; independent of micro_batch_tokens (a memory knob).
     # Task overlays set the released 1.5B values: MATH 8, Countdown 16, HH 16.
     selection_group_size: int = 16
@@ -141,7 +141,7 @@ class PPOConfig:
     # Whiten advantages over the step's response tokens, as the released code (verl's GAE) does.
     # GAE only: a critic-free estimator's advantages are used as they are (as verl).
     whiten_advantages: bool = True
-    # issue 11: > 0 adds kl_coef * KL(pi || pi_ref) to the actor loss against a frozen copy of the
+    # > 0 adds kl_coef * KL(pi || pi_ref) to the actor loss against a frozen copy of the
     # starting policy (verl's actor.use_kl_loss); 0 (the paper) loads no reference model.
     kl_coef: float = 0.0
     # The per-token KL estimator (tre_cli/losses/kl.py); verl's default is low_var_kl (Schulman's k3).
@@ -311,17 +311,17 @@ class RunSection:
     resume: str | None = None
     # Directory of the append-only results.jsonl; None = the run directory's parent.
     results_store: str | None = None
-    # issue 12: data-parallel training processes of this run (Ray Train workers, policy and
+    # Data-parallel training processes of this run (Ray Train workers, policy and
     # critic sharded with FSDP2); 1 = this process alone, as before.
     workers: int = 1
-    # issue 12: with run.workers > 1, how many times a failed worker group (a crash, a killed or
+    # With run.workers > 1, how many times a failed worker group (a crash, a killed or
     # preempted worker) is started again, each time resuming from the last checkpoint (Ray
     # Train's max_failures); 0 = the failure ends the run (`tre run --resume` continues it).
     worker_retries: int = 0
-    # issue 13: progress within a step (generation, old log-probs, update) on stderr: "auto" when
+    # Progress within a step (generation, old log-probs, update) on stderr: "auto" when
     # stderr is a terminal, "on" also as plain lines in a log file, "off" never. Display only.
     progress: Literal["auto", "on", "off"] = "auto"
-    # issue 13: the rollout engines' and transformers' own logs (quiet by default); --verbose.
+    # The rollout engines' and transformers' own logs (quiet by default); --verbose.
     verbose: bool = False
 
     def __post_init__(self) -> None:
@@ -374,7 +374,7 @@ PRESETS: Mapping[str, Mapping[str, Any]] = {
         "eval": {"every": 10, "limit": 128, "n_samples": 2, "before_train": True},
         "run": {"save_every": 10, "keep_last": 1},
     },
-    # issue 13: a real model of up to a few hundred million parameters on a CPU (or a laptop GPU),
+    # A real model of up to a few hundred million parameters on a CPU (or a laptop GPU),
     # chosen from measurements of SmolLM2-135M-Instruct on 2 cores (bench/RESULTS.md, "SmolLM2-135M
     # on CPU"): each sequence of a step costs about 10-25 CPU-seconds there (prompt ~120 tokens +
     # up to T; policy and critic forward and backward), so a step of about a minute holds 8.
@@ -419,7 +419,7 @@ PRESETS: Mapping[str, Mapping[str, Any]] = {
             "kl_coef": 0.0,
             "loss_agg": "token-mean",
             "max_prompt_length": 1024,
-            # issue 11: the released code's optimizer and critic details (README: "Released configuration").
+            # The released code's optimizer and critic details (README: "Released configuration").
             "weight_decay": 0.01,
             "critic_loss_coef": 1.0,
             "critic_warmup_ramp": "released",

@@ -59,7 +59,7 @@ class ActorObjective:
     bonus: Callable[[TokenStats], torch.Tensor] | None = None
     region: RegionSpec | None = None
     selector: TokenSelector | None = None
-    # issue 11: + kl_coef x KL(pi || pi_ref) (verl's use_kl_loss; the paper: 0) with this estimator.
+    # + kl_coef x KL(pi || pi_ref) (verl's use_kl_loss; the paper: 0) with this estimator.
     kl_coef: float = 0.0
     kl_loss_type: str = "low_var_kl"
     # the upper clip range (clip-higher); None: `clip`.
@@ -126,7 +126,7 @@ def actor_loss(stats: TokenStats, batch: PPOBatch, objective: ActorObjective) ->
 
 
 def critic_loss(values: torch.Tensor, batch: PPOBatch, *, clip: float | None, loss_agg: str,
-                scale: float = 0.5, agg_norm: float | None = None) -> LossOutput:
+                scale: float, agg_norm: float | None = None) -> LossOutput:
     """The critic's share of the mini-batch loss: the clipped value loss (times `scale`:
     ppo.critic_loss_coef), aggregated like the actor's."""
     mask = batch.mask

@@ -1,5 +1,5 @@
 """Per-token estimators of KL(pi || pi_ref) from the log-probs of sampled tokens, for the KL loss
-against a frozen reference policy (verl's `actor.use_kl_loss`, `kl_loss_type`; issue 11).
+against a frozen reference policy (verl's `actor.use_kl_loss`, `kl_loss_type`).
 
 With d = logprob - ref_logprob (log pi(a) - log pi_ref(a) of the sampled token a):
 

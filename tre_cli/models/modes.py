@@ -1,4 +1,4 @@
-"""Train and eval modes for the trainer's passes (issue 11, item 3).
+"""Train and eval modes for the trainer's passes.
 
 transformers loads a model in eval mode, and its decoder layers checkpoint only in training mode
 (`gradient_checkpointing and self.training`): a model that stays in eval mode never checkpoints,

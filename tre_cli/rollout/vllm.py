@@ -239,7 +239,7 @@ class VLLMEngine(EngineBase):
         if self.asleep:
             self.wake()
         # One seed per prompt: from (engine seed, stream, the prompt's index first_sequence // n + i),
-        # so a batch split across calls or workers seeds each prompt alike (issue 12); vLLM gives
+        # so a batch split across calls or workers seeds each prompt alike; vLLM gives
         # the n samples of a request the seeds seed, seed + 1, ..., seed + n - 1.
         if stream is None:
             stream = self.calls

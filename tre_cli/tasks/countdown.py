@@ -83,7 +83,7 @@ RELEASED = CountdownRules()
 
 DEFAULT_OPTIONS = {
     "format_score": 0.0,  # TinyZero gives 0.1 to a well-formed wrong answer; the paper's code 0
-    # issue 13: text that opens the assistant's turn, after the chat template: TinyZero's Countdown
+    # Text that opens the assistant's turn, after the chat template: TinyZero's Countdown
     # prompt ends "Let me solve this step by step.\n<think>" (TINYZERO_PREFIX); the paper's, with
     # "" (the default), opens nothing. The reward reads the prefix and the response as one turn.
     "response_prefix": "",

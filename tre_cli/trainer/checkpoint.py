@@ -113,7 +113,7 @@ def _rng_state(parts: Parts, cuda: Any = None) -> dict[str, Any]:
     cuda = torch.cuda if cuda is None else cuda
     if parts.device == "cuda" and cuda.is_available():
         state["cuda"] = cuda.get_rng_state(cuda.current_device())
-    # No engine state (issue 12): sampling noise is a function of (run seed, step, sequence).
+    # No engine state: sampling noise is a function of (run seed, step, sequence).
     return state
 
 
@@ -129,7 +129,7 @@ def _set_rng_state(parts: Parts, state: dict[str, Any], cuda: Any = None) -> Non
             cuda.set_rng_state(saved, cuda.current_device())
 
 
-# ----------------------------------------------------------------------------- issue 12: workers
+# ----------------------------------------------------------------------------- workers
 
 
 def _unsharded_class_name(module: torch.nn.Module) -> str:

@@ -1,4 +1,4 @@
-"""A run of several workers, heard step by step from its run directory (issue 12).
+"""A run of several workers, heard step by step from its run directory.
 
 A sweep trial reports each step to Tune through `on_step(step, metrics, checkpoint_dir)`. With
 one worker the trainer calls it itself; with run.workers > 1 the trainer runs in Ray Train's
