@@ -149,6 +149,7 @@ def test_mechanism_figure(mechanism_set):
     assert key == M.TAIL_MASS
     assert [c.label for c in curves] == ["Vanilla", "Ent (α=0.03)", "TRE-K (K=2, α=0.003)", "TRE-P (P=0.99, α=0.003)"]
     assert all(c.n == 3 for c in curves) and len({c.color for c in curves}) == 4
+    assert len({c.marker for c in curves}) == 4  # lines that coincide still read as two
     fig = rp.plot_mechanism(data)
     axes = [ax for ax in fig.axes if ax.get_visible()]
     assert len(axes) == 6

@@ -174,13 +174,15 @@ def variant_order(variants: Sequence[tuple[str, tuple[tuple[str, Any], ...]]]):
 
 def variant_styles(variants: Sequence[tuple[str, tuple[tuple[str, Any], ...]]]) -> dict[Any, tuple[str, str]]:
     """(method, params) -> (colour, marker): a method's colour (Figure 3's where it has one), in
-    shades and with different markers when it has several variants."""
+    shades when it has several variants, and a marker of each variant's own, so that two lines
+    that coincide (TRE-K's and TRE-P's tails) still read as two."""
     ordered_variants = variant_order(variants)
+    markers = {variant: MARKERS[index % len(MARKERS)] for index, variant in enumerate(ordered_variants)}
     styles = {}
     for method in dict.fromkeys(m for m, _ in ordered_variants):
         own = [v for v in ordered_variants if v[0] == method]
         for index, variant in enumerate(own):
-            styles[variant] = (_shade(method_color(method), index, len(own)), MARKERS[index % len(MARKERS)])
+            styles[variant] = (_shade(method_color(method), index, len(own)), markers[variant])
     return styles
 
 
