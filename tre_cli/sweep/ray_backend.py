@@ -63,14 +63,13 @@ def train_trial(trial_config: dict[str, Any]) -> None:
         return
 
     with trials.restored_checkpoint() as directory:
-        restored = directory is not None
-        if restored:
-            recorded = Path(json.loads(_pointer_file(directory).read_text(encoding="utf-8"))["run_dir"])
-    if restored and recorded != run_dir:
+        recorded = None if directory is None else Path(
+            json.loads(_pointer_file(directory).read_text(encoding="utf-8"))["run_dir"])
+    if recorded is not None and recorded != run_dir:
         raise ValueError(f"trial {name}: its Ray checkpoint points at {recorded}, not {run_dir}")
     # A run directory with a config is an earlier attempt of this trial (a fresh sweep refuses a
     # non-empty --out); it may have crashed before its first checkpoint, which resume handles too.
-    if restored or (run_dir / "config.yaml").is_file():
+    if recorded is not None or (run_dir / "config.yaml").is_file():
         config = with_overrides(config, {"run.resume": str(run_dir)})
 
     fail_at = spec.get("fail_once_at_step")
