@@ -11,7 +11,7 @@ from collections.abc import Sequence
 THINK_OPEN, THINK_CLOSE, ANSWER_OPEN, ANSWER_CLOSE = "<think>", "</think>", "<answer>", "</answer>"
 
 
-def _countdown():
+def countdown_task():
     """The Countdown task module (prompt, generator, scorer): the testbed speaks its format."""
     from tre_cli.tasks import countdown
 
@@ -51,7 +51,7 @@ def sft_pairs(count: int, seed: int, think: str = "steps", slips: float = 0.0) -
     In a fraction `slips` of them (drawn at random) the teacher writes the equation's value inside
     the answer tag, "<answer>98 - 54 - 6 + 34 = 72</answer>", which the Countdown scorer rejects.
     """
-    countdown = _countdown()
+    countdown = countdown_task()
     slip_rng = random.Random(seed * 7919 + 1)
     pairs: list[tuple[dict, str]] = []
     batch = 0
@@ -83,5 +83,5 @@ def render_prompt(example: dict, tokenizer) -> str:
 
 def has_answer_slip(response: str) -> bool:
     """Whether the response's answer carries the slip the warm start teaches: "EXPR = value"."""
-    answer = _countdown().extract_answer(response)
+    answer = countdown_task().extract_answer(response)
     return answer is not None and "=" in answer

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from tre_cli.rollout.hf import HFEngine
-from tre_cli.testbed.data import _countdown, has_answer_slip, render_prompt
+from tre_cli.testbed.data import countdown_task, has_answer_slip, render_prompt
 
 
 def measure_countdown_reward(
@@ -11,7 +11,7 @@ def measure_countdown_reward(
 ) -> tuple[float, float]:
     """(mean Countdown reward, fraction of answers with the slip) of one sample per problem at
     temperature 1.0 (the paper's setting)."""
-    countdown = _countdown()
+    countdown = countdown_task()
     rows = countdown.generate(problems, seed)
     prompts = [tokenizer(render_prompt(row, tokenizer), add_special_tokens=False)["input_ids"] for row in rows]
     engine = HFEngine(model=model, tokenizer=tokenizer, device="cpu", seed=seed)

@@ -6,7 +6,7 @@ from __future__ import annotations
 from collections.abc import Iterable, Sequence
 
 from tre_cli.models.testbed import TESTBED_SPEC
-from tre_cli.testbed.data import ANSWER_CLOSE, ANSWER_OPEN, THINK_CLOSE, THINK_OPEN, _countdown
+from tre_cli.testbed.data import ANSWER_CLOSE, ANSWER_OPEN, THINK_CLOSE, THINK_OPEN, countdown_task
 
 PAD_TOKEN, CHAT_START, CHAT_END = "<|endoftext|>", "<|im_start|>", "<|im_end|>"
 TESTBED_PRETOKENIZE_REGEX = r""" ?[0-9]|[0-9]| ?[A-Za-z]+| ?[^\sA-Za-z0-9]+|\s+"""
@@ -59,7 +59,7 @@ def build_tokenizer(corpus: Iterable[str], vocab_size: int):
 
 
 def tokenizer_corpus(pairs: Sequence[tuple[dict, str]]) -> list[str]:
-    countdown = _countdown()
+    countdown = countdown_task()
     texts = []
     for example, response in pairs:
         texts.append(countdown.PROMPT.format(numbers=list(example["nums"]), target=example["target"]))

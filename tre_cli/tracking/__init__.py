@@ -23,7 +23,6 @@ The results store is one append-only `results.jsonl` (default: in the run direct
 RunResult per line. A resumed run appends a new line for the same run_dir: the last line wins.
 """
 
-
 from __future__ import annotations
 
 from tre_cli.tracking.results import (
