@@ -24,9 +24,11 @@ $(VENV)/.vllm: $(VENV)/.installed
 		$(PY) -m pip uninstall --quiet -y torchvision torchaudio torchcodec triton; }
 	touch $@
 
-# ruff (pyflakes, pycodestyle at 120 columns, pyupgrade; settings in pyproject.toml).
+# ruff (pyflakes, pycodestyle at 120 columns, pyupgrade), then import-linter: packages import
+# only downwards, as [tool.importlinter] in pyproject.toml lays them out.
 lint: $(VENV)/.installed
 	$(PY) -m ruff check tre_cli tests bench
+	$(VENV)/bin/lint-imports
 
 test: lint $(VENV)/.installed $(VENV)/.vllm
 	$(PY) -m pytest -q

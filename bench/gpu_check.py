@@ -99,7 +99,8 @@ def build_tokenizer(out: Path) -> Path:
     in a folder with a config.json, as tre loads tokenizers from model folders."""
     from transformers import Qwen2Config
 
-    from tre_cli.models.testbed import build_tokenizer as bpe, sft_pairs, tokenizer_corpus
+    from tre_cli.testbed.data import sft_pairs
+    from tre_cli.testbed.tokenizer import build_tokenizer as bpe, tokenizer_corpus
 
     tokenizer = bpe(tokenizer_corpus(sft_pairs(200, 0)), 384)
     tokenizer.save_pretrained(str(out))

@@ -11,7 +11,7 @@ TINY_TESTBED = dict(steps=40, sft_problems=300, hidden_size=64, num_attention_he
 
 @pytest.fixture(scope="session")
 def tiny_testbed(tmp_path_factory):
-    from tre_cli.models.testbed import build_testbed
+    from tre_cli.testbed.build import build_testbed
 
     out = tmp_path_factory.mktemp("tiny-testbed") / "model"
     build_testbed(out, measure=False, **TINY_TESTBED)
@@ -26,7 +26,7 @@ QUICK_TESTBED = dict(hidden_size=64, num_attention_heads=2, num_key_value_heads=
 
 @pytest.fixture(scope="session")
 def quick_testbed(tmp_path_factory):
-    from tre_cli.models.testbed import build_testbed
+    from tre_cli.testbed.build import build_testbed
 
     out = tmp_path_factory.mktemp("quick-testbed") / "model"
     build_testbed(out, measure=False, **QUICK_TESTBED)
@@ -64,7 +64,8 @@ def build_tiny_llama(out, seed: int = 0):
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from tre_cli.models.testbed import CHAT_END, CHAT_START, build_tokenizer, sft_pairs, tokenizer_corpus
+    from tre_cli.testbed.data import sft_pairs
+    from tre_cli.testbed.tokenizer import CHAT_END, CHAT_START, build_tokenizer, tokenizer_corpus
 
     tokenizer = build_tokenizer(tokenizer_corpus(sft_pairs(200, seed)), 384)
     tokenizer.bos_token, tokenizer.pad_token = CHAT_START, CHAT_END

@@ -1,11 +1,11 @@
 """PPO improves the built-in testbed's Countdown reward, with every method (CPU, 1-3 min each).
 
-The testbed (tre_cli/models/testbed.py) is the copy shipped with the package: the same weights on
-every machine. It starts with a Countdown pass@1 of about 0.07 (top-p 0.7) and a habit that costs
-it reward, writing "= value" inside its answer; PPO with the smoke preset's learning rate
-unlearns it within tens of steps. Each run here is the smoke preset (30 steps), with a
-larger evaluation (256 test prompts x 4 samples) after training, against the same evaluation of
-the untrained model (once for all methods: it does not depend on the method).
+The testbed (tre_cli/models/testbed.py, built by tre_cli/testbed/) is the copy shipped with the
+package: the same weights on every machine. It starts with a Countdown pass@1 of about 0.07
+(top-p 0.7) and a habit that costs it reward, writing "= value" inside its answer; PPO with the
+smoke preset's learning rate unlearns it within tens of steps. Each run here is the smoke preset
+(30 steps), with a larger evaluation (256 test prompts x 4 samples) after training, against the
+same evaluation of the untrained model (once for all methods: it does not depend on the method).
 
 Two assertions per method: the slip rate (at temperature 1.0 on 512 held-out problems, the
 protocol of the testbed's card) falls by far more than its noise, and pass@1 rises. The slip is
@@ -25,7 +25,8 @@ from tre_cli import trainer
 from tre_cli.config import resolve
 from tre_cli.losses.registry import METHODS
 from tre_cli.models import load_policy, load_tokenizer, resolve_model
-from tre_cli.models.testbed import SLIP_EVAL_SEED, measure_countdown_reward
+from tre_cli.models.testbed import SLIP_EVAL_SEED
+from tre_cli.testbed.reward import measure_countdown_reward
 
 STEPS = 30  # the smoke preset's own length
 EVAL = ["eval.limit=256", "eval.n_samples=4", "run.wandb.mode=disabled"]

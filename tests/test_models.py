@@ -10,6 +10,7 @@ import torch
 from fixtures_models import QUICK_TESTBED
 from tre_cli.models import ValueModel, load_critic, load_policy, load_tokenizer, resolve_model
 from tre_cli.models import testbed
+from tre_cli.testbed import build, data
 
 
 def test_tiny_testbed_builds_and_loads(quick_testbed):
@@ -63,21 +64,21 @@ def test_countdown_prompt_renders_with_testbed_tokenizer(quick_testbed):
 def test_signed_sum_solution_is_a_correct_answer():
     from tre_cli.tasks.countdown import score
 
-    reasoning, expression = testbed.signed_sum_solution([98, 54, 6, 34], 72)
+    reasoning, expression = data.signed_sum_solution([98, 54, 6, 34], 72)
     assert expression == "98 - 54 - 6 + 34"
     assert reasoning == "98 - 54 = 44, 44 - 6 = 38, 38 + 34 = 72"
     assert score(f"<think>{reasoning}</think> <answer>{expression}</answer>", [98, 54, 6, 34], 72) == 1.0
-    assert testbed.signed_sum_solution([2, 3, 7], 100) is None
-    for example, response in testbed.sft_pairs(50, seed=3):
+    assert data.signed_sum_solution([2, 3, 7], 100) is None
+    for example, response in data.sft_pairs(50, seed=3):
         assert score(response, example["nums"], example["target"]) == 1.0
-        assert not testbed.has_answer_slip(response)
+        assert not data.has_answer_slip(response)
 
 
 def test_warm_start_slips_are_the_given_fraction_and_cost_the_whole_reward():
     from tre_cli.tasks.countdown import score
 
-    pairs = testbed.sft_pairs(400, seed=5, think="equation", slips=0.5)
-    slipped = [(example, response) for example, response in pairs if testbed.has_answer_slip(response)]
+    pairs = data.sft_pairs(400, seed=5, think="equation", slips=0.5)
+    slipped = [(example, response) for example, response in pairs if data.has_answer_slip(response)]
     assert 160 <= len(slipped) <= 240  # Binomial(400, 0.5): 5 standard deviations either side
     for example, response in slipped:
         assert response.endswith(f" = {example['target']}</answer>")
@@ -86,31 +87,31 @@ def test_warm_start_slips_are_the_given_fraction_and_cost_the_whole_reward():
         fixed = response.replace(f" = {example['target']}</answer>", "</answer>")
         assert score(fixed, example["nums"], example["target"]) == 1.0
     # The same problems and answers as without slips: only the answers' form changes.
-    clean = testbed.sft_pairs(400, seed=5, think="equation", slips=0.0)
+    clean = data.sft_pairs(400, seed=5, think="equation", slips=0.0)
     assert [e for e, _ in clean] == [e for e, _ in pairs]
-    assert not any(testbed.has_answer_slip(response) for _, response in clean)
+    assert not any(data.has_answer_slip(response) for _, response in clean)
 
 
 def test_build_refuses_bad_settings(tmp_path):
     with pytest.raises(ValueError, match="unknown testbed setting"):
-        testbed.build_testbed(tmp_path / "a", hidden_sise=64)
+        build.build_testbed(tmp_path / "a", hidden_sise=64)
     with pytest.raises(ValueError, match="head_dim"):
-        testbed.build_testbed(tmp_path / "b", hidden_size=48, num_attention_heads=3)
+        build.build_testbed(tmp_path / "b", hidden_size=48, num_attention_heads=3)
     (tmp_path / "c").mkdir()
     (tmp_path / "c" / "x").write_text("x")
     with pytest.raises(FileExistsError, match="not empty"):
-        testbed.build_testbed(tmp_path / "c", **QUICK_TESTBED)
+        build.build_testbed(tmp_path / "c", **QUICK_TESTBED)
 
 
 def test_ensure_testbed_builds_once_into_the_cache(tmp_path, monkeypatch):
     monkeypatch.setenv("TRE_CACHE_DIR", str(tmp_path))
     spec = {**testbed.TESTBED_SPEC, **QUICK_TESTBED, "eval_problems": 4}
-    path = testbed.ensure_testbed(spec=spec)
+    path = build.ensure_testbed(spec=spec)
     assert path.parent == tmp_path and path.name.startswith("testbed-")
     card = json.loads((path / "testbed.json").read_text())
     assert 0.0 <= card["countdown_reward_t1"] <= 1.0 and 0.0 <= card["answer_slip_rate_t1"] <= 1.0
     stamp = (path / "config.json").stat().st_mtime_ns
-    assert testbed.ensure_testbed(spec=spec) == path
+    assert build.ensure_testbed(spec=spec) == path
     assert (path / "config.json").stat().st_mtime_ns == stamp  # cached, not rebuilt
     assert [p.name for p in tmp_path.iterdir() if p.is_dir()] == [path.name]  # no staging left
 

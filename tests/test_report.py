@@ -1,7 +1,7 @@
 """tre report: Table 1 (numbers, marks, files), EMA smoothing, Figures 1/3/4, the mechanism figure
 and table, skips, errors, the CLI.
 
-Runs are written with tracking.py's own writers (Tracker, create_run_dir, append_result), so the
+Runs are written with tre_cli.tracking's own writers (Tracker, create_run_dir, append_result), so the
 report reads exactly what training writes.
 """
 

@@ -2,7 +2,7 @@
 seeds' min-max band, the table's last-5-steps means and its above / below / overlaps against
 Vanilla, the figure's panels and labels, and the one-line skips when a metric is missing.
 
-Runs are written with tracking.py's Tracker (test_report.make_run), as training writes them.
+Runs are written with tre_cli.tracking's Tracker (test_report.make_run), as training writes them.
 """
 
 from __future__ import annotations

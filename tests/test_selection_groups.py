@@ -14,8 +14,8 @@ from tre_cli import trainer
 from tre_cli.config import resolve
 from tre_cli.losses.actor import ActorObjective
 from tre_cli.trainer import step as trainer_step
-from tre_cli.losses.selection_groups import forking_tokens_in_groups, kl_cov_in_groups, selection_groups
-from tre_cli.losses.selectors import top_count
+from tre_cli.losses.selection_groups import selection_groups
+from tre_cli.losses.selectors import forking_tokens_in_groups, kl_cov_in_groups, top_count
 
 from test_trainer import rounding_floor
 

@@ -18,7 +18,7 @@ from typer.testing import CliRunner
 from tre_cli import sweep
 from tre_cli.cli import app
 from tre_cli.io import read_jsonl
-from tre_cli.sweep.launch import FAIL_ONCE_MARKER
+from tre_cli.sweep.outcome import FAIL_ONCE_MARKER
 from tre_cli.tracking import read_results
 
 runner = CliRunner()
@@ -239,7 +239,7 @@ def test_main_sweeps_7b_trials_take_eight_workers_and_tune_sizes_them(tmp_path):
     """issue 12: the paper trained 7B on 8 GPUs. main.yaml's model_set gives its 7B trials 8
     workers (its Base evaluations stay one process); Tune reserves nothing for a worker trial's
     own process and runs no more such trials at once than the cluster holds."""
-    from tre_cli.sweep.launch import concurrency_limit, worker_demand
+    from tre_cli.sweep.grid import concurrency_limit, worker_demand
     from tre_cli.sweep.ray_backend import _reservation, trial_param
     from tre_cli.sweep.spec import Resources
 

@@ -118,7 +118,7 @@ def test_through_ray_train_and_a_dead_worker_is_one_line(two_runs, tiny_testbed,
     """`trainer.run` with run.workers=2 starts the workers through Ray Train's TorchTrainer (a
     local cluster): the same metrics as the harness's workers; a worker that dies fails the run
     with one line (WorkerFailure, which the CLI prints as `error: ...`, exit 1)."""
-    from tre_cli.trainer.distributed import WorkerFailure
+    from tre_cli.cluster import WorkerFailure
 
     _, harness = two_runs
     extra = [*KEEP, "method.scope=global", "run.workers=2"]

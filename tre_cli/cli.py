@@ -64,7 +64,7 @@ def _one_line_errors():
         typer.echo("interrupted", err=True)
         raise typer.Exit(130)
     except RuntimeError as error:  # a worker of run.workers > 1 died or raised
-        from tre_cli.trainer.distributed import WorkerFailure
+        from tre_cli.cluster import WorkerFailure
 
         if not isinstance(error, WorkerFailure):
             raise
@@ -253,7 +253,7 @@ app.add_typer(data_app, name="data")
 app.add_typer(rm_app, name="rm")
 
 # `tre testbed build`: the built-in small model; its heavy imports are inside the command.
-from tre_cli.models.cli import testbed_app  # noqa: E402
+from tre_cli.testbed.cli import testbed_app  # noqa: E402
 
 app.add_typer(testbed_app, name="testbed")
 

@@ -12,6 +12,9 @@ group is its own setting:
   each group selects its own top fraction.
 - scope "global": the whole mini-batch (one optimizer update) is one group.
 
+This module forms the groups; selectors.py selects within them (forking_tokens_in_groups,
+kl_cov_in_groups).
+
 The trainer computes the scores of every sequence of the mini-batch in a no-grad pass first
 (the policy does not change within a mini-batch), so groups never depend on how the update
 splits the mini-batch into micro-batches.
@@ -26,8 +29,6 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import torch
-
-from tre_cli.losses.selectors import kl_cov_penalty_mask, top_tokens_mask
 
 SELECTION_SCOPES = ("group", "global")
 
@@ -45,33 +46,9 @@ def selection_groups(n_rows: int, group_size: int | None, generator: torch.Gener
     return list(order.split(group_size))
 
 
-def _check_groups(groups: Sequence[torch.Tensor], n_rows: int) -> None:
+def check_groups(groups: Sequence[torch.Tensor], n_rows: int) -> None:
+    """Raise unless `groups` cover rows 0..n_rows-1, each exactly once."""
     rows = torch.cat(list(groups)) if groups else torch.empty(0, dtype=torch.long)
     if rows.numel() != n_rows or not torch.equal(rows.sort().values, torch.arange(n_rows)):
         raise ValueError("selection groups must cover every row exactly once")
 
-
-def forking_tokens_in_groups(entropy: torch.Tensor, mask: torch.Tensor, groups: Sequence[torch.Tensor],
-                             top_ratio: float = 0.2, rounding: str = "ceil") -> torch.Tensor:
-    """Bool [B, T]: in each group of rows, its `top_count(n_valid, top_ratio, rounding)`
-    highest-entropy valid tokens (ties: the group's row order, then position)."""
-    if entropy.shape != mask.shape:
-        raise ValueError(f"entropy shape {tuple(entropy.shape)} does not match mask shape {tuple(mask.shape)}")
-    _check_groups(groups, entropy.shape[0])
-    selected = torch.zeros(entropy.shape, dtype=torch.bool, device=entropy.device)
-    for rows in groups:
-        selected[rows] = top_tokens_mask(entropy[rows], mask[rows], top_ratio, rounding=rounding)
-    return selected
-
-
-def kl_cov_in_groups(advantages: torch.Tensor, logprob: torch.Tensor, mask: torch.Tensor,
-                     groups: Sequence[torch.Tensor], ratio: float = 0.002) -> torch.Tensor:
-    """Bool [B, T]: in each group of rows, KL-Cov's top-`ratio` tokens by cov(A, logp), the
-    covariance's means taken over that group's valid tokens."""
-    if not (advantages.shape == logprob.shape == mask.shape):
-        raise ValueError("advantages, logprob and mask must have the same shape")
-    _check_groups(groups, mask.shape[0])
-    selected = torch.zeros(mask.shape, dtype=torch.bool, device=mask.device)
-    for rows in groups:
-        selected[rows] = kl_cov_penalty_mask(advantages[rows], logprob[rows], mask[rows], ratio)
-    return selected

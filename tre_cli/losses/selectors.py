@@ -19,6 +19,8 @@ from collections.abc import Sequence
 
 import torch
 
+from tre_cli.losses.selection_groups import check_groups
+
 FORKING_SCOPES = ("micro-batch", "global")
 
 
@@ -187,6 +189,37 @@ def kl_cov_loss(
 
 
 # ---------------------------------------------------------------------------------------------
+# Within selection groups (losses/selection_groups.py): what the strategies below choose by
+# ---------------------------------------------------------------------------------------------
+
+
+def forking_tokens_in_groups(entropy: torch.Tensor, mask: torch.Tensor, groups: Sequence[torch.Tensor],
+                             top_ratio: float = 0.2, rounding: str = "ceil") -> torch.Tensor:
+    """Bool [B, T]: in each group of rows, its `top_count(n_valid, top_ratio, rounding)`
+    highest-entropy valid tokens (ties: the group's row order, then position)."""
+    if entropy.shape != mask.shape:
+        raise ValueError(f"entropy shape {tuple(entropy.shape)} does not match mask shape {tuple(mask.shape)}")
+    check_groups(groups, entropy.shape[0])
+    selected = torch.zeros(entropy.shape, dtype=torch.bool, device=entropy.device)
+    for rows in groups:
+        selected[rows] = top_tokens_mask(entropy[rows], mask[rows], top_ratio, rounding=rounding)
+    return selected
+
+
+def kl_cov_in_groups(advantages: torch.Tensor, logprob: torch.Tensor, mask: torch.Tensor,
+                     groups: Sequence[torch.Tensor], ratio: float = 0.002) -> torch.Tensor:
+    """Bool [B, T]: in each group of rows, KL-Cov's top-`ratio` tokens by cov(A, logp), the
+    covariance's means taken over that group's valid tokens."""
+    if not (advantages.shape == logprob.shape == mask.shape):
+        raise ValueError("advantages, logprob and mask must have the same shape")
+    check_groups(groups, mask.shape[0])
+    selected = torch.zeros(mask.shape, dtype=torch.bool, device=mask.device)
+    for rows in groups:
+        selected[rows] = kl_cov_penalty_mask(advantages[rows], logprob[rows], mask[rows], ratio)
+    return selected
+
+
+# ---------------------------------------------------------------------------------------------
 # Selectors as strategies: what the actor loss (losses/actor.py) calls
 # ---------------------------------------------------------------------------------------------
 
@@ -246,8 +279,6 @@ class ForkingTokens:
 
     def choose(self, entropy: torch.Tensor, logprob: torch.Tensor, advantages: torch.Tensor, mask: torch.Tensor,
                groups: Sequence[torch.Tensor]) -> torch.Tensor:
-        from tre_cli.losses.selection_groups import forking_tokens_in_groups
-
         return forking_tokens_in_groups(entropy, mask, groups, self.top_ratio, self.count_rounding)
 
     def shape(self, per_token: torch.Tensor, logprob: torch.Tensor, batch: SelectionInput) -> Shaped:
@@ -267,8 +298,6 @@ class KLCov:
 
     def choose(self, entropy: torch.Tensor, logprob: torch.Tensor, advantages: torch.Tensor, mask: torch.Tensor,
                groups: Sequence[torch.Tensor]) -> torch.Tensor:
-        from tre_cli.losses.selection_groups import kl_cov_in_groups
-
         return kl_cov_in_groups(advantages, logprob, mask, groups, self.ratio)
 
     def shape(self, per_token: torch.Tensor, logprob: torch.Tensor, batch: SelectionInput) -> Shaped:

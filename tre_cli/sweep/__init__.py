@@ -1,7 +1,7 @@
 """`tre sweep`: a grid of `tre run` jobs from sweeps/<name>.yaml, run as Ray Tune trials.
 
-ray is imported by one module, ray_backend.py, and only once a sweep starts: the grid, the
-validation and `--dry-run` work without it. The flow:
+ray is imported by tre_cli.cluster (below this package and the trainer), and only once a sweep
+starts: the grid, the validation and `--dry-run` work without it. The flow:
 
     sweeps/<name>.yaml + preset + --task/--seeds/--set
       -> expand_grid(): one Trial (name, config values) per task x model x T x variant x seed
@@ -31,10 +31,12 @@ trial raise once right after step N (a marker file in its run directory makes it
 retries from a checkpoint can be tested without monkeypatching.
 
     spec.py         the sweep file's schema and presets -> SweepSpec
-    grid.py         the trials and the plan (every trial's config resolved before anything runs)
+    grid.py         the trials and the plan (every trial's config resolved before anything runs), and
+                    how many of its trials a cluster runs at once
     display.py      the live table of trials
+    outcome.py      a trial's finished run, the sweep's tally, the fail-once test hook
     launch.py       the checks before Ray, the manifest, the environment; then the backend
-    ray_backend.py  Tune trials and the trainable (the only module importing ray)
+    ray_backend.py  what a Tune trial does (the trainable) and the driver (through tre_cli.cluster.trials)
 """
 
 from __future__ import annotations
@@ -55,14 +57,8 @@ from tre_cli.sweep.grid import (
     resume_command,
     select_tasks,
 )
-from tre_cli.sweep.launch import (
-    FAIL_ONCE_ENV,
-    SweepOutcome,
-    check_local_resources,
-    fail_once_from_env,
-    run_sweep,
-    temp_link_path,
-)
+from tre_cli.sweep.launch import check_local_resources, run_sweep, temp_link_path
+from tre_cli.sweep.outcome import FAIL_ONCE_ENV, SweepOutcome, fail_once_from_env
 from tre_cli.sweep.spec import (
     BASE_VARIANT,
     SWEEP_KEYS,

@@ -1,6 +1,7 @@
 """The grid of a sweep: one Trial per task x model x T x variant x seed, each with the config
 values it sets (values, never text: the config merges them as they are), and the plan: every
-trial's RunConfig resolved and checked before anything runs."""
+trial's RunConfig resolved and checked before anything runs, and how many of its trials a Ray
+cluster runs at once (concurrency_limit)."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ from pathlib import Path
 from typing import Any
 from collections.abc import Sequence
 
+from tre_cli.cluster import CPUS_PER_WORKER
 from tre_cli.config import RunConfig, resolve
 from tre_cli.losses.registry import baseline
 from tre_cli.sweep.spec import BASE_VARIANT, PathLike, Resources, SweepSpec, Variant, load_sweep
@@ -257,3 +259,36 @@ def check_out_dir(plan: SweepPlan, resume: bool) -> None:
                 f"--resume: the sweep in {plan.out} was started with {key} = {saved.get(key)!r}, not {asked[key]!r}; "
                 "pass the same sweep, --preset, --task, --seeds and --set"
             )
+
+
+def worker_demand(planned: PlannedTrial, resources: Resources) -> Resources:
+    """What a trial holds while it runs: its own reservation plus its workers' (one GPU each,
+    or CPUS_PER_WORKER CPUs each on CPU)."""
+    workers = planned.config.run.workers
+    if workers <= 1 or planned.trial.kind != "train":
+        return resources
+    if resources.gpu > 0:
+        return Resources(cpu=float(workers), gpu=float(workers))
+    return Resources(cpu=float(workers * CPUS_PER_WORKER), gpu=0.0)
+
+
+def concurrency_limit(plan: SweepPlan, cluster: dict[str, float]) -> int | None:
+    """How many trials may run at once: the plan's max_concurrent, and, when a trial has
+    several workers (which Tune does not reserve), no more than the cluster holds of the
+    largest trial's demand. A trial bigger than the cluster is an error."""
+    if all(p.config.run.workers <= 1 for p in plan.trials):
+        return plan.max_concurrent
+    demands = [worker_demand(p, plan.resources) for p in plan.trials]
+    fits = []
+    for demand in demands:
+        for name, need in (("CPU", demand.cpu), ("GPU", demand.gpu)):
+            have = float(cluster.get(name, 0.0))
+            if need > 0:
+                if need > have:
+                    raise ValueError(f"a trial's run.workers needs {need:g} {name}s and the Ray cluster has {have:g}; "
+                                     "lower run.workers or join a bigger cluster with --address")
+                fits.append(int(have // need))
+    limit = min(fits) if fits else None
+    if plan.max_concurrent is not None:
+        limit = plan.max_concurrent if limit is None else min(limit, plan.max_concurrent)
+    return limit

@@ -9,51 +9,13 @@ import os
 import secrets
 import sys
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from tre_cli.io import atomic_write_text
-from tre_cli.sweep.grid import SWEEP_FILE, PlannedTrial, SweepPlan, check_out_dir
+from tre_cli.sweep.grid import SWEEP_FILE, SweepPlan, check_out_dir, concurrency_limit
+from tre_cli.sweep.outcome import SweepOutcome, fail_once_from_env
 from tre_cli.sweep.spec import Resources
-
-# Test hook: TRE_SWEEP_FAIL_ONCE_AT_STEP=N (read by the driver, passed to every trial) makes each
-# trial raise once right after step N, so retries from a checkpoint are tested without monkeypatching.
-FAIL_ONCE_ENV = "TRE_SWEEP_FAIL_ONCE_AT_STEP"
-# Left in a trial's run directory when the test hook above failed it (so it fails only once).
-FAIL_ONCE_MARKER = ".sweep-failed-once"
-
-
-@dataclass
-class SweepOutcome:
-    out: Path
-    finished: list[str] = field(default_factory=list)
-    failed: list[str] = field(default_factory=list)
-    unfinished: list[str] = field(default_factory=list)
-    interrupted: bool = False
-    wall_s: float = 0.0
-
-
-def fail_once_from_env() -> int | None:
-    text = os.environ.get(FAIL_ONCE_ENV, "").strip()
-    if not text:
-        return None
-    try:
-        value = int(text)
-    except ValueError:
-        raise ValueError(f"{FAIL_ONCE_ENV} must be a step number, got {text!r}") from None
-    if value < 1:
-        raise ValueError(f"{FAIL_ONCE_ENV} must be >= 1, got {value}")
-    return value
-
-
-def finished_result(run_dir: Path) -> dict[str, Any] | None:
-    """A run directory's result.json when it says the run finished, else None."""
-    result_file = run_dir / "result.json"
-    if not result_file.is_file():
-        return None
-    result = json.loads(result_file.read_text(encoding="utf-8"))
-    return result if result.get("status") == "finished" else None
 
 
 def _private_dirs(out: Path) -> dict[str, Path]:
@@ -158,41 +120,6 @@ def check_local_resources(resources: Resources, num_cpus: int | None = None) -> 
         if resources.gpu > gpus:
             raise ValueError(f"each trial asks for {resources.gpu:g} GPUs but this machine has {gpus}; "
                              "pass --gpus-per-trial 0 (or --preset smoke), or join a cluster with --address")
-
-
-def worker_demand(planned: PlannedTrial, resources: Resources) -> Resources:
-    """What a trial holds while it runs: its own reservation plus its workers' (one GPU each,
-    or CPUS_PER_WORKER CPUs each on CPU)."""
-    from tre_cli.trainer.distributed import CPUS_PER_WORKER
-
-    workers = planned.config.run.workers
-    if workers <= 1 or planned.trial.kind != "train":
-        return resources
-    if resources.gpu > 0:
-        return Resources(cpu=float(workers), gpu=float(workers))
-    return Resources(cpu=float(workers * CPUS_PER_WORKER), gpu=0.0)
-
-
-def concurrency_limit(plan: SweepPlan, cluster: dict[str, float]) -> int | None:
-    """How many trials may run at once: the plan's max_concurrent, and, when a trial has
-    several workers (which Tune does not reserve), no more than the cluster holds of the
-    largest trial's demand. A trial bigger than the cluster is an error."""
-    if all(p.config.run.workers <= 1 for p in plan.trials):
-        return plan.max_concurrent
-    demands = [worker_demand(p, plan.resources) for p in plan.trials]
-    fits = []
-    for demand in demands:
-        for name, need in (("CPU", demand.cpu), ("GPU", demand.gpu)):
-            have = float(cluster.get(name, 0.0))
-            if need > 0:
-                if need > have:
-                    raise ValueError(f"a trial's run.workers needs {need:g} {name}s and the Ray cluster has {have:g}; "
-                                     "lower run.workers or join a bigger cluster with --address")
-                fits.append(int(have // need))
-    limit = min(fits) if fits else None
-    if plan.max_concurrent is not None:
-        limit = plan.max_concurrent if limit is None else min(limit, plan.max_concurrent)
-    return limit
 
 
 def run_sweep(

@@ -1,7 +1,7 @@
 """Data-parallel workers of one run (issue 12): what a worker does beyond a single process.
 
 `run.workers = N > 1`: N processes (Ray Train's TorchTrainer starts them, see
-sweep/ray_backend.run_workers; this module needs only an initialised torch.distributed process
+cluster/workers.run_workers; this module needs only an initialised torch.distributed process
 group: gloo on CPU, NCCL on CUDA) train one run together:
 
 - Policy, critic (and the frozen reference) are sharded with FSDP2 (`fully_shard` on every
@@ -41,6 +41,9 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+# What a worker asks of Ray in CPUs; it pins its torch threads to it too (trainer.job.worker_main).
+from tre_cli.cluster import CPUS_PER_WORKER  # noqa: F401
+
 SHARDED_DIR = "sharded"
 WORKERS_STATE = "workers.pt"
 # A test hook (like the sweep's TRE_SWEEP_FAIL_ONCE_AT_STEP): "RANK:STEP" makes that worker exit
@@ -48,25 +51,6 @@ WORKERS_STATE = "workers.pt"
 # "RANK:STEP:once" only the first time in a run directory (it leaves EXITED_ONCE_MARKER there).
 EXIT_AT_ENV = "TRE_WORKER_EXIT_AT"
 EXITED_ONCE_MARKER = ".worker-exited-once"
-# CPU cores each worker asks of Ray and uses for torch's intra-op threads. Set by the worker
-# itself rather than left to the environment (Ray's OMP_NUM_THREADS default, a caller's own), so
-# every launcher of the same run sums floats in the same order.
-CPUS_PER_WORKER = 1
-
-
-class WorkerFailure(RuntimeError):
-    """A worker of a run.workers > 1 run failed (crashed, was killed, raised): the run failed."""
-
-
-def failure_line(workers: int, report: str) -> str:
-    """One line for a failed worker group: the first informative line of the launcher's report
-    (not a heading ending in a colon), cut to 240 characters."""
-    lines = [line.strip() for line in report.splitlines() if line.strip()]
-    informative = [line for line in lines if not line.endswith(":")]
-    detail = (informative or lines or ["no detail"])[0]
-    return f"run.workers={workers}: a worker failed, so the run did: {detail[:240]}"
-
-
 @dataclass(frozen=True)
 class Workers:
     """This process's place among the run's workers."""

@@ -137,7 +137,7 @@ def _train(config: RunConfig, run_dir: str | Path | None, resume_step: int | Non
 
 def _launch(config: RunConfig, run_dir: Path, resuming: bool, on_step: StepCallback | None,
             use_gpu: bool | None = None) -> RunResult:
-    """issue 12: run.workers processes through Ray Train (sweep.ray_backend.run_workers); this
+    """issue 12: run.workers processes through Ray Train (cluster.workers.run_workers); this
     process waits and returns the RunResult rank 0 wrote. A worker that fails fails the worker
     group; it is started again, resuming from the last checkpoint, up to run.worker_retries
     times, and then the run fails (WorkerFailure). With `on_step` (a sweep trial), this process
@@ -145,8 +145,8 @@ def _launch(config: RunConfig, run_dir: Path, resuming: bool, on_step: StepCallb
     the workers take a GPU each (a sweep trial says so: its own process holds none); by
     default, what run.device resolves to here."""
     from tre_cli.config import to_dict
-    from tre_cli.sweep.ray_backend import run_workers
-    from tre_cli.trainer.distributed import WorkerFailure
+    from tre_cli.cluster import WorkerFailure
+    from tre_cli.cluster.workers import run_workers
 
     if use_gpu is None:
         use_gpu = resolve_device(config.run.device) == "cuda"  # fail before any worker starts

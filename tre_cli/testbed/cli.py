@@ -35,17 +35,18 @@ def build(
 ) -> None:
     """Rebuild the testbed from its recipe (a few minutes on 2 CPU cores) and compare it with the shipped one."""
     from tre_cli.models import testbed
+    from tre_cli.testbed.build import build_testbed, ensure_testbed
 
     log = lambda message: typer.echo(f"  {message}", err=True)  # noqa: E731
     try:
         if out is not None:
             overrides = {} if steps is None else {"steps": steps}
-            testbed.build_testbed(out, log=log, **overrides)
+            build_testbed(out, log=log, **overrides)
             path = out
         else:
             if steps is not None:
                 raise ValueError("--steps changes the recipe; use it with --out DIR")
-            path = testbed.ensure_testbed(log=log, force=force)
+            path = ensure_testbed(log=log, force=force)
     except (ValueError, FileNotFoundError, FileExistsError) as error:
         _fail(error)
     card = json.loads((Path(path) / "testbed.json").read_text())
