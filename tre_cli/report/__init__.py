@@ -2,7 +2,7 @@
 and the mechanism figure and table (P_max, tail mass and tail draws per variant).
 
 Runs come from run directories, results stores (`results.jsonl`) or a W&B project, all read by
-tracking.py into one shape (read_run's dict) and turned here into `RunRecord`s.
+tre_cli.tracking into one shape (read_run's dict) and turned here into `RunRecord`s.
 
 A *cell* is every finished run of one (model, task, max_new_tokens T, method, method params): the
 seeds of one configuration. Its score is the mean over seeds of the final eval score (or the best,
