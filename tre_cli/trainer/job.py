@@ -13,6 +13,8 @@ from tre_cli.evaluation import EvalResult, evaluate
 from tre_cli.io import truncate_jsonl_after
 from tre_cli.losses.estimators import needs_critic
 from tre_cli.losses.registry import BASE
+from tre_cli.rollout.base import RolloutEngine
+from tre_cli.tasks import TaskProtocol
 from tre_cli.tracking import RunResult, Tracker, default_run_dir, open_run_dir
 from tre_cli.trainer import distributed
 from tre_cli.trainer.checkpoint import (
@@ -294,19 +296,18 @@ def metric_of(config: RunConfig) -> str:
 EVAL = "eval"
 
 
-def run_eval(config: RunConfig, engine: Any, task: Any, examples: list[dict], prompts: list[list[int]], step: int,
-             tracker: Tracker | None, phases: Phases = NO_PHASES) -> EvalResult:
+def run_eval(config: RunConfig, engine: RolloutEngine, task: TaskProtocol, examples: list[dict],
+             prompts: list[list[int]], step: int, tracker: Tracker, phases: Phases = NO_PHASES) -> EvalResult:
     """The evaluation protocol after `step` (0: before training, and `tre eval`) on `examples`
-    and their encoded `prompts`, recorded in eval.jsonl by `tracker` (None: not recorded)."""
+    and their encoded `prompts`, recorded in eval.jsonl by `tracker`."""
     phases.start(EVAL, len(examples) * config.eval.n_samples, "sequences")
     result = evaluate(engine, task, examples, prompts, n_samples=config.eval.n_samples,
                       temperature=config.eval.temperature, top_p=config.eval.top_p,
                       max_new_tokens=config.rollout.max_new_tokens, metric=metric_of(config),
                       stream=eval_stream(step), progress=phases.counter(EVAL), stop=config.rollout.stop)
     phases.done(EVAL)
-    if tracker is not None:
-        tracker.log_eval(step=step, score=result.score, metric=result.metric, n_prompts=result.n_prompts,
-                         n_samples=result.n_samples, extra=result.extra())
+    tracker.log_eval(step=step, score=result.score, metric=result.metric, n_prompts=result.n_prompts,
+                     n_samples=result.n_samples, extra=result.extra())
     return result
 
 
