@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from tre_cli import trainer
-from tre_cli.trainer.parts import make_engine
+from tre_cli.trainer.parts import make_engine, plan_context
 from tre_cli.config import resolve
 from tre_cli.rollout.context import check_model_context, model_context_length, required_model_len
 
@@ -48,6 +48,12 @@ def test_a_run_beyond_the_models_context_fails_before_loading_it(quick_testbed, 
     # The testbed holds 512 positions; 256 + 300 do not fit.
     with pytest.raises(ValueError, match=r"holds 512 positions.*\(256\) \+ rollout.max_new_tokens \(300\) = 556"):
         trainer.build(_config(quick_testbed, tmp_path / "run", 256, 300))
+
+
+def test_an_evaluation_beyond_the_models_context_fails_before_loading_it(quick_testbed, tmp_path):
+    with pytest.raises(ValueError, match=r"holds 512 positions.*= 556"):
+        trainer.evaluate_model(_config(quick_testbed, tmp_path / "eval", 256, 300))
+    assert not (tmp_path / "eval").exists()
     assert not (tmp_path / "run").exists()
 
 
@@ -84,7 +90,7 @@ def test_vllm_gets_prompt_plus_t_as_its_context_beyond_4096(quick_testbed, quick
     model = _long_context_copy(quick_testbed, tmp_path / "model", 8192)
     config = _config(model, tmp_path / "run", 8, 4100, engine="vllm",
                      extra=[f"rollout.kv_cache_memory_bytes={64 * 2**20}"])
-    engine = make_engine(config, model, quick_tokenizer, "cpu")
+    engine = make_engine(config, model, quick_tokenizer, "cpu", max_model_len=plan_context(config, model))
     try:
         assert engine.llm.llm_engine.model_config.max_model_len == 8 + 4100
         # Sequences past position 4,096 (generating all 4,100 tokens would take minutes on CPU):

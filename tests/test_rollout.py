@@ -8,6 +8,7 @@ import torch
 from tre_cli.models import load_policy
 from tre_cli.rollout import Rollout, get_engine, response_logprobs_from_logits
 from tre_cli.rollout.base import cut_at_stop
+from tre_cli.rollout.context import check_model_context
 from tre_cli.rollout.hf import HFEngine, sample_tokens, sequence_uniforms
 
 
@@ -201,8 +202,10 @@ def test_bad_arguments_are_clear(quick_testbed, quick_tokenizer, quick_policy):
         engine.generate(prompt, n=1, max_new_tokens=4, top_p=0.0)
     with pytest.raises(ValueError, match="no prompts"):
         engine.generate([], n=1, max_new_tokens=4)
+    # prompt + max_new_tokens beyond the model's positions is refused where a run plans its
+    # context (rollout.context), before any engine exists.
     with pytest.raises(ValueError, match="positions"):
-        engine.generate(prompt, n=1, max_new_tokens=10_000)
+        check_model_context(quick_testbed, len(prompt[0]), 10_000)
     with pytest.raises(ValueError, match="unknown rollout engine"):
         get_engine("sglang", quick_testbed, quick_tokenizer)
 

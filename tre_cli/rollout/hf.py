@@ -250,12 +250,6 @@ class HFEngine(EngineBase):
         prompt_ids, prompt_mask = prompt_ids.to(self.device), prompt_mask.to(self.device)
         batch, prompt_width = prompt_ids.shape
         total_width = prompt_width + max_new_tokens
-        limit = getattr(self.model.config, "max_position_embeddings", None)
-        if limit is not None and int(prompt_mask.sum(-1).max()) + max_new_tokens > limit:
-            raise ValueError(
-                f"prompt ({int(prompt_mask.sum(-1).max())} tokens) + max_new_tokens ({max_new_tokens}) "
-                f"exceeds the model's {limit} positions"
-            )
         cache_width = total_width
         if self.static_cache:
             cache_width = -(-total_width // STATIC_CACHE_BUCKET) * STATIC_CACHE_BUCKET

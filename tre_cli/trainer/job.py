@@ -3,6 +3,7 @@ continues a run directory, `evaluate_model(config)` is `tre eval`."""
 
 from __future__ import annotations
 
+import contextlib
 from pathlib import Path
 from typing import Any
 from collections.abc import Callable
@@ -12,6 +13,8 @@ from tre_cli.evaluation import EvalResult, evaluate
 from tre_cli.io import truncate_jsonl_after
 from tre_cli.losses.estimators import needs_critic
 from tre_cli.losses.registry import BASE
+from tre_cli.rollout.base import RolloutEngine
+from tre_cli.tasks import TaskProtocol
 from tre_cli.tracking import RunResult, Tracker, default_run_dir, open_run_dir
 from tre_cli.trainer import distributed
 from tre_cli.trainer.checkpoint import (
@@ -29,11 +32,11 @@ from tre_cli.trainer.parts import (
     encode_prompt,
     make_engine,
     eval_stream,
-    max_new_tokens_of,
+    plan_context,
     seed_everything,
     task_and_examples,
 )
-from tre_cli.trainer.progress import Phases, progress_bar, progress_line, quiet_transformers, show_progress
+from tre_cli.trainer.progress import NO_PHASES, Phases, progress_bar, progress_line, quiet_transformers, show_progress
 from tre_cli.trainer.step import train_step
 
 # on_step(step, metrics, checkpoint_dir or None): how a sweep trial hears about progress.
@@ -43,7 +46,8 @@ StepCallback = Callable[[int, dict[str, float], Path | None], None]
 def run(config: RunConfig, on_step: StepCallback | None = None, console: Any = None,
         workers_gpu: bool | None = None) -> RunResult:
     """Train with `config`: a fresh run, or (`run.resume` set) the continuation of that run directory.
-    `console`: where the per-step lines go (default stdout); progress goes to stderr.
+    `console`: where the per-step lines go (default: stderr; `tre run` gives its stdout console);
+    progress goes to stderr.
     `workers_gpu` (run.workers > 1): whether each worker takes a GPU, when this process cannot
     tell from its own devices (a sweep trial's, which holds none); default: run.device here."""
     if config.run.resume:
@@ -52,7 +56,7 @@ def run(config: RunConfig, on_step: StepCallback | None = None, console: Any = N
     if config.run.workers > 1:
         return _launch(config, Path(config.run.out) if config.run.out else default_run_dir(config), False, on_step,
                        workers_gpu)
-    return _train(config, config.run.out, None, None, on_step, console)
+    return _train(config, config.run.out, None, on_step, console, _OneProcess())
 
 
 def resume(run_dir: str | Path, on_step: StepCallback | None = None, console: Any = None,
@@ -70,10 +74,12 @@ def resume(run_dir: str | Path, on_step: StepCallback | None = None, console: An
     latest = opened.latest_checkpoint()
     # Read (and vet) the trainer state before anything is built or written.
     state = read_trainer_state(latest[1], needs_critic(config.ppo.estimator)) if latest else None
-    return _train(config, opened.path, latest[0] if latest else 0, state, on_step, console)
+    return _train(config, opened.path, latest[0] if latest else 0, on_step, console, _OneProcess(state))
 
 
-def _console(console: Any) -> Any:
+def _console(console: Any = None) -> Any:
+    """`console`, or (None) a new rich console on stderr: the per-step lines' default, and
+    where progress is drawn."""
     if console is not None:
         return console
     from rich.console import Console
@@ -81,56 +87,122 @@ def _console(console: Any) -> Any:
     return Console(stderr=True)
 
 
-def _progress_console() -> Any:
-    """The console progress is drawn on: stderr (the per-step lines and logs keep stdout)."""
-    from rich.console import Console
+class _OneProcess:
+    """What the training loop does as a run's only process: it loads and saves whole
+    checkpoints, shows progress, and shows the libraries' warnings with run.verbose."""
 
-    return Console(stderr=True)
+    workers = distributed.SINGLE
+    shows_progress = True
+    header = ""
+
+    def __init__(self, trainer_state: dict[str, Any] | None = None) -> None:
+        self.trainer_state = trainer_state  # the resumed checkpoint's trainer.pt, already read and vetted
+
+    def verbose(self, config: RunConfig) -> bool:
+        return config.run.verbose
+
+    def load(self, parts: Parts, tracker: Tracker | None, run_dir: Path | None, step: int) -> int:
+        return load_checkpoint(parts, tracker.run_dir.checkpoint_dir(step), self.trainer_state)
+
+    def agree(self, config: RunConfig | None) -> RunConfig:
+        return config
+
+    def save(self, parts: Parts, tracker: Tracker | None, step: int) -> Path:
+        return save_checkpoint(parts, tracker, step)
+
+    def step_starts(self, step: int, run_dir: Path | None) -> None:
+        pass
+
+    def step_ends(self) -> None:
+        pass
 
 
-def _train(config: RunConfig, run_dir: str | Path | None, resume_step: int | None,
-           trainer_state: dict[str, Any] | None, on_step: StepCallback | None, console: Any) -> RunResult:
+class _Workers(_OneProcess):
+    """What the training loop does as one of a run's workers (trainer.distributed): sharded
+    checkpoints (collectives), rank 0's config for all, a barrier after every step, the
+    EXIT_AT_ENV test hook, no progress display and no library warnings."""
+
+    shows_progress = False
+
+    def __init__(self, workers: distributed.Workers) -> None:
+        super().__init__()
+        self.workers = workers
+        self.header = f" ({workers.world} workers)"
+
+    def verbose(self, config: RunConfig) -> bool:
+        return False
+
+    def load(self, parts: Parts, tracker: Tracker | None, run_dir: Path | None, step: int) -> int:
+        return load_checkpoint_workers(parts, Path(run_dir) / "checkpoints" / f"step_{step}")
+
+    def agree(self, config: RunConfig | None) -> RunConfig:
+        return distributed.broadcast_object(config)
+
+    def save(self, parts: Parts, tracker: Tracker | None, step: int) -> Path:
+        return save_checkpoint_workers(parts, tracker, step)
+
+    def step_starts(self, step: int, run_dir: Path | None) -> None:
+        distributed.exit_if_asked(step, self.workers, run_dir)
+
+    def step_ends(self) -> None:
+        distributed.barrier()
+
+
+def _train(config: RunConfig, run_dir: str | Path | None, resume_step: int | None, on_step: StepCallback | None,
+           console: Any, crew: _OneProcess) -> RunResult | None:
+    """The training loop of a run's only process or of each of its workers (`crew` says what
+    differs). Every process trains; the main one (rank 0, or the only one) alone writes the run
+    directory, evaluates, prints and returns the RunResult (None elsewhere)."""
     console = _console(console)
-    quiet_transformers(config.run.verbose)
+    quiet_transformers(crew.verbose(config))
     resolve_device(config.run.device)  # fail before any file is written
     seed_everything(config.run.seed)
     parts = build(config)
-    with Tracker(config, run_dir, resume_step=resume_step) as tracker:
+    tracker = Tracker(config, run_dir, resume_step=resume_step) if crew.workers.main else None
+    with tracker if tracker is not None else contextlib.nullcontext():
         start = 1
         if resume_step:
-            loaded = load_checkpoint(parts, tracker.run_dir.checkpoint_dir(resume_step), trainer_state)
-            start = loaded + 1
-            console.print(f"[bold]resumed[/] {tracker.path} from step {loaded}")
-        else:
-            console.print(f"[bold]run[/] {tracker.path}")
-        cfg = parts.config = tracker.config
+            start = crew.load(parts, tracker, run_dir, resume_step) + 1
+        cfg = parts.config = crew.agree(tracker.config if tracker is not None else None)
+        if tracker is not None:
+            what = f"resumed[/] {tracker.path} from step {start - 1}" if resume_step else f"run[/] {tracker.path}"
+            console.print(f"[bold]{what}{crew.header}")
         steps = cfg.ppo.steps
         step = start - 1
-        shown = _progress_console()
-        bar = progress_bar(shown, steps, start - 1, show_progress(cfg.run.progress, shown, cfg.run.verbose))
+        shown = _console()
+        how = show_progress(cfg.run.progress, shown, cfg.run.verbose) if crew.shows_progress else "none"
+        bar = progress_bar(shown, steps, start - 1, how)
+
+        def evaluated_at(step: int) -> EvalResult:
+            return run_eval(cfg, parts.engine, parts.task, parts.test, parts.test_prompts, step, tracker, bar.phases)
+
         try:
-            if cfg.eval.before_train and start == 1 and not tracker.has_eval(0):
-                evaluated = run_eval(parts, 0, tracker, bar.phases)
+            if tracker is not None and cfg.eval.before_train and start == 1 and not tracker.has_eval(0):
+                evaluated = evaluated_at(0)
                 console.print(
                     f"step {0:>4}/{steps}  [bold]eval {evaluated.metric} {evaluated.score:.3f}[/] (before training)"
                 )
             for step in range(start, steps + 1):
+                crew.step_starts(step, run_dir)
                 metrics = train_step(parts, step, bar.phases)
-                tracker.log(metrics, step=step)
                 evaluated = None
-                if evaluates_at(cfg, step):
-                    evaluated = run_eval(parts, step, tracker, bar.phases)
-                    metrics = {**metrics, "eval/score": evaluated.score}
+                if tracker is not None:
+                    tracker.log(metrics, step=step)
+                    if evaluates_at(cfg, step):
+                        evaluated = evaluated_at(step)
+                        metrics = {**metrics, "eval/score": evaluated.score}
                 checkpoint = None
                 if checkpoints_at(cfg, step):
-                    checkpoint = save_checkpoint(parts, tracker, step)
-                console.print(progress_line(step, steps, metrics, evaluated), soft_wrap=True)
+                    checkpoint = crew.save(parts, tracker, step)
+                if tracker is not None:
+                    console.print(progress_line(step, steps, metrics, evaluated), soft_wrap=True)
                 bar.advance(metrics)
                 if on_step is not None:
                     on_step(step, metrics, checkpoint)
+                crew.step_ends()
         finally:
             bar.stop()
-        result = tracker.finish("finished", steps_done=step)
+        result = tracker.finish("finished", steps_done=step) if tracker is not None else None
     parts.engine.close()
     return result
 
@@ -208,54 +280,10 @@ def worker_main(payload: dict[str, Any]) -> None:
     if payload["resuming"]:
         latest = open_run_dir(run_dir).latest_checkpoint()
         resume_step = latest[0] if latest else 0
-    _train_workers(config, run_dir, resume_step, None)
-
-
-def _train_workers(config: RunConfig, run_dir: Path, resume_step: int | None, console: Any) -> RunResult | None:
-    """_train for one of several workers (issue 12): every worker trains; rank 0 alone writes
-    the run directory, evaluates, prints and returns the RunResult (None elsewhere)."""
-    import contextlib
-
     workers = distributed.current_workers()
     if not workers.many:
         raise RuntimeError("run.workers > 1: torch.distributed is not initialised in this worker")
-    console = _console(console)
-    quiet_transformers()
-    resolve_device(config.run.device)
-    seed_everything(config.run.seed)
-    parts = build(config)
-    tracker = Tracker(config, run_dir, resume_step=resume_step) if workers.main else None
-    with tracker if tracker is not None else contextlib.nullcontext():
-        start = 1
-        if resume_step:
-            path = Path(run_dir) / "checkpoints" / f"step_{resume_step}"
-            start = load_checkpoint_workers(parts, path) + 1
-        cfg = parts.config = distributed.broadcast_object(tracker.config if tracker is not None else None)
-        if tracker is not None:
-            what = f"resumed[/] {tracker.path} from step {start - 1}" if resume_step else f"run[/] {tracker.path}"
-            console.print(f"[bold]{what} ({workers.world} workers)")
-        steps = cfg.ppo.steps
-        step = start - 1
-        if tracker is not None and cfg.eval.before_train and start == 1 and not tracker.has_eval(0):
-            evaluated = run_eval(parts, 0, tracker)
-            console.print(f"step {0:>4}/{steps}  [bold]eval {evaluated.metric} {evaluated.score:.3f}[/] "
-                          "(before training)")
-        for step in range(start, steps + 1):
-            distributed.exit_if_asked(step, workers, run_dir)
-            metrics = train_step(parts, step)
-            evaluated = None
-            if tracker is not None:
-                tracker.log(metrics, step=step)
-                if evaluates_at(cfg, step):
-                    evaluated = run_eval(parts, step, tracker)
-            if checkpoints_at(cfg, step):
-                save_checkpoint_workers(parts, tracker, step)
-            if tracker is not None:
-                console.print(progress_line(step, steps, metrics, evaluated), soft_wrap=True)
-            distributed.barrier()
-        result = tracker.finish("finished", steps_done=step) if tracker is not None else None
-    parts.engine.close()
-    return result
+    _train(config, run_dir, resume_step, None, None, _Workers(workers))
 
 
 def metric_of(config: RunConfig) -> str:
@@ -268,18 +296,18 @@ def metric_of(config: RunConfig) -> str:
 EVAL = "eval"
 
 
-def run_eval(parts: Parts, step: int, tracker: Tracker | None, phases: Phases | None = None) -> EvalResult:
-    cfg = parts.config
-    phases = phases or Phases()
-    phases.start(EVAL, len(parts.test) * cfg.eval.n_samples, "sequences")
-    result = evaluate(parts.engine, parts.task, parts.test, parts.test_prompts, n_samples=cfg.eval.n_samples,
-                      temperature=cfg.eval.temperature, top_p=cfg.eval.top_p, max_new_tokens=parts.max_new_tokens,
-                      metric=metric_of(cfg), stream=eval_stream(step), progress=phases.counter(EVAL),
-                      stop=cfg.rollout.stop)
+def run_eval(config: RunConfig, engine: RolloutEngine, task: TaskProtocol, examples: list[dict],
+             prompts: list[list[int]], step: int, tracker: Tracker, phases: Phases = NO_PHASES) -> EvalResult:
+    """The evaluation protocol after `step` (0: before training, and `tre eval`) on `examples`
+    and their encoded `prompts`, recorded in eval.jsonl by `tracker`."""
+    phases.start(EVAL, len(examples) * config.eval.n_samples, "sequences")
+    result = evaluate(engine, task, examples, prompts, n_samples=config.eval.n_samples,
+                      temperature=config.eval.temperature, top_p=config.eval.top_p,
+                      max_new_tokens=config.rollout.max_new_tokens, metric=metric_of(config),
+                      stream=eval_stream(step), progress=phases.counter(EVAL), stop=config.rollout.stop)
     phases.done(EVAL)
-    if tracker is not None:
-        tracker.log_eval(step=step, score=result.score, metric=result.metric, n_prompts=result.n_prompts,
-                         n_samples=result.n_samples, extra=result.extra())
+    tracker.log_eval(step=step, score=result.score, metric=result.metric, n_prompts=result.n_prompts,
+                     n_samples=result.n_samples, extra=result.extra())
     return result
 
 
@@ -290,31 +318,24 @@ def evaluate_model(config: RunConfig, console: Any = None) -> RunResult:
     console = _console(console)
     quiet_transformers(config.run.verbose)
     device = resolve_device(config.run.device)
-    max_new_tokens = max_new_tokens_of(config)
     seed_everything(config.run.seed)
     model_path = resolve_model(config.model.name)
+    max_model_len = plan_context(config, model_path)
     check_hf_batch_memory(config, model_path, device)
     tokenizer = load_tokenizer(model_path)
     task, _, test = task_and_examples(config, tokenizer, train=False)
     policy = load_policy(model_path, dtype=config.model.dtype, device=device) if config.rollout.engine == "hf" else None
-    engine = make_engine(config, model_path, tokenizer, device, policy)
+    engine = make_engine(config, model_path, tokenizer, device, policy, max_model_len=max_model_len)
     prompts = [encode_prompt(task, ex, tokenizer, config.ppo.max_prompt_length) for ex in test]
     with Tracker(config, config.run.out) as tracker:
         console.print(f"[bold]eval[/] {config.model.name} on {len(test)} {config.task.name} test prompts "
                       f"x {config.eval.n_samples} samples -> {tracker.path}")
-        shown = _progress_console()
+        shown = _console()
         bar = progress_bar(shown, None, 0, show_progress(config.run.progress, shown, config.run.verbose))
-        bar.phases.start(EVAL, len(test) * config.eval.n_samples, "sequences")
         try:
-            result = evaluate(engine, task, test, prompts, n_samples=config.eval.n_samples,
-                              temperature=config.eval.temperature, top_p=config.eval.top_p,
-                              max_new_tokens=max_new_tokens, metric=metric_of(config), stream=eval_stream(0),
-                              progress=bar.phases.counter(EVAL), stop=config.rollout.stop)
-            bar.phases.done(EVAL)
+            run_eval(config, engine, task, test, prompts, 0, tracker, bar.phases)
         finally:
             bar.stop()
-        tracker.log_eval(step=0, score=result.score, metric=result.metric, n_prompts=result.n_prompts,
-                         n_samples=result.n_samples, extra=result.extra())
         run_result = tracker.finish("finished", steps_done=0, method=BASE)
     engine.close()
     return run_result

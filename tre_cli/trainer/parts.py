@@ -17,7 +17,7 @@ from tre_cli.losses.actor import ActorObjective
 from tre_cli.losses.alpha_control import AlphaController
 from tre_cli.losses.estimators import needs_critic
 from tre_cli.rollout.base import RolloutEngine
-from tre_cli.rollout.context import check_model_context
+from tre_cli.rollout.context import check_model_context, required_model_len
 from tre_cli.schedules import critic_warmup_factor
 from tre_cli.tasks import TaskProtocol
 from tre_cli.trainer.distributed import SINGLE, Workers, current_workers, shard_module
@@ -42,7 +42,6 @@ class Parts:
     train: list[dict]
     test: list[dict]
     test_prompts: list[list[int]]
-    max_new_tokens: int
     # issue 11: the frozen starting policy for ppo.kl_coef > 0 (verl's use_kl_loss); None at kl_coef 0 (the paper).
     reference: torch.nn.Module | None = None
     # issue 12: this process's place among the run's workers (run.workers); SINGLE: alone.
@@ -70,10 +69,12 @@ def encode_prompt(task: TaskProtocol, example: dict, tokenizer: Any, max_prompt_
     return list(ids[-max_prompt_length:])
 
 
-def max_new_tokens_of(config: RunConfig) -> int:
-    if config.rollout.max_new_tokens is None:
-        raise ValueError("rollout.max_new_tokens is not set (the task overlay should set it)")
-    return config.rollout.max_new_tokens
+def plan_context(config: RunConfig, model_path: Path) -> int:
+    """The positions a run (or `tre eval`) needs, ppo.max_prompt_length + rollout.max_new_tokens,
+    checked against the model's context before any model loads (rollout.context): the one place
+    rollout.max_new_tokens is checked; everything after reads it from the config."""
+    return check_model_context(model_path, config.ppo.max_prompt_length, config.rollout.max_new_tokens,
+                               config.model.name)
 
 
 def objective_of(config: RunConfig) -> ActorObjective:
@@ -119,8 +120,7 @@ def build(config: RunConfig) -> Parts:
     checkpointing = resolve_gradient_checkpointing(config.model.gradient_checkpointing, device)
     objective = objective_of(config)
     model_path = resolve_model(config.model.name)
-    # issue 11: the model must hold prompt + T positions; checked before any model is loaded.
-    check_model_context(model_path, config.ppo.max_prompt_length, config.rollout.max_new_tokens, config.model.name)
+    max_model_len = plan_context(config, model_path)
     check_hf_batch_memory(config, model_path, device, workers)
     tokenizer = load_tokenizer(model_path)
     task, train, test = task_and_examples(config, tokenizer)
@@ -143,9 +143,9 @@ def build(config: RunConfig) -> Parts:
     ], (lambda module: shard_module(module, precision.compute)) if workers.many else None)
     if workers.many:
         # issue 12: the engine samples from its own unsharded copy (synced after updates).
-        engine = make_engine(config, model_path, tokenizer, engine_device(device), None)
+        engine = make_engine(config, model_path, tokenizer, engine_device(device), None, max_model_len=max_model_len)
     else:
-        engine = make_engine(config, model_path, tokenizer, device, policy)
+        engine = make_engine(config, model_path, tokenizer, device, policy, max_model_len=max_model_len)
     # issue 11: AdamW weight decay and the critic's warm-up ramp as named options (defaults: the released code).
     actor_opt = torch.optim.AdamW(policy.parameters(), lr=config.ppo.actor_lr, weight_decay=config.ppo.weight_decay)
     critic_opt = critic_sched = None
@@ -154,11 +154,10 @@ def build(config: RunConfig) -> Parts:
                                        weight_decay=config.ppo.weight_decay)
         warmup, ramp = int(config.ppo.critic_warmup_ratio * config.ppo.steps), config.ppo.critic_warmup_ramp
         critic_sched = torch.optim.lr_scheduler.LambdaLR(critic_opt, lambda i: critic_warmup_factor(i, warmup, ramp))
-    max_new_tokens = max_new_tokens_of(config)
     test_prompts = [encode_prompt(task, ex, tokenizer, config.ppo.max_prompt_length) for ex in test]
     alpha = AlphaController.of(config.method.params, objective.alpha)
     return Parts(config, device, task, tokenizer, policy, critic, engine, actor_opt, critic_opt, critic_sched,
-                 objective, train, test, test_prompts, max_new_tokens, reference=reference, workers=workers,
+                 objective, train, test, test_prompts, reference=reference, workers=workers,
                  alpha=alpha if alpha.adapts else None)
 
 
@@ -218,7 +217,7 @@ def check_hf_batch_memory(config: RunConfig, model_path: Path, device: str, work
     kv_heads = int(getattr(model, "num_key_value_heads", None) or heads)
     itemsize = resolve_dtype(config.model.dtype, device).itemsize
     per_position = 2 * int(model.num_hidden_layers) * kv_heads * head_dim * itemsize  # keys and values
-    width = config.ppo.max_prompt_length + max_new_tokens_of(config)
+    width = required_model_len(config.ppo.max_prompt_length, config.rollout.max_new_tokens)
     width = -(-width // STATIC_CACHE_BUCKET) * STATIC_CACHE_BUCKET
     step = -(-config.ppo.prompts_per_step // workers.world) * config.ppo.rollouts_per_prompt
     sequences = max(step, EVAL_BATCH_PROMPTS * config.eval.n_samples)
@@ -234,14 +233,12 @@ def check_hf_batch_memory(config: RunConfig, model_path: Path, device: str, work
 
 
 def make_engine(config: RunConfig, model_path: Path, tokenizer: Any, device: str,
-                policy: torch.nn.Module | None = None) -> RolloutEngine:
+                policy: torch.nn.Module | None = None, *, max_model_len: int) -> RolloutEngine:
     """The configured rollout engine: `hf` samples from `policy` itself (loaded from model_path
-    when None); `vllm` loads its own copy of the weights and syncs them from the policy."""
+    when None); `vllm` loads its own copy of the weights and syncs them from the policy, with a
+    context of `max_model_len` positions (plan_context: prompt + T, never a fixed cap)."""
     from tre_cli.rollout import get_engine
 
-    # issue 11: vLLM's context is prompt + T (eval: its own T), never a fixed cap.
-    max_model_len = check_model_context(model_path, config.ppo.max_prompt_length, config.rollout.max_new_tokens,
-                                        config.model.name)
     if config.rollout.engine == "hf":
         options: dict[str, Any] = {"model": policy, "max_batch_sequences": config.rollout.max_batch_sequences}
     else:

@@ -385,8 +385,9 @@ def train_step(parts: Parts, step: int, phases: Phases = NO_PHASES) -> dict[str,
         rollout = _generate_shared(parts, prompt_ids, step)
     else:
         rollout = parts.engine.generate(prompt_ids, n=cfg.ppo.rollouts_per_prompt,
-                                        max_new_tokens=parts.max_new_tokens, temperature=cfg.rollout.temperature,
-                                        top_p=cfg.rollout.top_p, stream=step, progress=phases.counter(GENERATE))
+                                        max_new_tokens=cfg.rollout.max_new_tokens,
+                                        temperature=cfg.rollout.temperature, top_p=cfg.rollout.top_p, stream=step,
+                                        progress=phases.counter(GENERATE))
     rollout = cut_at_stop(rollout, cfg.rollout.stop, parts.tokenizer)
     phases.done(GENERATE)
     parts.engine.sleep()
@@ -446,7 +447,8 @@ def _generate_shared(parts: Parts, prompt_ids: list[list[int]], step: int) -> Ro
     mine = share(len(prompt_ids), parts.workers)
     local = None
     if len(mine):
-        local = parts.engine.generate([prompt_ids[i] for i in mine], n=n, max_new_tokens=parts.max_new_tokens,
+        local = parts.engine.generate([prompt_ids[i] for i in mine], n=n,
+                                      max_new_tokens=cfg.rollout.max_new_tokens,
                                       temperature=cfg.rollout.temperature, top_p=cfg.rollout.top_p, stream=step,
                                       first_sequence=mine.start * n)
     responses, logprobs = distributed.gather_samples(local, len(mine) * n)
