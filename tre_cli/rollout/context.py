@@ -1,11 +1,10 @@
-"""How many positions a run needs, and whether the model holds them (issue 11, item 2).
+"""How many positions a run needs, and whether the model holds them.
 
 A run needs `ppo.max_prompt_length + rollout.max_new_tokens` positions: the longest prompt it
 feeds plus the longest response it samples (`tre eval`: the same with its own T). That is the
 vLLM engine's `max_model_len`, and every training forward of the policy and critic spans it too.
 A model whose context is shorter is an error before any model is loaded, naming both numbers;
-nothing is cut silently (before, vLLM's context was capped at 4,096, so MATH at T = 8,192 could
-not run and T = 4,096 was cut to 4,096 minus the prompt).
+nothing is cut silently.
 """
 
 from __future__ import annotations

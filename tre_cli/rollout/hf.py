@@ -151,7 +151,7 @@ class HFEngine(EngineBase):
         if tokenizer.pad_token_id is None:
             raise ValueError("hf engine: the tokenizer has no pad token")
         self.pad_token_id = int(tokenizer.pad_token_id)
-        # Per-sequence sampling (issue 12): sample k of a call draws its noise from (seed, stream,
+        # Per-sequence sampling: sample k of a call draws its noise from (seed, stream,
         # first_sequence + k, position). A call without a stream takes the next of the engine's
         # own counter, so successive calls differ and a re-created engine with the same seed
         # repeats them.

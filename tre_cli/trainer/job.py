@@ -209,7 +209,7 @@ def _train(config: RunConfig, run_dir: str | Path | None, resume_step: int | Non
 
 def _launch(config: RunConfig, run_dir: Path, resuming: bool, on_step: StepCallback | None,
             use_gpu: bool | None = None) -> RunResult:
-    """issue 12: run.workers processes through Ray Train (cluster.workers.run_workers); this
+    """run.workers processes through Ray Train (cluster.workers.run_workers); this
     process waits and returns the RunResult rank 0 wrote. A worker that fails fails the worker
     group; it is started again, resuming from the last checkpoint, up to run.worker_retries
     times, and then the run fails (WorkerFailure). With `on_step` (a sweep trial), this process

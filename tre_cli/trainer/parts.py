@@ -42,9 +42,9 @@ class Parts:
     train: list[dict]
     test: list[dict]
     test_prompts: list[list[int]]
-    # issue 11: the frozen starting policy for ppo.kl_coef > 0 (verl's use_kl_loss); None at kl_coef 0 (the paper).
+    # The frozen starting policy for ppo.kl_coef > 0 (verl's use_kl_loss); None at kl_coef 0 (the paper).
     reference: torch.nn.Module | None = None
-    # issue 12: this process's place among the run's workers (run.workers); SINGLE: alone.
+    # This process's place among the run's workers (run.workers); SINGLE: alone.
     workers: Workers = SINGLE
     # the alpha of the next step (method.alpha_control); None: the objective's, fixed.
     alpha: AlphaController | None = None
@@ -124,9 +124,9 @@ def build(config: RunConfig) -> Parts:
     check_hf_batch_memory(config, model_path, device, workers)
     tokenizer = load_tokenizer(model_path)
     task, train, test = task_and_examples(config, tokenizer)
-    # issue 11: fp32 masters (parameters, gradients, optimizer state), forwards in the compute dtype (autocast).
+    # fp32 masters (parameters, gradients, optimizer state), forwards in the compute dtype (autocast).
     precision = training_precision(resolve_dtype(config.model.dtype, device), device)
-    # issue 12: with several workers each model loads into host memory and is sharded with FSDP2
+    # With several workers each model loads into host memory and is sharded with FSDP2
     # before the next one loads; fully_shard moves each unit's shard to the worker's GPU as it
     # shards it, so the GPU holds the shards and at most one unit whole, never a whole model.
     load_device = "cpu" if workers.many else device
@@ -137,16 +137,16 @@ def build(config: RunConfig) -> Parts:
                              gradient_checkpointing=checkpointing, precision=precision,
                              value_head_std=config.model.value_head_init_std))  # None: its initializer_range
         if needs_critic(config.ppo.estimator) else None,
-        # issue 11: a frozen copy of the starting weights, computed like the policy, only for a KL loss.
+        # A frozen copy of the starting weights, computed like the policy, only for a KL loss.
         (lambda: load_policy(model_path, device=load_device, precision=precision).requires_grad_(False))
         if config.ppo.kl_coef > 0 else None,
     ], (lambda module: shard_module(module, precision.compute)) if workers.many else None)
     if workers.many:
-        # issue 12: the engine samples from its own unsharded copy (synced after updates).
+        # The engine samples from its own unsharded copy (synced after updates).
         engine = make_engine(config, model_path, tokenizer, engine_device(device), None, max_model_len=max_model_len)
     else:
         engine = make_engine(config, model_path, tokenizer, device, policy, max_model_len=max_model_len)
-    # issue 11: AdamW weight decay and the critic's warm-up ramp as named options (defaults: the released code).
+    # AdamW weight decay and the critic's warm-up ramp as named options (defaults: the released code).
     actor_opt = torch.optim.AdamW(policy.parameters(), lr=config.ppo.actor_lr, weight_decay=config.ppo.weight_decay)
     critic_opt = critic_sched = None
     if critic is not None:
@@ -249,7 +249,7 @@ def make_engine(config: RunConfig, model_path: Path, tokenizer: Any, device: str
                       seed=config.run.seed, **options)
 
 
-# Sampling streams (issue 12): training step s samples stream s; the evaluation after step s
+# Sampling streams: training step s samples stream s; the evaluation after step s
 # (0: before training, and `tre eval`) samples EVAL_STREAM + s. Every sample's noise is a function
 # of (run seed, stream, its index), whoever generates it.
 EVAL_STREAM = 1 << 40

@@ -162,7 +162,7 @@ def _live_progress(console: Any):
 
 
 # Loggers of the libraries under tre that print at INFO/WARNING on every start (vLLM has its
-# own: tre_cli.rollout.vllm.quiet_vllm).
+# own: tre_cli.rollout.vllm.vllm_logs).
 NOISY_LOGGERS = ("torch._library", "torch.distributed")
 
 
