@@ -8,7 +8,7 @@ Shared rules (all selectors):
   float artefacts such as int(0.29 * 100) == 28); Forking-Tokens uses the same rule.
 - Ties: exactly `top_count` tokens are kept; among tokens whose scores tie at the boundary the
   earliest in row-major order (lower row, then lower position) wins. The selection therefore
-  depends on batch order only through ties. (Threshold selection, below, keeps all ties instead.)
+  depends on batch order only through ties.
 """
 
 from __future__ import annotations
@@ -19,8 +19,7 @@ from collections.abc import Sequence
 
 import torch
 
-FORKING_SCOPES = ("micro-batch", "global")
-
+from tre_cli.losses.registry import SCOPE_GROUP
 
 COUNT_ROUNDINGS = ("floor", "ceil")
 
@@ -61,73 +60,6 @@ def top_tokens_mask(scores: torch.Tensor, mask: torch.Tensor, ratio: float, roun
     selected = torch.zeros(scores.numel(), dtype=torch.bool, device=scores.device)
     selected[flat_idx[order]] = True
     return selected.reshape(scores.shape)
-
-
-# ---------------------------------------------------------------------------------------------
-# Forking-Tokens
-# ---------------------------------------------------------------------------------------------
-
-
-def entropy_threshold(entropy: torch.Tensor, mask: torch.Tensor, top_ratio: float = 0.2) -> torch.Tensor:
-    """The `top_count(n_valid, top_ratio)`-th largest entropy among the valid tokens, as a 0-dim
-    tensor (+inf when no token is valid, so that nothing passes it).
-
-    For scope "global": compute it once over every token of the PPO mini-batch (all micro-batches
-    and, with data parallelism, all ranks: concatenate the valid entropies, e.g. as a 1-D tensor
-    with an all-ones mask, after an all-gather), then select in each micro-batch with
-    `forking_tokens_mask(..., scope="global", threshold=t)`."""
-    _, values = _valid_scores(entropy, mask)
-    if values.numel() == 0:
-        return torch.tensor(float("inf"), dtype=entropy.dtype, device=entropy.device)
-    count = top_count(values.numel(), top_ratio)
-    return torch.topk(values, count).values[-1]
-
-
-def mask_from_threshold(entropy: torch.Tensor, mask: torch.Tensor, threshold: torch.Tensor | float) -> torch.Tensor:
-    """Bool mask of the valid tokens whose entropy is >= threshold. Tokens tied with the
-    threshold are all kept, so the count can exceed `top_count` when ties straddle the boundary."""
-    if entropy.shape != mask.shape:
-        raise ValueError(f"entropy shape {tuple(entropy.shape)} does not match mask shape {tuple(mask.shape)}")
-    return mask.bool() & (entropy.detach() >= threshold)
-
-
-def forking_tokens_mask(
-    entropy: torch.Tensor,
-    mask: torch.Tensor,
-    top_ratio: float = 0.2,
-    scope: str = "micro-batch",
-    threshold: torch.Tensor | float | None = None,
-) -> torch.Tensor:
-    """Forking-Tokens selection: the bool [B, T] mask of the highest-entropy response tokens.
-
-    The policy-gradient loss is then aggregated over this mask instead of the response mask
-    (`aggregate(pg.per_token, selected, "token-mean")`), so it is averaged over the kept tokens
-    only; no entropy term is added. `entropy` is the full-vocabulary entropy under the current
-    policy; it is detached here.
-
-    scope="micro-batch" (the released code): the trainer calls this in each micro-batch's
-    forward/backward with that micro-batch's entropies; exactly `top_count(n_valid, top_ratio)`
-    tokens of the micro-batch are kept (ties: row-major, see module docstring). `threshold` must
-    be None.
-
-    scope="global": the top fraction of the whole PPO mini-batch (one optimizer update). The
-    policy does not change within a mini-batch, so the trainer first runs a no-grad forward over
-    all its micro-batches to get their entropies, computes `entropy_threshold` over all of them
-    (across ranks too), and passes it here for each micro-batch; the kept tokens are those with
-    entropy >= threshold (ties at the threshold all kept). For an exact mean over the kept tokens
-    of the mini-batch, weight each micro-batch's token-mean by its kept count / the total kept.
-    """
-    if scope not in FORKING_SCOPES:
-        raise ValueError(f"unknown forking-tokens scope {scope!r}; choose one of: {', '.join(FORKING_SCOPES)}")
-    if scope == "micro-batch":
-        if threshold is not None:
-            raise ValueError(
-                "forking-tokens scope 'micro-batch' selects within the micro-batch; do not pass a threshold"
-            )
-        return top_tokens_mask(entropy, mask, top_ratio)
-    if threshold is None:
-        raise ValueError("forking-tokens scope 'global' needs the mini-batch threshold from entropy_threshold()")
-    return mask_from_threshold(entropy, mask, threshold)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -241,7 +173,7 @@ class ForkingTokens:
     selection group only, chosen before each update from the current policy's entropies."""
 
     top_ratio: float = 0.2
-    scope: str = "group"
+    scope: str = SCOPE_GROUP
     count_rounding: str = "ceil"
 
     def choose(self, entropy: torch.Tensor, logprob: torch.Tensor, advantages: torch.Tensor, mask: torch.Tensor,
@@ -263,7 +195,7 @@ class KLCov:
 
     ratio: float = 0.002
     beta: float = 1.0
-    scope: str = "group"
+    scope: str = SCOPE_GROUP
 
     def choose(self, entropy: torch.Tensor, logprob: torch.Tensor, advantages: torch.Tensor, mask: torch.Tensor,
                groups: Sequence[torch.Tensor]) -> torch.Tensor:

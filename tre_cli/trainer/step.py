@@ -28,6 +28,7 @@ from tre_cli import metrics as M
 from tre_cli.losses.actor import PPOBatch, actor_loss, critic_loss
 from tre_cli.losses.estimators import outcome_advantages, uniform_groups
 from tre_cli.losses.ppo import gae, masked_mean, place_terminal_reward, whiten
+from tre_cli.losses.registry import SCOPE_GROUP
 from tre_cli.losses.selection_groups import selection_groups
 from tre_cli.losses.stats import tail_draws, token_stats
 from tre_cli.models.modes import set_training
@@ -254,7 +255,7 @@ def _selection(parts: Parts, rollout: Rollout, scored: Scored, rows: torch.Tenso
     if parts.workers.many:
         entropy, logprob = distributed.all_reduce_sum(entropy), distributed.all_reduce_sum(logprob)
     mask = mask_all[rows, :width]
-    group_size = parts.config.ppo.selection_group_size if selector.scope == "group" else None
+    group_size = parts.config.ppo.selection_group_size if selector.scope == SCOPE_GROUP else None
     groups = selection_groups(len(rows), group_size, generator)
     chosen = selector.choose(entropy, logprob, scored.advantages[rows, :width], mask, groups)
     return [chosen[at(chunk), :r_width] if real else torch.zeros_like(chosen[:len(chunk), :r_width])
