@@ -30,7 +30,7 @@ from tre_cli.report.records import (
 from tre_cli.tracking import model_label
 
 LAST_STEPS = 5  # the curves' values are the mean over each seed's last 5 logged steps
-EVAL = "eval/score"  # the final (or best) eval score's key in an entry's values
+EVAL = M.EVAL_SCORE  # the final (or best) eval score's key in an entry's values
 TABLE_METRICS = (M.P_MAX, M.TAIL_MASS, M.TAIL_DRAWS, M.TAIL_DRAWS_PER_RESPONSE, M.ENTROPY, M.REWARD_MEAN, EVAL)
 ABOVE, BELOW, OVERLAPS = "above", "below", "overlaps"
 # A range is compared with Vanilla's only when both hold this many seeds: one seed is no range,
