@@ -100,8 +100,8 @@ class Figure4:
 
 @dataclass(frozen=True)
 class Display:
-    """How the report and `tre methods` show a method: labels, order, colours and the figures it
-    appears in. Nothing here changes what a run trains."""
+    """How reports show a method: its label, its place in Table 1, its colours and the figures
+    it appears in. Nothing here changes what a run trains."""
 
     label: str  # Table 1's row and the figures' legends
     row: int  # position in Table 1 (and in every list of methods a report shows)
