@@ -19,8 +19,6 @@ from collections.abc import Sequence
 
 import torch
 
-from tre_cli.losses.registry import SCOPE_GROUP
-
 COUNT_ROUNDINGS = ("floor", "ceil")
 
 
@@ -151,7 +149,7 @@ class TokenSelector(Protocol):
     (losses/selection_groups.py; `scope` says which); its mask comes back, cut per micro-batch,
     as `batch.selected`, and `shape` applies it to a micro-batch's surrogate."""
 
-    scope: str
+    scope: str  # one of losses/registry.py SELECTION_SCOPES
 
     def choose(self, entropy: torch.Tensor, logprob: torch.Tensor, advantages: torch.Tensor, mask: torch.Tensor,
                groups: Sequence[torch.Tensor]) -> torch.Tensor:
@@ -170,11 +168,12 @@ def _selected(batch: SelectionInput, name: str) -> torch.Tensor:
 @dataclass(frozen=True)
 class ForkingTokens:
     """The policy-gradient loss averaged over the top `top_ratio` highest-entropy tokens of each
-    selection group only, chosen before each update from the current policy's entropies."""
+    selection group only, chosen before each update from the current policy's entropies. The
+    registry builds it from the method's parameters (their defaults are there)."""
 
-    top_ratio: float = 0.2
-    scope: str = SCOPE_GROUP
-    count_rounding: str = "ceil"
+    top_ratio: float
+    scope: str
+    count_rounding: str
 
     def choose(self, entropy: torch.Tensor, logprob: torch.Tensor, advantages: torch.Tensor, mask: torch.Tensor,
                groups: Sequence[torch.Tensor]) -> torch.Tensor:
@@ -191,11 +190,12 @@ class ForkingTokens:
 @dataclass(frozen=True)
 class KLCov:
     """beta * |logp - logp_old| added on the top `ratio` tokens by cov(A, logp) of each selection
-    group, chosen before each update from the current policy's log-probs."""
+    group, chosen before each update from the current policy's log-probs. The registry builds it
+    from the method's parameters (their defaults are there)."""
 
-    ratio: float = 0.002
-    beta: float = 1.0
-    scope: str = SCOPE_GROUP
+    ratio: float
+    beta: float
+    scope: str
 
     def choose(self, entropy: torch.Tensor, logprob: torch.Tensor, advantages: torch.Tensor, mask: torch.Tensor,
                groups: Sequence[torch.Tensor]) -> torch.Tensor:
