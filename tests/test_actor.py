@@ -11,6 +11,7 @@ import pytest
 import torch
 
 import brute
+from tre_cli import metrics as M
 from tre_cli.losses.actor import ActorObjective, PPOBatch, actor_loss, critic_loss
 from tre_cli.losses.registry import METHODS
 from tre_cli.losses.selectors import ForkingTokens, KLCov
@@ -115,7 +116,7 @@ def test_vanilla_is_the_plain_dual_clip_surrogate():
     ref_loss, ref_grad = brute_loss(logits, tokens, mask, old, adv)
     torch.testing.assert_close(out.loss.detach(), ref_loss)
     torch.testing.assert_close(grad, ref_grad)
-    assert "actor/regularizer" not in out.metrics and "actor/tre_region_size" not in out.metrics
+    assert M.REGULARIZER not in out.metrics and M.REGION_SIZE not in out.metrics
 
 
 @pytest.mark.parametrize("method, params", [("ent", {}), ("tre-k", {"k": 3}), ("tre-p", {"p": 0.9}), ("min-ent", {})])
@@ -127,7 +128,7 @@ def test_alpha_zero_equals_plain_ppo(method, params):
     assert torch.equal(zero.loss.detach(), vanilla.loss.detach())
     assert torch.equal(zero_grad, vanilla_grad)
     # The statistic is still logged, so a run with alpha = 0 is a control for the same quantity.
-    assert "actor/regularizer" in zero.metrics
+    assert M.REGULARIZER in zero.metrics
 
 
 @pytest.mark.parametrize(
@@ -148,7 +149,7 @@ def test_bonus_is_subtracted_with_weight_alpha(method, params, brute_args):
     torch.testing.assert_close(out.loss.detach(), ref_loss)
     torch.testing.assert_close(grad, ref_grad)
     bonus = brute_bonus(logits, tokens, **brute_args)
-    assert out.metrics["actor/regularizer"].item() == pytest.approx(((bonus * mask).sum() / mask.sum()).item())
+    assert out.metrics[M.REGULARIZER].item() == pytest.approx(((bonus * mask).sum() / mask.sum()).item())
 
 
 def test_forking_tokens_averages_over_kept_tokens_only():
@@ -240,11 +241,11 @@ def test_method_and_aggregation_that_do_not_go_together_are_refused():
 def test_metrics_are_detached_scalars_named_by_namespace():
     logits, tokens, mask, old, adv = case(7)
     out, _ = run_actor(logits, tokens, batch_of(mask, old, adv), objective("tre-k", alpha=0.1))
-    assert {"actor/p_max", "actor/entropy", "actor/min_entropy", "actor/tre_region_size", "actor/tre_local_entropy",
-            "actor/regularizer", "actor/pg_loss", "actor/pg_clipfrac", "actor/pg_clipfrac_lower",
+    assert {M.P_MAX, M.ENTROPY, "actor/min_entropy", M.REGION_SIZE, "actor/tre_local_entropy",
+            M.REGULARIZER, "actor/pg_loss", "actor/pg_clipfrac", "actor/pg_clipfrac_lower",
             "actor/ppo_kl"} == set(out.metrics)
     assert all(v.dim() == 0 and not v.requires_grad for v in out.metrics.values())
-    assert out.metrics["actor/tre_region_size"].item() == 2.0  # K = 2, the default
+    assert out.metrics[M.REGION_SIZE].item() == 2.0  # K = 2, the default
 
 
 # ---------------------------------------------------------------------------- the critic

@@ -9,6 +9,7 @@ import math
 import pytest
 import torch
 
+from tre_cli import metrics as M
 from tre_cli import trainer
 from tre_cli.config import resolve
 from tre_cli.losses.estimators import CRITIC_FREE, ESTIMATORS
@@ -115,7 +116,7 @@ def test_every_method_runs_under_every_estimator(method, estimator, tiny_testbed
     before = [p.detach().clone() for p in parts.policy.parameters()]
     metrics = train_step(parts, 1)
     parts.engine.close()
-    for key in ("actor/pg_loss", "actor/entropy", "actor/grad_norm", "reward/mean"):
+    for key in ("actor/pg_loss", M.ENTROPY, "actor/grad_norm", M.REWARD_MEAN):
         assert math.isfinite(metrics[key]), key
     assert any(k.startswith("critic/") for k in metrics) != critic_free
     assert ("actor/advantages_abs" in metrics) == critic_free
@@ -144,7 +145,7 @@ def test_a_critic_free_target_alpha_run_has_no_critic_and_resumes_exactly(tiny_t
     trainer.run(_config(tiny_testbed, whole, 4, TARGET))
     records = _metrics(whole)
     assert not any(k.startswith("critic/") for r in records for k in r)
-    assert [r["actor/alpha"] for r in records] == pytest.approx([0.001, 0.003, 0.005, 0.007])
+    assert [r[M.ALPHA] for r in records] == pytest.approx([0.001, 0.003, 0.005, 0.007])
     state = torch.load(whole / "checkpoints" / "step_4" / TRAINER_STATE, weights_only=True)
     assert not any(k.startswith("critic") for k in state) and set(STATE_KEYS) - set(state) == {
         "critic", "critic_opt", "critic_sched"}
@@ -261,8 +262,8 @@ def test_two_critic_free_workers_train_like_one_with_the_controller(tiny_testbed
     run_workers_locally(_config(tiny_testbed, two, 2, [*TARGET, "run.workers=2"]), two, 2)
     a, b = _metrics(one), _metrics(two)
     for ra, rb in zip(a, b, strict=True):
-        assert ra["reward/mean"] == rb["reward/mean"] and ra["actor/alpha"] == rb["actor/alpha"]
-        for key in ("actor/p_max", "actor/entropy", "actor/regularizer"):
+        assert ra[M.REWARD_MEAN] == rb[M.REWARD_MEAN] and ra[M.ALPHA] == rb[M.ALPHA]
+        for key in (M.P_MAX, M.ENTROPY, M.REGULARIZER):
             assert math.isclose(ra[key], rb[key], rel_tol=1e-3), (key, ra[key], rb[key])
         assert not any(k.startswith("critic/") for k in rb)
     checkpoint = two / "checkpoints" / "step_2"

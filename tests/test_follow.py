@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 
+from tre_cli import metrics as M
 from tre_cli.config import resolve
 from tre_cli.trainer.follow import StepFollower, checkpoints_at, evaluates_at, run_and_follow
 
@@ -24,12 +25,12 @@ def _config(steps=5, extra=()):
 
 def _log(run_dir: Path, step: int, **values) -> None:
     with (run_dir / "metrics.jsonl").open("a") as handle:
-        handle.write(json.dumps({"step": step, "time": time.time(), "reward/mean": step / 10, **values}) + "\n")
+        handle.write(json.dumps({"step": step, "time": time.time(), M.REWARD_MEAN: step / 10, **values}) + "\n")
 
 
 def _eval(run_dir: Path, step: int, score: float) -> None:
     with (run_dir / "eval.jsonl").open("a") as handle:
-        handle.write(json.dumps({"step": step, "time": time.time(), "eval/score": score}) + "\n")
+        handle.write(json.dumps({"step": step, "time": time.time(), M.EVAL_SCORE: score}) + "\n")
 
 
 def test_the_schedule_is_the_trainers():
@@ -45,16 +46,16 @@ def test_a_step_is_reported_once_what_it_writes_is_there(tmp_path):
     assert follower.poll(ended=False) == []  # nothing written yet
     _log(tmp_path, 1)
     ((step, metrics, checkpoint),) = follower.poll(ended=False)  # step 1 writes nothing else
-    assert (step, checkpoint) == (1, None) and metrics == {"reward/mean": 0.1}
+    assert (step, checkpoint) == (1, None) and metrics == {M.REWARD_MEAN: 0.1}
     _log(tmp_path, 2)
     assert follower.poll(ended=False) == []  # step 2 evaluates: wait for its record
     _eval(tmp_path, 2, 0.25)
     ((step, metrics, checkpoint),) = follower.poll(ended=False)
-    assert step == 2 and metrics["eval/score"] == 0.25 and checkpoint is None
+    assert step == 2 and metrics[M.EVAL_SCORE] == 0.25 and checkpoint is None
     _log(tmp_path, 3)
     assert follower.poll(ended=False) == []  # step 3 checkpoints: wait for step_3/
     (tmp_path / "checkpoints" / "step_3").mkdir(parents=True)
-    assert follower.poll(ended=False) == [(3, {"reward/mean": 0.3}, tmp_path / "checkpoints" / "step_3")]
+    assert follower.poll(ended=False) == [(3, {M.REWARD_MEAN: 0.3}, tmp_path / "checkpoints" / "step_3")]
     # A later line completes a step whose files are gone (a pruned checkpoint) or never came.
     _log(tmp_path, 4)
     _log(tmp_path, 5)
@@ -63,7 +64,7 @@ def test_a_step_is_reported_once_what_it_writes_is_there(tmp_path):
     with (tmp_path / "metrics.jsonl").open("a") as handle:
         handle.write('{"step": 6, "reward/me')
     ((step, metrics, checkpoint),) = follower.poll(ended=True)
-    assert step == 5 and "eval/score" not in metrics and checkpoint == tmp_path / "checkpoints" / "step_5"
+    assert step == 5 and M.EVAL_SCORE not in metrics and checkpoint == tmp_path / "checkpoints" / "step_5"
     assert follower.poll(ended=True) == []
 
 

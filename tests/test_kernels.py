@@ -289,6 +289,12 @@ def test_dispatch_rules():
     assert fused_or_none(z32, None, None, 1.0) is None  # host tensors: the reference
 
 
+def test_an_unknown_region_kind_raises_instead_of_running_as_the_nucleus():
+    z = torch.randn(2, 8, device=DEVICE)
+    with pytest.raises(ValueError, match="unknown trust region kind 'q'"):
+        fused_token_stats(z, None, RegionSpec("q"), 1.0)
+
+
 @pytest.mark.skipif(not torch.cuda.is_available() or INTERPRET, reason="needs CUDA (native Triton)")
 def test_token_stats_uses_the_kernels_on_cuda_and_the_switch_turns_them_off():
     gen = torch.Generator().manual_seed(21)

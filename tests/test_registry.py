@@ -3,6 +3,7 @@ and the only place in tre_cli that names a method."""
 
 from __future__ import annotations
 
+import dataclasses
 import re
 import subprocess
 import sys
@@ -10,22 +11,51 @@ from pathlib import Path
 
 import pytest
 
-from tre_cli.losses.registry import DEFAULT_METHOD, METHODS, ParamError, all_params, baseline, get_method, ordered
+from tre_cli.losses.registry import (
+    DEFAULT_METHOD,
+    METHODS,
+    SCOPE_GLOBAL,
+    SCOPE_GROUP,
+    SELECTION_SCOPES,
+    Display,
+    Method,
+    ParamError,
+    all_params,
+    baseline,
+    get_method,
+    ordered,
+)
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
 def test_registry_roles_are_well_formed():
     assert DEFAULT_METHOD in METHODS
-    assert [m.name for m in METHODS.values() if m.baseline] == [baseline().name]
-    assert len([m for m in METHODS.values() if m.horizon_sweep]) == 1
-    assert sorted(m.row for m in METHODS.values()) == list(range(1, len(METHODS) + 1))
+    assert [m.name for m in METHODS.values() if m.display.baseline] == [baseline().name]
+    assert len([m for m in METHODS.values() if m.display.horizon_sweep]) == 1
+    assert sorted(m.display.row for m in METHODS.values()) == list(range(1, len(METHODS) + 1))
     for method in METHODS.values():
-        assert set(method.variant_params) <= set(method.defaults)
+        assert set(method.display.variant_params) <= set(method.defaults)
         assert (method.bonus is None) == ("alpha" not in method.defaults)
         assert method.resolve_params({}) == method.defaults
-        if method.figure4 is not None and method.figure4.param is not None:
-            assert method.figure4.param in method.defaults
+        figure4 = method.display.figure4
+        if figure4 is not None and figure4.param is not None:
+            assert figure4.param in method.defaults
+
+
+def test_presentation_is_apart_from_the_maths():
+    # A method's label, order, colours and figures live in its Display; no field is in both.
+    assert not {f.name for f in dataclasses.fields(Method)} & {f.name for f in dataclasses.fields(Display)}
+    for method in METHODS.values():
+        assert isinstance(method.display, Display)
+        assert all(not callable(getattr(method.display, f.name)) for f in dataclasses.fields(Display))
+
+
+def test_one_vocabulary_of_selection_scopes():
+    for method in METHODS.values():
+        if "scope" in method.defaults:
+            assert method.param("scope").choices == SELECTION_SCOPES == (SCOPE_GROUP, SCOPE_GLOBAL)
+            assert method.selector(method.resolve_params({})).scope == SCOPE_GROUP
 
 
 def test_a_parameter_name_means_one_parameter():

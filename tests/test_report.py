@@ -61,7 +61,7 @@ def make_run(
     curves = dict(curves or {})
     with Tracker(cfg, run_dir) as tracker:
         for step in range(1, max(len(scores), len(p_max), *map(len, curves.values()), 0) + 1):
-            logged = {"actor/p_max": p_max[step - 1], "reward/mean": 0.5} if step <= len(p_max) else {}
+            logged = {M.P_MAX: p_max[step - 1], M.REWARD_MEAN: 0.5} if step <= len(p_max) else {}
             logged.update({key: values[step - 1] for key, values in curves.items() if step <= len(values)})
             if logged:
                 tracker.log(logged, step=step)
@@ -563,9 +563,9 @@ def test_wandb_runs_read_like_run_directories():
         )
     )
     history = [
-        {"_step": 1, "actor/p_max": 0.5, "actor/tail_mass": 1e-4},
-        {"_step": 2, "actor/p_max": 0.6, "eval/score": 0.25},
-        {"_step": 3, "eval/score": 0.5},
+        {"_step": 1, M.P_MAX: 0.5, M.TAIL_MASS: 1e-4},
+        {"_step": 2, M.P_MAX: 0.6, M.EVAL_SCORE: 0.25},
+        {"_step": 3, M.EVAL_SCORE: 0.5},
     ]
     run = wandb_run_to_run(
         _FakeWandbRun(cfg, {"final_eval": 0.5, "best_eval": 0.5, "status": "finished"}, "finished", history)

@@ -107,7 +107,7 @@ def test_mechanism_table(mechanism_set):
     ent = rp.find_entry(entries, "ent", 64)
     assert ent.values[M.TAIL_MASS].mean == pytest.approx(2e-4)
     assert ent.vs_baseline[M.TAIL_MASS] == ent.vs_baseline[M.TAIL_DRAWS_PER_RESPONSE] == "above"
-    assert ent.vs_baseline[M.P_MAX] == "overlaps" and ent.vs_baseline["eval/score"] == "below"
+    assert ent.vs_baseline[M.P_MAX] == "overlaps" and ent.vs_baseline[M.EVAL_SCORE] == "below"
     tre_k = rp.find_entry(entries, "tre-k", 32, k=2)
     assert tre_k.vs_baseline[M.P_MAX] == "below" and tre_k.vs_baseline[M.TAIL_MASS] == "overlaps"
     assert tre_k.vs_baseline[M.REWARD_MEAN] == "overlaps"

@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from reference import model_inputs
 from tre_cli.models import load_policy
 from tre_cli.rollout import Rollout, get_engine, response_logprobs_from_logits
 from tre_cli.rollout.base import cut_at_stop
@@ -48,7 +49,7 @@ def test_layout_masks_and_grouping(quick_testbed, quick_tokenizer, quick_policy)
         if not rollout.finished[row]:
             assert length == 12
         assert rollout.texts[row] == quick_tokenizer.decode(tokens, skip_special_tokens=True)
-    inputs = rollout.model_inputs()
+    inputs = model_inputs(rollout)
     assert inputs["input_ids"].shape == (12, width + rollout.response_ids.shape[1])
     assert inputs["position_ids"][0, -1] == rollout.attention_mask[0].sum() - 1
 
@@ -87,7 +88,7 @@ def test_logprobs_equal_a_full_forward(quick_testbed, quick_tokenizer, quick_pol
     prompts = prompts_of(quick_tokenizer, PROMPT_TEXTS)
     rollout = engine.generate(prompts, n=3, max_new_tokens=16, temperature=temperature)
     with torch.no_grad():
-        logits = quick_policy(**rollout.model_inputs()).logits
+        logits = quick_policy(**model_inputs(rollout)).logits
     recomputed = response_logprobs_from_logits(
         logits, rollout.response_ids, rollout.prompt_ids.shape[1], temperature
     ) * rollout.response_mask

@@ -20,6 +20,7 @@ except Exception as error:  # ImportError, or a broken CUDA-only dependency
         allow_module_level=True,
     )
 
+from reference import model_inputs
 from tre_cli.models import load_policy
 from tre_cli.rollout import get_engine, response_logprobs_from_logits
 from tre_cli.rollout.hf import HFEngine
@@ -44,7 +45,7 @@ def prompts_of(tokenizer, texts):
 
 def recompute(policy, rollout, temperature):
     with torch.no_grad():
-        logits = policy(**rollout.model_inputs()).logits
+        logits = policy(**model_inputs(rollout)).logits
     width = rollout.prompt_ids.shape[1]
     return response_logprobs_from_logits(logits, rollout.response_ids, width, temperature) * rollout.response_mask
 

@@ -1,17 +1,9 @@
 import pytest
 import torch
 
+from reference import entropy_threshold, forking_tokens_mask, mask_from_threshold
 from tre_cli.losses.ppo import aggregate, policy_loss
-from tre_cli.losses.selectors import (
-    entropy_threshold,
-    forking_tokens_mask,
-    kl_cov_loss,
-    kl_cov_penalty_mask,
-    kl_cov_scores,
-    mask_from_threshold,
-    top_count,
-    top_tokens_mask,
-)
+from tre_cli.losses.selectors import kl_cov_loss, kl_cov_penalty_mask, kl_cov_scores, top_count, top_tokens_mask
 
 F64 = torch.float64
 PAD = 99.0  # a padded position's score: would win every selection if padding were not ignored
@@ -39,7 +31,7 @@ ENTROPY = torch.tensor([[0.1, 0.9, 0.5, PAD], [0.3, 0.8, 0.2, 0.7]], dtype=F64)
 MASK = torch.tensor([[1, 1, 1, 0], [1, 1, 1, 1]])
 
 
-def test_forking_micro_batch_selection_ignores_padding():
+def test_forking_group_selection_ignores_padding():
     # 7 valid tokens: 20% -> int(1.4) = 1 token, 50% -> int(3.5) = 3 tokens.
     assert forking_tokens_mask(ENTROPY, MASK, 0.2).tolist() == [[False, True, False, False], [False] * 4]
     assert forking_tokens_mask(ENTROPY, MASK, 0.5).tolist() == [
@@ -61,7 +53,7 @@ def test_forking_ties_keep_exact_count_row_major():
     assert mask_from_threshold(entropy, mask, t).tolist() == [[True, True, True], [True, False, True]]
 
 
-def test_forking_threshold_equals_micro_batch_without_ties():
+def test_forking_threshold_equals_group_without_ties():
     g = torch.Generator().manual_seed(0)
     entropy = torch.rand(6, 40, generator=g, dtype=F64) * 3
     mask = (torch.arange(40)[None, :] < torch.randint(1, 41, (6, 1), generator=g)).long()
@@ -75,11 +67,11 @@ def test_forking_threshold_equals_micro_batch_without_ties():
     assert entropy[sel].min() > entropy[valid & ~sel].max()
 
 
-def test_forking_global_scope_differs_from_micro_batch():
+def test_forking_global_scope_differs_from_group():
     high = torch.tensor([[2.0, 3.0, 4.0, 5.0, 6.0]], dtype=F64)
     low = torch.tensor([[0.1, 0.2, 0.3, 0.4, 0.5]], dtype=F64)
     ones = torch.ones(1, 5)
-    # Micro-batch scope: 40% of each micro-batch.
+    # Group scope, each micro-batch its own group (the released code): 40% of each.
     assert forking_tokens_mask(high, ones, 0.4).tolist() == [[False, False, False, True, True]]
     assert forking_tokens_mask(low, ones, 0.4).tolist() == [[False, False, False, True, True]]
     # Global scope: 40% of the 10 tokens of the mini-batch, all from the high-entropy micro-batch.
@@ -103,10 +95,10 @@ def test_forking_empty_mask_selects_nothing():
 
 
 def test_forking_scope_errors():
-    with pytest.raises(ValueError, match="unknown forking-tokens scope 'step'; choose one of: micro-batch, global"):
+    with pytest.raises(ValueError, match="unknown forking-tokens scope 'step'; choose one of: group, global"):
         forking_tokens_mask(ENTROPY, MASK, scope="step")
     with pytest.raises(ValueError, match="do not pass a threshold"):
-        forking_tokens_mask(ENTROPY, MASK, scope="micro-batch", threshold=0.5)
+        forking_tokens_mask(ENTROPY, MASK, scope="group", threshold=0.5)
     with pytest.raises(ValueError, match="needs the mini-batch threshold"):
         forking_tokens_mask(ENTROPY, MASK, scope="global")
     with pytest.raises(ValueError, match="does not match mask shape"):

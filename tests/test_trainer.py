@@ -43,19 +43,19 @@ def test_every_method_trains(method, tiny_testbed, tmp_path):
     records = _metrics(out)
     assert [r["step"] for r in records] == [1, 2]
     for record in records:
-        for key in ("reward/mean", "actor/p_max", "actor/entropy", "actor/pg_loss", "actor/ppo_kl",
+        for key in (M.REWARD_MEAN, M.P_MAX, M.ENTROPY, "actor/pg_loss", "actor/ppo_kl",
                     "actor/pg_clipfrac", "critic/vf_loss", "actor/grad_norm", "timing/gen_s", "perf/tokens_per_s",
-                    "actor/tail_mass", "rollout/tail_draws", "rollout/tail_draws_per_response"):
+                    M.TAIL_MASS, M.TAIL_DRAWS, M.TAIL_DRAWS_PER_RESPONSE):
             assert key in record and math.isfinite(record[key]), (method, key)
-        assert 0 < record["actor/p_max"] <= 1
+        assert 0 < record[M.P_MAX] <= 1
         # Every curve `tre report` reads (tre_cli/metrics.py) is logged, so a renamed metric fails here.
         assert set(M.CURVES) <= set(record), set(M.CURVES) - set(record)
-        assert 0 <= record["actor/tail_mass"] < 1 - record["actor/p_max"] + 1e-6
-        assert 0 <= record["rollout/tail_draws"] <= 1 and record["rollout/tail_draws_per_response"] >= 0
+        assert 0 <= record[M.TAIL_MASS] < 1 - record[M.P_MAX] + 1e-6
+        assert 0 <= record[M.TAIL_DRAWS] <= 1 and record[M.TAIL_DRAWS_PER_RESPONSE] >= 0
     has_region = method in ("tre-k", "tre-p")
-    assert ("actor/tre_region_size" in records[0]) == has_region
+    assert (M.REGION_SIZE in records[0]) == has_region
     if method == "tre-k":
-        assert records[0]["actor/tre_region_size"] == 2.0  # K = 2
+        assert records[0][M.REGION_SIZE] == 2.0  # K = 2
     if method == "forking-tokens":
         assert 0 < records[0]["actor/forking_kept_frac"] <= 0.3
     if method == "kl-cov":
@@ -72,7 +72,7 @@ def test_entropy_bonus_raises_entropy_and_tre_raises_local_entropy(tiny_testbed,
     base = _metrics_after(tiny_testbed, tmp_path / "v", "vanilla", ["ppo.actor_lr=1e-3"])
     ent = _metrics_after(tiny_testbed, tmp_path / "e", "ent", big)
     tre = _metrics_after(tiny_testbed, tmp_path / "t", "tre-k", big)
-    assert ent["actor/entropy"] > base["actor/entropy"] + 0.05
+    assert ent[M.ENTROPY] > base[M.ENTROPY] + 0.05
     assert tre["actor/tre_local_entropy"] > base_local(tiny_testbed, tmp_path / "tv")
 
 
@@ -139,7 +139,7 @@ def test_eval_before_training_is_step_0_and_not_a_result(tiny_testbed, tmp_path)
     resumed = trainer.run(_config(tiny_testbed, tmp_path / "ignored", steps=2, extra=[f"run.resume={cut}"]))
     evals = _evals(cut)
     assert [r["step"] for r in evals] == [0, 2]  # the starting model is not evaluated twice
-    assert resumed.final_eval == evals[-1]["eval/score"] == resumed.best_eval
+    assert resumed.final_eval == evals[-1][M.EVAL_SCORE] == resumed.best_eval
 
     off = tmp_path / "off"
     trainer.run(_config(tiny_testbed, off, steps=1, extra=["eval.before_train=false"]))
@@ -191,8 +191,8 @@ def test_micro_batch_order_is_a_speed_knob(tiny_testbed, tmp_path):
     extra = ["ppo.steps=1", "ppo.micro_batch_tokens=400"]  # ~100 prompt tokens: 2 rows a micro-batch
     rows = _metrics_after(tiny_testbed, tmp_path / "rows", "tre-p", extra)
     length = _metrics_after(tiny_testbed, tmp_path / "length", "tre-p", [*extra, "ppo.micro_batch_order=length"])
-    for key in ("actor/pg_loss", "actor/entropy", "actor/p_max", "actor/tre_local_entropy", "critic/vf_loss",
+    for key in ("actor/pg_loss", M.ENTROPY, M.P_MAX, "actor/tre_local_entropy", "critic/vf_loss",
                 "actor/grad_norm", "critic/values"):
         tolerance = rounding_floor(key, rows, 1e-8)
         assert math.isclose(rows[key], length[key], rel_tol=1e-5, abs_tol=tolerance), (key, rows[key], length[key])
-    assert rows["reward/mean"] == length["reward/mean"]
+    assert rows[M.REWARD_MEAN] == length[M.REWARD_MEAN]

@@ -264,11 +264,14 @@ def _block(vocab: int, cap: int) -> int:
 
 
 def _region_args(region, vocab: int):
+    """The kernels' region mode and its target (K, or P; inf for the whole vocabulary)."""
     if region is None:
         return MODE_NONE, 0.0
     if region.kind == "k":
         return MODE_K, float(min(region.k, vocab))
-    return MODE_P, (math.inf if region.p >= 1.0 else float(region.p))
+    if region.kind == "p":
+        return MODE_P, (math.inf if region.p >= 1.0 else float(region.p))
+    raise ValueError(f"unknown trust region kind {region.kind!r}; the kernels know 'k' (top-K) and 'p' (top-P)")
 
 
 class _FusedTokenStats(torch.autograd.Function):

@@ -110,16 +110,16 @@ def actor_loss(stats: TokenStats, batch: PPOBatch, objective: ActorObjective) ->
         loss = loss + objective.kl_coef * aggregate_share(kld, mask, objective.loss_agg, batch.tokens, batch.seqs,
                                                           norm)
         metrics["actor/kl_loss"] = masked_mean(kld.detach(), mask)
-    for key, value in (("actor/p_max", stats.p_max), ("actor/entropy", stats.entropy),
+    for key, value in ((M.P_MAX, stats.p_max), (M.ENTROPY, stats.entropy),
                        ("actor/min_entropy", stats.min_entropy)):
         metrics[key] = masked_mean(value.detach(), mask)
     if stats.tail_mass is not None:
         metrics[M.TAIL_MASS] = masked_mean(stats.tail_mass, mask)
     if objective.region is not None:
-        metrics["actor/tre_region_size"] = masked_mean(stats.region_size, mask)
+        metrics[M.REGION_SIZE] = masked_mean(stats.region_size, mask)
         metrics["actor/tre_local_entropy"] = masked_mean(stats.region_entropy.detach(), mask)
     if objective.bonus is not None:
-        metrics["actor/regularizer"] = masked_mean(objective.bonus(stats).detach(), mask)
+        metrics[M.REGULARIZER] = masked_mean(objective.bonus(stats).detach(), mask)
     metrics["actor/pg_loss"] = masked_mean(pg.per_token.detach(), mask)
     metrics.update(pg.metrics)
     return LossOutput(loss, metrics)

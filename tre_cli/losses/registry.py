@@ -1,13 +1,25 @@
 """The methods: the one description of each, read by the config, the trainer, sweeps and reports.
 
-A method is what a user picks on the command line. Its entry says everything the rest of tre
-needs to know about it: its label, its typed parameters (default, range, symbol), the per-token
-bonus the actor maximises with weight alpha, the trust region that bonus lives in, the token
-selector it applies (a strategy object, see losses/selectors.py), the loss aggregations it
-supports, and its place in the paper's Table 1 and Figures 1, 3 and 4.
+A method is what a user picks on the command line. Its entry has two parts:
+- the maths (`Method`): its typed parameters (default, range, symbol), the per-token bonus the
+  actor maximises with weight alpha, the trust region that bonus lives in, the token selector it
+  applies (a strategy object, see losses/selectors.py) and the loss aggregations it supports;
+- its presentation (`Method.display`, a `Display`): its label, its place in the paper's Table 1
+  and Figures 1, 3 and 4, its colours, and which method every delta is measured against.
 
-Adding a regularizer is one `Method(...)` entry here (plus, if it needs a new per-token
-statistic, that statistic in losses/stats.py) and its tests.
+Adding a regularizer on an existing per-token statistic is one `Method(...)` entry here and its
+tests (tests/test_registry.py, tests/test_actor.py). A regularizer on a new per-token statistic
+touches, besides:
+- losses/stats.py: the field of `TokenStats` and its forward and backward in `_chunk_forward` /
+  `_chunk_backward` (and its trust region in `RegionSpec` and losses/regions.py, if it has one);
+- kernels/token_stats.py: on CUDA `token_stats` takes its outputs from the fused Triton kernels
+  (kernels/__init__.py `fused_or_none`); compute the statistic there too, or after them from the
+  logits as `token_stats` does for `tail_mass`, or send the calls that need it to the torch
+  reference in `kernels.applies`;
+- losses/actor.py: `actor_loss` logs the statistic's token mean (a key in tre_cli/metrics.py if
+  the report reads it back);
+- tests/brute.py: its brute-force definition, checked by tests/test_stats.py (and by
+  tests/test_kernels.py against the kernels).
 
 This module imports no torch: regions, selectors and bonuses are built on first use, so
 `tre report`, `tre sweep --dry-run` and the config load without it.
@@ -87,21 +99,12 @@ class Figure4:
 
 
 @dataclass(frozen=True)
-class Method:
-    name: str
+class Display:
+    """How reports show a method: its label, its place in Table 1, its colours and the figures
+    it appears in. Nothing here changes what a run trains."""
+
     label: str  # Table 1's row and the figures' legends
-    summary: str
     row: int  # position in Table 1 (and in every list of methods a report shows)
-    params: tuple[Param, ...] = ()
-    # The per-token quantity the actor maximises, weighted by the `alpha` parameter; with
-    # alpha_control "target" its token mean is the entropy alpha is steered to hold.
-    bonus: Callable[[TokenStats], torch.Tensor] | None = None
-    # The trust region token_stats computes for the bonus, from the resolved parameters.
-    region_of: Callable[[Mapping[str, Any]], RegionSpec] | None = None
-    # The token selector (losses/selectors.py), from the resolved parameters.
-    selector_of: Callable[[Mapping[str, Any]], TokenSelector] | None = None
-    # The loss aggregations (ppo.loss_agg) the method is defined for; None: every one.
-    loss_aggs: tuple[str, ...] | None = None
     # Parameters that tell its variants apart in labels; their defaults are its Table 1 variant.
     variant_params: tuple[str, ...] = ()
     in_table1: bool = True
@@ -115,6 +118,25 @@ class Method:
     # Its colour where Figures 3 and 4 give it none (Figure 1, the mechanism figure).
     color: str | None = None
 
+
+@dataclass(frozen=True)
+class Method:
+    """A method's maths (what it trains) and, in `display`, how reports show it."""
+
+    name: str
+    summary: str  # what it does, in one line (`tre methods`)
+    display: Display
+    params: tuple[Param, ...] = ()
+    # The per-token quantity the actor maximises, weighted by the `alpha` parameter; with
+    # alpha_control "target" its token mean is the entropy alpha is steered to hold.
+    bonus: Callable[[TokenStats], torch.Tensor] | None = None
+    # The trust region token_stats computes for the bonus, from the resolved parameters.
+    region_of: Callable[[Mapping[str, Any]], RegionSpec] | None = None
+    # The token selector (losses/selectors.py), from the resolved parameters.
+    selector_of: Callable[[Mapping[str, Any]], TokenSelector] | None = None
+    # The loss aggregations (ppo.loss_agg) the method is defined for; None: every one.
+    loss_aggs: tuple[str, ...] | None = None
+
     @property
     def defaults(self) -> dict[str, Any]:
         """Parameter name -> default, in the registry's order."""
@@ -123,7 +145,7 @@ class Method:
     @property
     def main_variant(self) -> dict[str, Any]:
         """The parameters that pick its Table 1 (and Figure 3) variant."""
-        return {name: self.param(name).default for name in self.variant_params}
+        return {name: self.param(name).default for name in self.display.variant_params}
 
     def param(self, name: str) -> Param:
         for param in self.params:
@@ -211,10 +233,16 @@ def _kl_cov(params: Mapping[str, Any]) -> TokenSelector:
     return KLCov(ratio=float(params["ratio"]), beta=float(params["beta"]), scope=str(params["scope"]))
 
 
+# Where a token selector takes its top fraction (losses/selection_groups.py): within groups of
+# ppo.selection_group_size sequences (the released code's per-GPU micro-batch), or over the whole
+# mini-batch. The values of the `scope` parameter a user types.
+SCOPE_GROUP = "group"
+SCOPE_GLOBAL = "global"
+SELECTION_SCOPES = (SCOPE_GROUP, SCOPE_GLOBAL)
+
+
 def _scope(method: str) -> Param:
-    # issue 11: select within groups of ppo.selection_group_size sequences ("group", the released
-    # code's per-GPU micro-batch) or over the whole mini-batch ("global"); losses/selection_groups.py.
-    return Param("scope", str, "group", f"{method}: where the top fraction is taken", choices=("group", "global"))
+    return Param("scope", str, SCOPE_GROUP, f"{method}: where the top fraction is taken", choices=SELECTION_SCOPES)
 
 
 def _alpha(default: float = 0.001) -> tuple[Param, ...]:
@@ -248,46 +276,33 @@ METHODS: Mapping[str, Method] = {
     for m in (
         Method(
             "vanilla",
-            "Vanilla (PPO)",
             "PPO with no exploration term (alpha = 0).",
-            row=1,
-            baseline=True,
-            short_label="Vanilla",
-            figure3_color="#d62728",
+            Display("Vanilla (PPO)", row=1, baseline=True, short_label="Vanilla", figure3_color="#d62728"),
         ),
         Method(
             "ent",
-            "Ent",
             "PPO - alpha * entropy over the full vocabulary.",
-            row=2,
+            Display("Ent", row=2, variant_params=("alpha",), horizon_sweep=True, color="#2ca02c"),
             params=_alpha(),
             bonus=operator.attrgetter("entropy"),
-            variant_params=("alpha",),
-            horizon_sweep=True,
-            color="#2ca02c",
         ),
         Method(
             "tre-k",
-            "TRE-K",
             "PPO - alpha * log|V|/log K * entropy of the softmax over the K largest logits (K >= 2; K = 1 is "
             "min-ent).",
-            row=5,
+            Display("TRE-K", row=5, variant_params=("k",), figure3_color="#1f77b4", figure4=Figure4("#1f77b4", "k")),
             # K = 1 would be a one-token region, whose regularizer is 0: a Vanilla run. The released
             # code's top_k = 1 is Min-Ent (-log max pi), which is method min-ent here.
             params=(*_alpha(), Param("k", int, 2, "TRE-K region size", symbol="K", minimum=2,
                                      hint="K = 1 is Min-Ent, -log max pi: use method min-ent")),
             bonus=operator.attrgetter("region_entropy"),
             region_of=_top_k_region,
-            variant_params=("k",),
-            figure3_color="#1f77b4",
-            figure4=Figure4("#1f77b4", "k"),
         ),
         Method(
             "tre-p",
-            "TRE-P",
             "PPO - alpha * log|V|/log|N| * entropy inside the top-P nucleus N (0 when |N| = 1). "
             "released_code_compat: the released runtime's nucleus (top 256 only; bf16 logits, float32 mass).",
-            row=6,
+            Display("TRE-P", row=6, variant_params=("p",), figure3_color="#d4a017", figure4=Figure4("#d4a017", "p")),
             params=(
                 *_alpha(),
                 _fraction("p", 0.99, "TRE-P nucleus mass", symbol="P"),
@@ -300,31 +315,23 @@ METHODS: Mapping[str, Method] = {
             ),
             bonus=operator.attrgetter("region_entropy"),
             region_of=_top_p_region,
-            variant_params=("p",),
-            figure3_color="#d4a017",
-            figure4=Figure4("#d4a017", "p"),
         ),
         Method(
             "min-ent",
-            "Min-Ent",
             "PPO - alpha * min-entropy (-log max pi); the K = 1 boundary.",
-            row=7,
+            # The paper's Table 1 has no Min-Ent: it is Figure 4's K = 1 boundary.
+            Display("Min-Ent", row=7, variant_params=("alpha",), in_table1=False, figure4=Figure4("#7f7f7f")),
             params=_alpha(),
             bonus=operator.attrgetter("min_entropy"),
-            variant_params=("alpha",),
-            # The paper's Table 1 has no Min-Ent: it is Figure 4's K = 1 boundary.
-            in_table1=False,
-            figure4=Figure4("#7f7f7f"),
         ),
         Method(
             "forking-tokens",
-            "Forking-Tokens",
             "Policy-gradient loss only on the top 20% highest-entropy response tokens (per group of sequences).",
-            row=3,
+            Display("Forking-Tokens", row=3),
             params=(
                 _fraction("top_ratio", 0.2, "Forking-Tokens: fraction of highest-entropy tokens kept"),
                 _scope("Forking-Tokens"),
-                # issue 11: the count of kept tokens, "ceil" (the released code) or "floor".
+                # The count of kept tokens, "ceil" (the released code) or "floor".
                 Param("count_rounding", str, "ceil", "Forking-Tokens: rounding of the kept-token count",
                       choices=("ceil", "floor")),
             ),
@@ -333,10 +340,9 @@ METHODS: Mapping[str, Method] = {
         ),
         Method(
             "kl-cov",
-            "KL-Cov",
             "Adds beta*|logp - logp_old| on the top-ratio tokens by cov(A, logp) (ratio 0.002 as in the released code; "
             "the paper says 20%).",
-            row=4,
+            Display("KL-Cov", row=4),
             params=(
                 _fraction("ratio", 0.002, "KL-Cov: fraction of tokens penalised"),
                 Param("beta", float, 1.0, "KL-Cov: penalty coefficient", minimum=0),
@@ -361,12 +367,12 @@ def get_method(name: str) -> Method:
 
 def baseline() -> Method:
     """The method every delta is measured against (Vanilla PPO)."""
-    return next(m for m in METHODS.values() if m.baseline)
+    return next(m for m in METHODS.values() if m.display.baseline)
 
 
 def horizon_method() -> Method:
     """The method Figure 1 sweeps against T, as deltas to the baseline (Ent)."""
-    return next(m for m in METHODS.values() if m.horizon_sweep)
+    return next(m for m in METHODS.values() if m.display.horizon_sweep)
 
 
 def all_params() -> dict[str, Param]:
@@ -383,7 +389,7 @@ def ordered(names: Any) -> list[str]:
     def key(name: str) -> tuple[int, str]:
         if name == BASE:
             return (0, name)
-        return (METHODS[name].row if name in METHODS else len(METHODS) + 1, name)
+        return (METHODS[name].display.row if name in METHODS else len(METHODS) + 1, name)
 
     return sorted(set(names), key=key)
 
@@ -392,4 +398,4 @@ def label(name: str) -> str:
     """The display label of a method name (or Base); an unknown name stays itself."""
     if name == BASE:
         return BASE_LABEL
-    return METHODS[name].label if name in METHODS else name
+    return METHODS[name].display.label if name in METHODS else name

@@ -1,10 +1,10 @@
-"""Where Forking-Tokens and KL-Cov choose their tokens: fixed groups of sequences (issue 11, item 6).
+"""Where Forking-Tokens and KL-Cov choose their tokens: fixed groups of sequences.
 
 The released code selects within each micro-batch on each GPU: `ppo_micro_batch_size_per_gpu`
 sequences (8 for MATH, 16 for Countdown and HH in its 1.5B scripts; 4 / 16 / 8 for 7B), mixed
 across prompts by its length balancing across GPUs. In tre the micro-batch is a memory knob
 (`ppo.micro_batch_tokens`), and a memory knob must never change the algorithm, so the selection
-group is its own setting:
+group is its own setting, the `scope` parameter (losses/registry.py `SELECTION_SCOPES`):
 
 - scope "group" (the released behaviour): the mini-batch's sequences are shuffled with a seed
   of the run, step and mini-batch (mixing prompts, as the released length balancing does), cut
@@ -29,8 +29,6 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import torch
-
-SELECTION_SCOPES = ("group", "global")
 
 
 def selection_groups(n_rows: int, group_size: int | None, generator: torch.Generator) -> list[torch.Tensor]:

@@ -8,7 +8,7 @@ Shared rules (all selectors):
   float artefacts such as int(0.29 * 100) == 28); Forking-Tokens uses the same rule.
 - Ties: exactly `top_count` tokens are kept; among tokens whose scores tie at the boundary the
   earliest in row-major order (lower row, then lower position) wins. The selection therefore
-  depends on batch order only through ties. (Threshold selection, below, keeps all ties instead.)
+  depends on batch order only through ties.
 """
 
 from __future__ import annotations
@@ -20,9 +20,6 @@ from collections.abc import Sequence
 import torch
 
 from tre_cli.losses.selection_groups import check_groups
-
-FORKING_SCOPES = ("micro-batch", "global")
-
 
 COUNT_ROUNDINGS = ("floor", "ceil")
 
@@ -63,73 +60,6 @@ def top_tokens_mask(scores: torch.Tensor, mask: torch.Tensor, ratio: float, roun
     selected = torch.zeros(scores.numel(), dtype=torch.bool, device=scores.device)
     selected[flat_idx[order]] = True
     return selected.reshape(scores.shape)
-
-
-# ---------------------------------------------------------------------------------------------
-# Forking-Tokens
-# ---------------------------------------------------------------------------------------------
-
-
-def entropy_threshold(entropy: torch.Tensor, mask: torch.Tensor, top_ratio: float = 0.2) -> torch.Tensor:
-    """The `top_count(n_valid, top_ratio)`-th largest entropy among the valid tokens, as a 0-dim
-    tensor (+inf when no token is valid, so that nothing passes it).
-
-    For scope "global": compute it once over every token of the PPO mini-batch (all micro-batches
-    and, with data parallelism, all ranks: concatenate the valid entropies, e.g. as a 1-D tensor
-    with an all-ones mask, after an all-gather), then select in each micro-batch with
-    `forking_tokens_mask(..., scope="global", threshold=t)`."""
-    _, values = _valid_scores(entropy, mask)
-    if values.numel() == 0:
-        return torch.tensor(float("inf"), dtype=entropy.dtype, device=entropy.device)
-    count = top_count(values.numel(), top_ratio)
-    return torch.topk(values, count).values[-1]
-
-
-def mask_from_threshold(entropy: torch.Tensor, mask: torch.Tensor, threshold: torch.Tensor | float) -> torch.Tensor:
-    """Bool mask of the valid tokens whose entropy is >= threshold. Tokens tied with the
-    threshold are all kept, so the count can exceed `top_count` when ties straddle the boundary."""
-    if entropy.shape != mask.shape:
-        raise ValueError(f"entropy shape {tuple(entropy.shape)} does not match mask shape {tuple(mask.shape)}")
-    return mask.bool() & (entropy.detach() >= threshold)
-
-
-def forking_tokens_mask(
-    entropy: torch.Tensor,
-    mask: torch.Tensor,
-    top_ratio: float = 0.2,
-    scope: str = "micro-batch",
-    threshold: torch.Tensor | float | None = None,
-) -> torch.Tensor:
-    """Forking-Tokens selection: the bool [B, T] mask of the highest-entropy response tokens.
-
-    The policy-gradient loss is then aggregated over this mask instead of the response mask
-    (`aggregate(pg.per_token, selected, "token-mean")`), so it is averaged over the kept tokens
-    only; no entropy term is added. `entropy` is the full-vocabulary entropy under the current
-    policy; it is detached here.
-
-    scope="micro-batch" (the released code): the trainer calls this in each micro-batch's
-    forward/backward with that micro-batch's entropies; exactly `top_count(n_valid, top_ratio)`
-    tokens of the micro-batch are kept (ties: row-major, see module docstring). `threshold` must
-    be None.
-
-    scope="global": the top fraction of the whole PPO mini-batch (one optimizer update). The
-    policy does not change within a mini-batch, so the trainer first runs a no-grad forward over
-    all its micro-batches to get their entropies, computes `entropy_threshold` over all of them
-    (across ranks too), and passes it here for each micro-batch; the kept tokens are those with
-    entropy >= threshold (ties at the threshold all kept). For an exact mean over the kept tokens
-    of the mini-batch, weight each micro-batch's token-mean by its kept count / the total kept.
-    """
-    if scope not in FORKING_SCOPES:
-        raise ValueError(f"unknown forking-tokens scope {scope!r}; choose one of: {', '.join(FORKING_SCOPES)}")
-    if scope == "micro-batch":
-        if threshold is not None:
-            raise ValueError(
-                "forking-tokens scope 'micro-batch' selects within the micro-batch; do not pass a threshold"
-            )
-        return top_tokens_mask(entropy, mask, top_ratio)
-    if threshold is None:
-        raise ValueError("forking-tokens scope 'global' needs the mini-batch threshold from entropy_threshold()")
-    return mask_from_threshold(entropy, mask, threshold)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -252,7 +182,7 @@ class TokenSelector(Protocol):
     (losses/selection_groups.py; `scope` says which); its mask comes back, cut per micro-batch,
     as `batch.selected`, and `shape` applies it to a micro-batch's surrogate."""
 
-    scope: str
+    scope: str  # one of losses/registry.py SELECTION_SCOPES
 
     def choose(self, entropy: torch.Tensor, logprob: torch.Tensor, advantages: torch.Tensor, mask: torch.Tensor,
                groups: Sequence[torch.Tensor]) -> torch.Tensor:
@@ -271,11 +201,12 @@ def _selected(batch: SelectionInput, name: str) -> torch.Tensor:
 @dataclass(frozen=True)
 class ForkingTokens:
     """The policy-gradient loss averaged over the top `top_ratio` highest-entropy tokens of each
-    selection group only, chosen before each update from the current policy's entropies."""
+    selection group only, chosen before each update from the current policy's entropies. The
+    registry builds it from the method's parameters (their defaults are there)."""
 
-    top_ratio: float = 0.2
-    scope: str = "group"
-    count_rounding: str = "ceil"
+    top_ratio: float
+    scope: str
+    count_rounding: str
 
     def choose(self, entropy: torch.Tensor, logprob: torch.Tensor, advantages: torch.Tensor, mask: torch.Tensor,
                groups: Sequence[torch.Tensor]) -> torch.Tensor:
@@ -290,11 +221,12 @@ class ForkingTokens:
 @dataclass(frozen=True)
 class KLCov:
     """beta * |logp - logp_old| added on the top `ratio` tokens by cov(A, logp) of each selection
-    group, chosen before each update from the current policy's log-probs."""
+    group, chosen before each update from the current policy's log-probs. The registry builds it
+    from the method's parameters (their defaults are there)."""
 
-    ratio: float = 0.002
-    beta: float = 1.0
-    scope: str = "group"
+    ratio: float
+    beta: float
+    scope: str
 
     def choose(self, entropy: torch.Tensor, logprob: torch.Tensor, advantages: torch.Tensor, mask: torch.Tensor,
                groups: Sequence[torch.Tensor]) -> torch.Tensor:

@@ -81,7 +81,7 @@ def precision_of(module: nn.Module) -> Precision | None:
 def autocast_for(module: nn.Module):
     """The autocast context for a forward of `module`: its recorded compute dtype, or nothing
     (the module computes in its parameters' dtype)."""
-    precision = _PRECISION.get(module)
+    precision = precision_of(module)
     return precision.autocast() if precision is not None else contextlib.nullcontext()
 
 

@@ -129,12 +129,12 @@ MARKERS = ("o", "s", "^", "D", "v", "P")
 
 
 def method_color(method: str) -> str:
-    entry = METHODS.get(method)
-    if entry is not None and entry.figure3_color:
-        return entry.figure3_color
-    if entry is not None and entry.color:
-        return entry.color
-    return entry.figure4.color if entry is not None and entry.figure4 else OTHER_COLOR
+    shown = METHODS[method].display if method in METHODS else None
+    if shown is not None and shown.figure3_color:
+        return shown.figure3_color
+    if shown is not None and shown.color:
+        return shown.color
+    return shown.figure4.color if shown is not None and shown.figure4 else OTHER_COLOR
 
 
 def _shade(color: str, index: int, count: int) -> str:
@@ -153,14 +153,14 @@ def _shade(color: str, index: int, count: int) -> str:
 def shown_label(method: str, params: dict[str, Any]) -> str:
     """A variant's legend label: 'Vanilla' for the baseline, else method and parameters."""
     entry = METHODS.get(method)
-    if entry is not None and entry.baseline:
-        return entry.short_label or entry.label
+    if entry is not None and entry.display.baseline:
+        return entry.display.short_label or entry.display.label
     return variant_label(method, params)
 
 
 def variant_order(variants: Sequence[tuple[str, tuple[tuple[str, Any], ...]]]):
     """(method, params) in the registry's order of methods; within a method, larger alpha first."""
-    rows = {name: m.row for name, m in METHODS.items()}
+    rows = {name: m.display.row for name, m in METHODS.items()}
 
     def key(variant):
         method, params = variant
@@ -194,8 +194,8 @@ def pmax_data(records: Sequence[RunRecord], weight: float = SMOOTHING) -> list[P
     for model, task in sorted({(c.model, c.task) for c in cells}, key=_key_sort):
         horizon = main_horizon(cells.values(), model, task)
         curves = []
-        for entry in (m for m in METHODS.values() if m.figure3_color):
-            method, color = entry.name, entry.figure3_color
+        for entry in (m for m in METHODS.values() if m.display.figure3_color):
+            method, color = entry.name, entry.display.figure3_color
             candidates = [
                 c for k, c in cells.items()
                 if k.model == model and k.task == task and k.max_new_tokens == horizon and k.method == method
@@ -205,7 +205,7 @@ def pmax_data(records: Sequence[RunRecord], weight: float = SMOOTHING) -> list[P
             if cell is None:
                 continue
             runs = [r for r in records if cell_key(r) == cell.key and r.p_max]
-            name = entry.short_label if entry.baseline else variant_label(method, cell.params)
+            name = entry.display.short_label if entry.display.baseline else variant_label(method, cell.params)
             curves.append(seed_curve(name, color, runs, weight))
         if len(curves) >= 2:
             panels.append(PmaxPanel(model, task, horizon, tuple(curves)))
@@ -255,13 +255,13 @@ def hparam_data(records: Sequence[RunRecord], score: str = "final") -> list[Hpar
         if vanilla is None:
             continue
         points = []
-        for entry in (m for m in METHODS.values() if m.figure4):
-            param = entry.figure4.param
+        for entry in (m for m in METHODS.values() if m.display.figure4):
+            param = entry.display.figure4.param
             of_method = [c for c in here if c.key.method == entry.name and (param is None or param in c.params)]
             if param is None:  # one point: the method's main variant
                 cell, _ = pick_variant(of_method, entry.main_variant)
                 if cell is not None:
-                    points.append(_point(entry.label, entry.name, cell))
+                    points.append(_point(entry.display.label, entry.name, cell))
                 continue
             others = {k: v for k, v in entry.main_variant.items() if k != param}
             for value in sorted({c.params[param] for c in of_method}):
@@ -386,7 +386,7 @@ def plot_hparam(panels: Sequence[HparamPanel]):
                     [show(p.high) - show(p.mean) for _, p in chosen],
                 ],
                 fmt="o",
-                color=METHODS[family].figure4.color,
+                color=METHODS[family].display.figure4.color,
                 capsize=3,
                 markersize=7,
                 label=method_label(family),
@@ -400,7 +400,7 @@ def plot_hparam(panels: Sequence[HparamPanel]):
                     ha="center",
                     fontsize=7,
                 )
-        ax.axhline(panel.scale.show(panel.vanilla), color="red", linestyle="--", label=baseline().label)
+        ax.axhline(panel.scale.show(panel.vanilla), color="red", linestyle="--", label=baseline().display.label)
         ax.set_xticks(xs, [p.label for p in panel.points])
         ax.set_xlim(-0.6, len(xs) - 0.4)
         ax.set_ylabel(panel.scale.header)
@@ -412,7 +412,7 @@ def plot_hparam(panels: Sequence[HparamPanel]):
                 panel.model,
                 panel.task,
                 several,
-                f" (T={panel.max_new_tokens}), {baseline().short_label} {panel.scale.text(panel.vanilla)}",
+                f" (T={panel.max_new_tokens}), {baseline().display.short_label} {panel.scale.text(panel.vanilla)}",
             )
         )
     _legend_below(fig)

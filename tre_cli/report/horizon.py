@@ -170,7 +170,7 @@ def plot_horizon(panels: Sequence[HorizonPanel]):
     (log2), error bars its min-max over seeds; right, Vanilla's own score against T, the same."""
     from matplotlib.figure import Figure
 
-    short = baseline().short_label
+    short = baseline().display.short_label
     fig = Figure(figsize=(10.4, 3.6 * len(panels) + 0.9), layout="constrained")
     axes = fig.subplots(len(panels), 2, squeeze=False)
     several = len({p.model for p in panels}) > 1

@@ -43,7 +43,7 @@ def _spans_decades(curves: Sequence[Curve]) -> bool:
 
 def mechanism_methods() -> list[str]:
     """Vanilla, the horizon-swept method (Ent) and the trust-region methods of Figure 3."""
-    names = {baseline().name, horizon_method().name} | {m.name for m in METHODS.values() if m.figure3_color}
+    names = {baseline().name, horizon_method().name} | {m.name for m in METHODS.values() if m.display.figure3_color}
     return ordered(names)
 
 

@@ -30,7 +30,7 @@ from tre_cli.report.records import (
 from tre_cli.tracking import model_label
 
 LAST_STEPS = 5  # the curves' values are the mean over each seed's last 5 logged steps
-EVAL = "eval/score"  # the final (or best) eval score's key in an entry's values
+EVAL = M.EVAL_SCORE  # the final (or best) eval score's key in an entry's values
 TABLE_METRICS = (M.P_MAX, M.TAIL_MASS, M.TAIL_DRAWS, M.TAIL_DRAWS_PER_RESPONSE, M.ENTROPY, M.REWARD_MEAN, EVAL)
 ABOVE, BELOW, OVERLAPS = "above", "below", "overlaps"
 # A range is compared with Vanilla's only when both hold this many seeds: one seed is no range,
@@ -237,7 +237,7 @@ def render_mechanism_markdown(entries: Sequence[MechanismEntry], records: Sequen
     notes = [
         f"Each curve: every seed's mean over its last {last} logged steps (unsmoothed), then the mean over "
         "seeds and [min, max] over seeds; the eval column: the " + what + " over seeds, the same way.",
-        f"▲ / ▼: the variant's [min, max] lies entirely above / below {baseline().short_label}'s at the same T "
+        f"▲ / ▼: the variant's [min, max] lies entirely above / below {baseline().display.short_label}'s at the same T "
         f"(no mark: the ranges overlap, or one side has fewer than {MIN_SEEDS} seeds: no range to compare).",
         "tail mass: the policy's mass outside its top-k tokens (metrics.tail_k); tail draws: responses holding a "
         "sampled token of probability below metrics.tail_p (share, and mean count per response).",

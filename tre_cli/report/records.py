@@ -41,7 +41,7 @@ def main_variant(method: str) -> dict[str, Any]:
 
 
 def in_table1(method: str) -> bool:
-    return METHODS[method].in_table1 if method in METHODS else True
+    return METHODS[method].display.in_table1 if method in METHODS else True
 
 
 def _is_reference(method: str) -> bool:
@@ -374,7 +374,7 @@ def variant_label(method: str, params: Mapping[str, Any]) -> str:
     entry: Method | None = METHODS.get(method)
     if entry is None:
         return method
-    variant = entry.variant_params
+    variant = entry.display.variant_params
     shown = [f"{entry.param(k).shown}={_format_param(params[k])}" for k in variant if k in params]
     defaults = entry.defaults
     shown += [
@@ -382,7 +382,7 @@ def variant_label(method: str, params: Mapping[str, Any]) -> str:
         for k, v in sorted(params.items())
         if k not in variant and k in defaults and not _same(v, defaults[k])
     ]
-    return f"{entry.label} ({', '.join(shown)})" if shown else entry.label
+    return f"{entry.display.label} ({', '.join(shown)})" if shown else entry.display.label
 
 
 def _key_sort(key: tuple[str, str]) -> tuple[str, int, str]:

@@ -161,7 +161,7 @@ def build_table1(records: Sequence[RunRecord], score: str = "final") -> Table1:
     if left_out:
         notes.append(f"{', '.join(method_label(m) for m in left_out)}: in Figure 4, not in Table 1 (as in the paper)")
     if baseline().name not in chosen:
-        notes.append(f"no {baseline().short_label} runs: no deltas")
+        notes.append(f"no {baseline().display.short_label} runs: no deltas")
     spread_kinds = {tc.cell.spread_kind for row in rows for tc in row.cells if tc is not None}
     spread = []
     if "std" in spread_kinds:

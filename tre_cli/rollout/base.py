@@ -8,7 +8,7 @@ them), as vLLM sees an unpadded prompt; `position_ids` gives the trainer the sam
 
 from __future__ import annotations
 
-from dataclasses import dataclass, fields, replace
+from dataclasses import dataclass, replace
 from collections.abc import Callable, Sequence
 from typing import Any, Protocol, runtime_checkable
 
@@ -51,26 +51,6 @@ class Rollout:
     @property
     def position_ids(self) -> torch.Tensor:
         return position_ids_from_mask(self.attention_mask)
-
-    def model_inputs(self) -> dict[str, torch.Tensor]:
-        """input_ids, attention_mask and position_ids for a full forward over prompt + response.
-
-        The logits that predict response token j sit at column P - 1 + j.
-        """
-        attention_mask = self.attention_mask
-        return {
-            "input_ids": self.input_ids,
-            "attention_mask": attention_mask,
-            "position_ids": position_ids_from_mask(attention_mask),
-        }
-
-    def to(self, device: str | torch.device) -> Rollout:
-        moved = {
-            f.name: getattr(self, f.name).to(device)
-            for f in fields(self)
-            if isinstance(getattr(self, f.name), torch.Tensor)
-        }
-        return replace(self, **moved)
 
 
 def position_ids_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:

@@ -10,6 +10,8 @@ from dataclasses import dataclass
 from typing import Any
 from collections.abc import Mapping, Sequence
 
+from tre_cli import metrics as M
+
 
 @dataclass
 class TrialProgress:
@@ -98,8 +100,8 @@ class SweepDisplay:
             if result:
                 trial.step = int(result.get("step", trial.step) or trial.step)
                 trial.steps = int(result["steps"]) if result.get("steps") else trial.steps
-                trial.reward = result.get("reward/mean", trial.reward)
-                trial.score = result.get("eval/score", trial.score)
+                trial.reward = result.get(M.REWARD_MEAN, trial.reward)
+                trial.score = result.get(M.EVAL_SCORE, trial.score)
             trial.failures = max(trial.failures, failures)
             if event == "start":
                 trial.status = "retrying" if trial.failures else "running"

@@ -18,9 +18,6 @@ from collections.abc import Mapping
 from tre_cli.tasks.base import is_local_source, read_hub_rows, read_local_rows
 from tre_cli.tasks.hh import prompt_of
 
-DEFAULT_DATA = "trl-lib/ultrafeedback_binarized"
-
-
 @dataclass(frozen=True)
 class RewardTrainingConfig:
     """The paper's Appendix A.1 defaults: 3 epochs, lr 1e-5, cosine, warm-up 0.1,

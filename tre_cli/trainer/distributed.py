@@ -31,7 +31,6 @@ group: gloo on CPU, NCCL on CUDA) train one run together:
 
 from __future__ import annotations
 
-import json
 import os
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -275,10 +274,6 @@ def exit_if_asked(step: int, workers: Workers, run_dir: Path) -> None:
 
 def workers_state_path(directory: Path) -> Path:
     return Path(directory) / WORKERS_STATE
-
-
-def read_state_json(directory: Path) -> dict[str, Any]:
-    return json.loads((Path(directory) / "state.json").read_text())
 
 
 __all__: Sequence[str] = (

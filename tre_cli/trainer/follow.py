@@ -18,6 +18,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from tre_cli import metrics as M
 from tre_cli.config import RunConfig
 from tre_cli.io import read_jsonl
 from tre_cli.tracking import RunDir
@@ -87,7 +88,7 @@ class StepFollower:
             self._pending.pop(0)
             metrics = {k: v for k, v in record.items() if k not in NOT_METRICS}
             if wants_eval and evals is not None and step in evals:
-                metrics["eval/score"] = evals[step]["eval/score"]
+                metrics[M.EVAL_SCORE] = evals[step][M.EVAL_SCORE]
             ready.append((step, metrics, self.run.checkpoint_dir(step) if wants_checkpoint else None))
             self.last = step
         return ready

@@ -28,6 +28,7 @@ from tre_cli import metrics as M
 from tre_cli.losses.actor import PPOBatch, actor_loss, critic_loss
 from tre_cli.losses.estimators import outcome_advantages, uniform_groups
 from tre_cli.losses.ppo import gae, masked_mean, place_terminal_reward, whiten
+from tre_cli.losses.registry import SCOPE_GROUP
 from tre_cli.losses.selection_groups import selection_groups
 from tre_cli.losses.stats import tail_draws, token_stats
 from tre_cli.models.modes import set_training
@@ -254,7 +255,7 @@ def _selection(parts: Parts, rollout: Rollout, scored: Scored, rows: torch.Tenso
     if parts.workers.many:
         entropy, logprob = distributed.all_reduce_sum(entropy), distributed.all_reduce_sum(logprob)
     mask = mask_all[rows, :width]
-    group_size = parts.config.ppo.selection_group_size if selector.scope == "group" else None
+    group_size = parts.config.ppo.selection_group_size if selector.scope == SCOPE_GROUP else None
     groups = selection_groups(len(rows), group_size, generator)
     chosen = selector.choose(entropy, logprob, scored.advantages[rows, :width], mask, groups)
     return [chosen[at(chunk), :r_width] if real else torch.zeros_like(chosen[:len(chunk), :r_width])
@@ -423,20 +424,17 @@ def _tail_draw_metrics(rollout: Rollout, scored: Scored, tail_p: float) -> dict[
     return {M.TAIL_DRAWS: share, M.TAIL_DRAWS_PER_RESPONSE: per_response}
 
 
-# The step metric the alpha controller holds at method.target_entropy: the token mean of the
-# method's bonus (losses/actor.py), i.e. the entropy the method regularizes.
-REGULARIZED_ENTROPY = "actor/regularizer"
-
-
 def control_alpha(parts: Parts, update_metrics: dict[str, float]) -> dict[str, float]:
     """With method.alpha_control=target, the alpha this step trained with
-    (`actor/alpha`), and the controller moved for the next step by this step's regularized entropy."""
+    (`actor/alpha`), and the controller moved for the next step by this step's regularized entropy:
+    the token mean of the method's bonus (`actor/regularizer`, losses/actor.py), held at
+    method.target_entropy."""
     if parts.alpha is None:
         return {}
     used = parts.alpha.applied
-    if REGULARIZED_ENTROPY in update_metrics:
-        parts.alpha.update(update_metrics[REGULARIZED_ENTROPY])
-    return {"actor/alpha": used}
+    if M.REGULARIZER in update_metrics:
+        parts.alpha.update(update_metrics[M.REGULARIZER])
+    return {M.ALPHA: used}
 
 
 def _generate_shared(parts: Parts, prompt_ids: list[list[int]], step: int) -> Rollout:
@@ -475,7 +473,7 @@ def _step_metrics(rollout: Rollout, scores: torch.Tensor, scored: Scored, timing
     lengths = rollout.response_lengths.float()
     n_tokens = float(lengths.sum())
     metrics = {
-        "reward/mean": float(scores.mean()),
+        M.REWARD_MEAN: float(scores.mean()),
         "reward/std": float(scores.std()) if scores.numel() > 1 else 0.0,
         "reward/max": float(scores.max()),
         "reward/solved_frac": float((scores >= 1.0 - 1e-9).float().mean()),
