@@ -237,7 +237,7 @@ class RolloutEngine(Protocol):
         """n samples per prompt (token ids), grouped by prompt; see Rollout. Sample k is
         sequence `first_sequence + k` of sampling stream `stream` (the trainer's step; None: the
         engine's next call): its noise depends on the engine's seed, the stream and that index,
-        not on the other prompts of the call (issue 12), where the engine can do so. `progress`,
+        not on the other prompts of the call, where the engine can do so. `progress`,
         when given, is called with the number of finished sequences (of len(prompts) * n) as
         they end."""
         ...

@@ -21,6 +21,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from tre_cli import metrics as M
 from tre_cli.cluster import trials
 # Tune state saved before the Ray calls moved to tre_cli.cluster names these two here.
 from tre_cli.cluster.trials import TrialEvents as SweepProgressCallback  # noqa: F401
@@ -52,14 +53,14 @@ def train_trial(trial_config: dict[str, Any]) -> None:
 
     finished = finished_result(run_dir)
     if finished is not None:  # a resumed sweep whose trial had finished before Tune saved that
-        trials.report({"step": finished["steps_done"], "steps": steps, "eval/score": finished.get("final_eval")})
+        trials.report({"step": finished["steps_done"], "steps": steps, M.EVAL_SCORE: finished.get("final_eval")})
         return
 
     console = Console(stderr=True, force_terminal=False, width=200)
     if spec.get("kind") == "eval":
         _set_aside_failed_attempt(run_dir)
         result = trainer.evaluate_model(config, console=console)
-        trials.report({"step": 0, "steps": 0, "eval/score": result.final_eval})
+        trials.report({"step": 0, "steps": 0, M.EVAL_SCORE: result.final_eval})
         return
 
     with trials.restored_checkpoint() as directory:

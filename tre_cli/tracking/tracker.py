@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 from collections.abc import Mapping
 
+from tre_cli import metrics as M
 from tre_cli import __version__
 from tre_cli.config import RunConfig, to_dict, with_overrides
 from tre_cli.io import append_line, atomic_write_text, read_jsonl, truncate_jsonl_after
@@ -130,18 +131,18 @@ class Tracker:
         """One line of eval.jsonl; extra metrics are namespaced under eval/."""
         if self._last_eval_step is not None and step <= self._last_eval_step:
             raise ValueError(f"step {step} was already evaluated (last eval step {self._last_eval_step})")
-        numbers_ = {"eval/score": _as_number("eval/score", score)}
+        numbers_ = {M.EVAL_SCORE: _as_number(M.EVAL_SCORE, score)}
         for key, value in (extra or {}).items():
             full = key if key.startswith("eval/") else f"eval/{key}"
             numbers_[full] = _as_number(full, value)
         record = {
             "step": int(step),
             "time": time.time(),
-            "eval/score": numbers_["eval/score"],
+            M.EVAL_SCORE: numbers_[M.EVAL_SCORE],
             "eval/metric": str(metric),
             "eval/n_prompts": int(n_prompts),
             "eval/n_samples": int(n_samples),
-            **{k: v for k, v in numbers_.items() if k != "eval/score"},
+            **{k: v for k, v in numbers_.items() if k != M.EVAL_SCORE},
         }
         append_line(self.run_dir.eval_file, record)
         self._last_eval_step = step
@@ -175,7 +176,7 @@ class Tracker:
             evals = read_jsonl(self.run_dir.eval_file)
             if method != BASE:  # step 0 of a training run is the starting model (eval.before_train)
                 evals = [record for record in evals if record["step"] > 0]
-            scores = [record["eval/score"] for record in evals if not math.isnan(record["eval/score"])]
+            scores = [record[M.EVAL_SCORE] for record in evals if not math.isnan(record[M.EVAL_SCORE])]
             final = max(evals, key=lambda record: record["step"]) if evals else None
             if steps_done is None:
                 steps_done = self._last_step if self._last_step is not None else 0
@@ -188,7 +189,7 @@ class Tracker:
                 seed=self.config.run.seed,
                 params={} if method == BASE else self.config.method.params,
                 steps_done=int(steps_done),
-                final_eval=final["eval/score"] if final else None,
+                final_eval=final[M.EVAL_SCORE] if final else None,
                 best_eval=max(scores) if scores else None,
                 eval_metric=final["eval/metric"] if final else self.config.eval.metric,
                 wall_s=round(time.monotonic() - self._started, 3),

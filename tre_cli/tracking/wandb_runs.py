@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 from collections.abc import Mapping
 
+from tre_cli import metrics as M
 from tre_cli.config import RunConfig, to_dict
 from tre_cli.io import atomic_write_text
 from tre_cli.metrics import CURVES
@@ -97,13 +98,13 @@ def wandb_run_to_run(run: Any, metric_keys: tuple[str, ...] = CURVES) -> dict[st
                 by_step.setdefault(int(row["_step"]), {"step": int(row["_step"])})[key] = row[key]
     metrics = [by_step[step] for step in sorted(by_step)]
     evals = [
-        {"step": int(row["_step"]), "eval/score": row["eval/score"]}
-        for row in run.scan_history(keys=["_step", "eval/score"])
+        {"step": int(row["_step"]), M.EVAL_SCORE: row[M.EVAL_SCORE]}
+        for row in run.scan_history(keys=["_step", M.EVAL_SCORE])
     ]
     scores = [
-        record["eval/score"]
+        record[M.EVAL_SCORE]
         for record in evals
-        if isinstance(record["eval/score"], numbers.Real) and record["step"] > 0
+        if isinstance(record[M.EVAL_SCORE], numbers.Real) and record["step"] > 0
     ]
     section = lambda name: config.get(name) if isinstance(config.get(name), Mapping) else {}  # noqa: E731
     result = {

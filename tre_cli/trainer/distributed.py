@@ -1,4 +1,4 @@
-"""Data-parallel workers of one run (issue 12): what a worker does beyond a single process.
+"""Data-parallel workers of one run: what a worker does beyond a single process.
 
 `run.workers = N > 1`: N processes (Ray Train's TorchTrainer starts them, see
 cluster/workers.run_workers; this module needs only an initialised torch.distributed process
@@ -22,7 +22,7 @@ group: gloo on CPU, NCCL on CUDA) train one run together:
   of rows into contiguous shares; a worker with fewer micro-batches runs empty ones (mask 0),
   since every FSDP forward and backward is a collective all workers must join. Results of the
   no-grad passes are summed across workers into whole-batch tensors, so Forking-Tokens and
-  KL-Cov select over the whole mini-batch (or its selection groups, issue 11) as with one worker.
+  KL-Cov select over the whole mini-batch (or its selection groups) as with one worker.
 - Metrics are token-weighted means over every worker's micro-batches; only rank 0 writes the
   run directory, the results store and W&B, and evaluates (with its engine copy).
 - Checkpoints: torch.distributed.checkpoint (sharded, `sharded/`) for policy, critic and both

@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any
 from collections.abc import Callable
 
+from tre_cli import metrics as M
 from tre_cli.config import RunConfig, load_run_config, resolve_device, with_overrides
 from tre_cli.evaluation import EvalResult, evaluate
 from tre_cli.io import truncate_jsonl_after
@@ -190,7 +191,7 @@ def _train(config: RunConfig, run_dir: str | Path | None, resume_step: int | Non
                     tracker.log(metrics, step=step)
                     if evaluates_at(cfg, step):
                         evaluated = evaluated_at(step)
-                        metrics = {**metrics, "eval/score": evaluated.score}
+                        metrics = {**metrics, M.EVAL_SCORE: evaluated.score}
                 checkpoint = None
                 if checkpoints_at(cfg, step):
                     checkpoint = crew.save(parts, tracker, step)

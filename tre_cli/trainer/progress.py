@@ -14,6 +14,7 @@ import sys
 import time
 from typing import Any
 
+from tre_cli import metrics as M
 from tre_cli.evaluation import EvalResult
 
 PROGRESS_MODES = ("auto", "on", "off")
@@ -119,7 +120,7 @@ class Bar:
 
     def advance(self, metrics: dict[str, float]) -> None:
         if self.progress is not None and self.task is not None:
-            self.progress.update(self.task, advance=1, reward=metrics["reward/mean"])
+            self.progress.update(self.task, advance=1, reward=metrics[M.REWARD_MEAN])
 
     def stop(self) -> None:
         if self.progress is not None:
@@ -184,7 +185,7 @@ def progress_line(step: int, steps: int, m: dict[str, float], evaluated: EvalRes
     line = (f"step {step:>4}/{steps}  reward {m['reward/mean']:.3f}  p_max {m.get('actor/p_max', math.nan):.3f}  "
             f"entropy {m.get('actor/entropy', math.nan):.3f}  len {m['response/length_mean']:.0f}  "
             f"{m['timing/step_s']:.1f}s  {m['perf/tokens_per_s']:.0f} tok/s")
-    if "actor/tre_region_size" in m:
+    if M.REGION_SIZE in m:
         line += f"  region {m['actor/tre_region_size']:.1f}"
     if evaluated is not None:
         line += f"  [bold]eval {evaluated.metric} {evaluated.score:.3f}[/]"

@@ -51,7 +51,7 @@ class Scored:
     old_values: torch.Tensor
     advantages: torch.Tensor
     returns: torch.Tensor
-    # issue 11: the frozen reference policy's log-probs (ppo.kl_coef > 0), else None.
+    # The frozen reference policy's log-probs (ppo.kl_coef > 0), else None.
     ref_logprob: torch.Tensor | None = None
     # [N] bool, the rows the updates use (ppo.skip_uniform_groups); None: every row.
     keep: torch.Tensor | None = None
@@ -77,7 +77,7 @@ def _response_logits(policy: torch.nn.Module, inputs: ModelInputs, response_widt
     """Logits [b, R, V] that predict the response tokens, computing the LM head on those positions only."""
     start = inputs.prompt_width - 1
     keep = torch.arange(start, start + response_width, device=inputs.input_ids.device)
-    with autocast_for(policy):  # issue 11: the compute dtype over fp32 masters; statistics stay outside
+    with autocast_for(policy):  # the compute dtype over fp32 masters; statistics stay outside
         out = policy(input_ids=inputs.input_ids, attention_mask=inputs.attention_mask,
                      position_ids=inputs.position_ids, logits_to_keep=keep, use_cache=False)
     return out.logits
@@ -130,7 +130,7 @@ def micro_batches(rows: torch.Tensor, lengths: torch.Tensor, prompt_width: int, 
 def worker_micro_batches(parts: Parts, rows: torch.Tensor, lengths: torch.Tensor,
                          prompt_width: int) -> list[tuple[torch.Tensor, int, bool]]:
     """(rows, response width, real) of this worker's micro-batches of `rows`. One worker: all of
-    `rows`' micro-batches, all real. Several (issue 12): those of its contiguous share, then
+    `rows`' micro-batches, all real. Several workers: those of its contiguous share, then
     empty ones (`real` False: a row of `rows` whose results are dropped and whose loss has
     mask 0) up to the most any worker has, since every sharded forward is a collective."""
     workers = parts.workers
@@ -163,7 +163,7 @@ def _old_logprob_and_values(parts: Parts, rollout: Rollout,
     phases.start(OLD_LOGPROB, len(micro), "micro-batches")
     for done, (chunk, r_width, real) in enumerate(micro):
         phases.update(OLD_LOGPROB, done)
-        if not real:  # issue 12: join the other workers' collectives, keep nothing
+        if not real:  # join the other workers' collectives, keep nothing
             inputs = _model_inputs(rollout, chunk, r_width, parts.device)
             _response_logits(parts.policy, inputs, r_width)
             if parts.critic is not None:
@@ -178,12 +178,12 @@ def _old_logprob_and_values(parts: Parts, rollout: Rollout,
         old_logprob[chunk, :r_width] = stats.logprob.float().cpu()
         if parts.critic is not None:
             old_values[chunk, :r_width] = _response_values(parts.critic, inputs, r_width).float().cpu()
-        if ref_logprob is not None:  # issue 11: the reference policy's log-probs, once per step as verl
+        if ref_logprob is not None:  # the reference policy's log-probs, once per step as verl
             ref_logprob[chunk, :r_width] = token_stats(_response_logits(parts.reference, inputs, r_width),
                                                        rollout.response_ids[chunk, :r_width].to(parts.device),
                                                        temperature=rollout.temperature).logprob.float().cpu()
     phases.done(OLD_LOGPROB)
-    if parts.workers.many:  # issue 12: each row was computed by one worker; the sum is the whole batch
+    if parts.workers.many:  # each row was computed by one worker; the sum is the whole batch
         old_logprob, old_values = distributed.all_reduce_sum(old_logprob), distributed.all_reduce_sum(old_values)
         ref_logprob = distributed.all_reduce_sum(ref_logprob) if ref_logprob is not None else None
     mask = rollout.response_mask.float()
@@ -227,12 +227,12 @@ class _Mean:
 def _selection(parts: Parts, rollout: Rollout, scored: Scored, rows: torch.Tensor,
                micro: list[tuple[torch.Tensor, int, bool]], generator: torch.Generator,
                mask_all: torch.Tensor) -> list[torch.Tensor]:
-    """The method's selected tokens of each micro-batch of a mini-batch (issue 11): the selector
+    """The method's selected tokens of each micro-batch of a mini-batch: the selector
     chooses within groups of ppo.selection_group_size sequences (scope "group", the released
     code's per-GPU micro-batch) or over the whole mini-batch (scope "global"); never per
     micro-batch, which is a memory knob. Its scores come from a no-grad pass of the current
     policy (it does not change within a mini-batch) over all the mini-batch's sequences first;
-    with several workers (issue 12) each scores its share and the scores are summed into the
+    with several workers each scores its share and the scores are summed into the
     whole mini-batch's, so the choice is the one a single worker makes."""
     selector = parts.objective.selector
     assert selector is not None
@@ -281,7 +281,7 @@ def ppo_update(parts: Parts, rollout: Rollout, scored: Scored, step: int,
     gen = torch.Generator().manual_seed(cfg.run.seed * 7919 + step)
     n_prompts = rollout.num_samples // n_rollouts
     dev = parts.device
-    scale = distributed.loss_scale(parts.workers)  # issue 12: FSDP averages gradients over workers
+    scale = distributed.loss_scale(parts.workers)  # FSDP averages gradients over workers
     per_epoch = -(-n_prompts // cfg.ppo.mini_batch_prompts)
     phases.start(UPDATE, cfg.ppo.epochs * per_epoch, "mini-batches")
     for _epoch in range(cfg.ppo.epochs):
@@ -299,19 +299,19 @@ def ppo_update(parts: Parts, rollout: Rollout, scored: Scored, step: int,
             selected: list[torch.Tensor] | None = None
             selected_total = None
             if selector is not None:
-                # issue 11: selections in fixed groups of sequences, seeded by run, step, epoch and mini-batch.
+                # Selections in fixed groups of sequences, seeded by run, step, epoch and mini-batch.
                 group_gen = torch.Generator().manual_seed(cfg.run.seed * 1_000_003 + step * 7919 + _epoch * 131
                                                           + mb_start)
                 phases.update(UPDATE, mini_done, "selection pass")
                 selected = _selection(parts, rollout, scored, rows, micro, group_gen, mask_all)
                 selected_total = float(sum(s.sum() for s in selected))
-                if parts.workers.many:  # issue 12: the whole mini-batch's count
+                if parts.workers.many:  # the whole mini-batch's count
                     selected_total = float(distributed.all_reduce_sum(torch.tensor([selected_total],
                                                                                    dtype=torch.float64)))
             parts.actor_opt.zero_grad(set_to_none=True)
             if critic is not None:
                 parts.critic_opt.zero_grad(set_to_none=True)
-            # issue 11: checkpointing runs in training mode only
+            # Checkpointing runs in training mode only
             set_training(True, *(m for m in (parts.policy, critic) if m is not None))
             for i, (chunk, r_width, real) in enumerate(micro):
                 phases.update(UPDATE, mini_done, f"micro-batch {i + 1}/{len(micro)}")
@@ -336,18 +336,18 @@ def ppo_update(parts: Parts, rollout: Rollout, scored: Scored, step: int,
                 if critic is not None:
                     values = _response_values(critic, inputs, r_width)
                     critic_out = critic_loss(values, batch, clip=cfg.ppo.value_clip, loss_agg=cfg.ppo.loss_agg,
-                                             scale=cfg.ppo.critic_loss_coef,  # issue 11: released 1.0 (no 0.5)
+                                             scale=cfg.ppo.critic_loss_coef,  # the released code's 1.0
                                              agg_norm=objective.agg_norm)
                     (critic_out.loss * scale).backward() if parts.workers.many else critic_out.loss.backward()
                     critic_metrics = critic_out.metrics
-                if not real:  # issue 12: an empty micro-batch (mask 0, zero gradients) has no metrics
+                if not real:  # an empty micro-batch (mask 0, zero gradients) has no metrics
                     continue
                 # Metrics, weighted by tokens.
                 w = float(batch.mask.sum())
                 for key, value in {**actor.metrics, **critic_metrics}.items():
                     meter.add(key, value, w)
             actor_norm = torch.nn.utils.clip_grad_norm_(parts.policy.parameters(), cfg.ppo.max_grad_norm)
-            if parts.workers.many:  # issue 12: the norm of the sharded gradients, on every worker
+            if parts.workers.many:  # the norm of the sharded gradients, on every worker
                 actor_norm = distributed.local_tensor(actor_norm)
             meter.add("actor/grad_norm", actor_norm)
             if torch.isfinite(actor_norm):
@@ -359,7 +359,7 @@ def ppo_update(parts: Parts, rollout: Rollout, scored: Scored, step: int,
                 meter.add("critic/grad_norm", critic_norm)
                 if torch.isfinite(critic_norm):
                     parts.critic_opt.step()
-            set_training(False, *(m for m in (parts.policy, critic) if m is not None))  # issue 11: eval mode
+            set_training(False, *(m for m in (parts.policy, critic) if m is not None))  # eval mode
     # no gradient outlives the last optimizer step (the engine's sync wakes it next).
     parts.actor_opt.zero_grad(set_to_none=True)
     if parts.critic_opt is not None:
@@ -407,7 +407,7 @@ def train_step(parts: Parts, step: int, phases: Phases = NO_PHASES) -> dict[str,
     update_metrics = ppo_update(parts, rollout, scored, step, phases)
     timings["timing/update_s"] = time.perf_counter() - t
     t = time.perf_counter()
-    # issue 12: with several workers the engine's copy takes the weights gathered from the shards,
+    # With several workers the engine's copy takes the weights gathered from the shards,
     # one parameter at a time.
     parts.engine.sync_weights(distributed.stream_full_state(parts.policy) if parts.workers.many else parts.policy)
     timings["timing/sync_s"] = time.perf_counter() - t
@@ -438,7 +438,7 @@ def control_alpha(parts: Parts, update_metrics: dict[str, float]) -> dict[str, f
 
 
 def _generate_shared(parts: Parts, prompt_ids: list[list[int]], step: int) -> Rollout:
-    """issue 12: this worker samples its contiguous share of the prompts (sequence indices as in
+    """This worker samples its contiguous share of the prompts (sequence indices as in
     the whole batch, so the samples are those of one worker); every worker gets the whole Rollout."""
     cfg = parts.config
     n = cfg.ppo.rollouts_per_prompt
