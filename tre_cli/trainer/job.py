@@ -16,7 +16,7 @@ from tre_cli.losses.estimators import needs_critic
 from tre_cli.losses.registry import BASE
 from tre_cli.rollout.base import RolloutEngine
 from tre_cli.tasks import TaskProtocol
-from tre_cli.tracking import RunResult, Tracker, default_run_dir, open_run_dir
+from tre_cli.tracking import RunDir, RunResult, Tracker, default_run_dir, open_run_dir
 from tre_cli.trainer import distributed
 from tre_cli.trainer.checkpoint import (
     load_checkpoint,
@@ -134,7 +134,7 @@ class _Workers(_OneProcess):
         return False
 
     def load(self, parts: Parts, tracker: Tracker | None, run_dir: Path | None, step: int) -> int:
-        return load_checkpoint_workers(parts, Path(run_dir) / "checkpoints" / f"step_{step}")
+        return load_checkpoint_workers(parts, RunDir(Path(run_dir)).checkpoint_dir(step))
 
     def agree(self, config: RunConfig | None) -> RunConfig:
         return distributed.broadcast_object(config)
